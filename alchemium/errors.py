@@ -1,0 +1,399 @@
+"""The alchemium error hierarchy and the mapping from database driver errors.
+
+Every exception the public API raises is an :class:`AlchemiumError`. Driver
+errors are never leaked bare: they are mapped to the most specific subclass and
+kept as ``__cause__``::
+
+    AlchemiumError
+    ├── RepositoryUsageError          the API was used the wrong way (no model set, ...)
+    │   └── UnitOfWorkError           session outside the block, entered twice, two tasks
+    ├── QueryError                    a filter / order_by / pagination argument is invalid
+    │   ├── FieldNotFoundError
+    │   ├── RelationNotFoundError
+    │   ├── OrderByFieldError
+    │   ├── InvalidFilterError
+    │   └── PaginationParameterError
+    ├── NotFoundError                 a row that must exist does not
+    ├── MultipleResultsError          a strict lookup matched more than one row
+    ├── ConcurrencyConflictError      optimistic locking: the row changed under us
+    ├── IntegrityViolation            the database refused the data
+    │   ├── UniqueViolation
+    │   ├── ForeignKeyViolation
+    │   ├── NotNullViolation
+    │   └── CheckViolation
+    ├── DataValidationError           a value has the wrong type / shape for its column
+    ├── TransactionError              the transaction could not complete (connection lost, ...)
+    │   ├── SerializationFailure      SQLSTATE 40001, safe to retry
+    │   └── DeadlockDetected          SQLSTATE 40P01, safe to retry
+    └── EventError
+        ├── EventSerializationError   an event payload is not JSON-serializable
+        └── OutboxError               the outbox is misconfigured or unreachable
+
+PostgreSQL errors are mapped by SQLSTATE, SQLite errors by their extended error
+code (``sqlite_errorcode``), never by searching the message text. The only text
+read from a message is the SQLite column name, which that driver gives nowhere
+else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm.exc import StaleDataError
+
+__all__ = [
+    "AlchemiumError",
+    "CheckViolation",
+    "ConcurrencyConflictError",
+    "DataValidationError",
+    "DeadlockDetected",
+    "EventError",
+    "EventSerializationError",
+    "FieldNotFoundError",
+    "ForeignKeyViolation",
+    "IntegrityViolation",
+    "InvalidFilterError",
+    "MultipleResultsError",
+    "NotFoundError",
+    "NotNullViolation",
+    "OrderByFieldError",
+    "OutboxError",
+    "PaginationParameterError",
+    "QueryError",
+    "RelationNotFoundError",
+    "RepositoryUsageError",
+    "SerializationFailure",
+    "TransactionError",
+    "UniqueViolation",
+    "UnitOfWorkError",
+    "db_errors",
+    "map_db_error",
+    "raise_mapped",
+]
+
+
+def _choices(valid: Iterable[str]) -> str:
+    return ", ".join(sorted(valid)) or "(none)"
+
+
+class AlchemiumError(Exception):
+    """Base class of every error raised by alchemium."""
+
+
+class RepositoryUsageError(AlchemiumError):
+    """The library was used in a way it does not support (for example no ``model`` set)."""
+
+
+class UnitOfWorkError(RepositoryUsageError):
+    """A UnitOfWork was used outside its ``async with`` block, re-entered, or shared by tasks."""
+
+
+class QueryError(AlchemiumError):
+    """An argument describing a query (filter, ordering, pagination) is invalid."""
+
+
+class FieldNotFoundError(QueryError):
+    """A filter or data key names a field that the model does not have."""
+
+    def __init__(self, model: str, field: str, valid: Iterable[str]) -> None:
+        self.model, self.field, self.valid = model, field, sorted(valid)
+        super().__init__(f"{model} has no field {field!r}; valid fields: {_choices(self.valid)}")
+
+
+class RelationNotFoundError(QueryError):
+    """A filter path or eager load names a relationship that the model does not have."""
+
+    def __init__(self, model: str, relation: str, valid: Iterable[str]) -> None:
+        self.model, self.relation, self.valid = model, relation, sorted(valid)
+        super().__init__(
+            f"{model} has no relationship {relation!r}; valid relationships: {_choices(self.valid)}"
+        )
+
+
+class OrderByFieldError(QueryError):
+    """An ``order_by`` entry is not a column of the model."""
+
+    def __init__(self, model: str, field: object, valid: Iterable[str]) -> None:
+        self.model, self.field, self.valid = model, field, sorted(valid)
+        super().__init__(
+            f"cannot order {model} by {field!r}; use a column name, optionally prefixed "
+            f"with '-' for descending: {_choices(self.valid)}"
+        )
+
+
+class InvalidFilterError(QueryError):
+    """A filter key, operator or value is malformed."""
+
+    def __init__(self, model: str, key: str, reason: str) -> None:
+        self.model, self.key, self.reason = model, key, reason
+        super().__init__(f"invalid filter {key!r} on {model}: {reason}")
+
+
+class PaginationParameterError(QueryError):
+    """``skip``/``limit``/``page``/``page_size`` is not an acceptable integer."""
+
+    def __init__(self, model: str, parameter: str, value: object, expected: str) -> None:
+        self.model, self.parameter, self.value = model, parameter, value
+        super().__init__(f"{parameter}={value!r} for {model}: expected {expected}")
+
+
+class NotFoundError(AlchemiumError):
+    """No row matched where one was required."""
+
+    def __init__(self, model: str, criteria: object) -> None:
+        self.model, self.criteria = model, criteria
+        super().__init__(f"no {model} matches {criteria!r}")
+
+
+class MultipleResultsError(AlchemiumError):
+    """A strict lookup matched more than one row."""
+
+    def __init__(self, model: str, criteria: object) -> None:
+        self.model, self.criteria = model, criteria
+        super().__init__(f"more than one {model} matches {criteria!r}")
+
+
+class ConcurrencyConflictError(AlchemiumError):
+    """The row was changed or deleted by another transaction since it was loaded."""
+
+    def __init__(self, model: str, primary_key: object) -> None:
+        self.model, self.primary_key = model, primary_key
+        super().__init__(
+            f"{model} {primary_key!r} was modified or deleted by another transaction; "
+            "reload it and retry"
+        )
+
+
+class IntegrityViolation(AlchemiumError):
+    """The database rejected the data because it breaks a constraint."""
+
+    kind = "integrity constraint"
+
+    def __init__(
+        self,
+        *,
+        constraint: str | None = None,
+        table: str | None = None,
+        column: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.constraint, self.table, self.column, self.detail = constraint, table, column, detail
+        where = ", ".join(
+            f"{label} {value}"
+            for label, value in (("constraint", constraint), ("table", table), ("column", column))
+            if value
+        )
+        message = f"{self.kind} violated" + (f" ({where})" if where else "")
+        super().__init__(message + (f": {detail}" if detail else ""))
+
+
+class UniqueViolation(IntegrityViolation):
+    """A unique or primary key constraint was violated."""
+
+    kind = "unique constraint"
+
+
+class ForeignKeyViolation(IntegrityViolation):
+    """A foreign key constraint was violated."""
+
+    kind = "foreign key constraint"
+
+
+class NotNullViolation(IntegrityViolation):
+    """A NOT NULL column received no value."""
+
+    kind = "not-null constraint"
+
+
+class CheckViolation(IntegrityViolation):
+    """A CHECK constraint was violated."""
+
+    kind = "check constraint"
+
+
+class DataValidationError(AlchemiumError):
+    """A value does not fit its column (wrong type, out of range, too long)."""
+
+    def __init__(self, message: str, *, model: str | None = None, field: str | None = None):
+        self.model, self.field = model, field
+        super().__init__(message)
+
+
+class TransactionError(AlchemiumError):
+    """The transaction could not complete; nothing of it was committed unless stated."""
+
+
+class SerializationFailure(TransactionError):
+    """A serializable transaction conflicted with another (SQLSTATE 40001); retry it."""
+
+
+class DeadlockDetected(TransactionError):
+    """The database broke a deadlock by aborting this transaction (SQLSTATE 40P01); retry it."""
+
+
+class EventError(AlchemiumError):
+    """Base class of errors about domain events and their delivery."""
+
+
+class EventSerializationError(EventError):
+    """An event payload holds a value that cannot be stored as JSON."""
+
+    def __init__(self, event: str, field: str, value: object) -> None:
+        self.event, self.field, self.value = event, field, value
+        super().__init__(
+            f"event {event!r}: field {field!r} holds {type(value).__name__} {value!r}, which "
+            "is not JSON-serializable (supported: str, int, float, bool, None, list, dict, "
+            "datetime, date, time, Decimal, UUID, Enum)"
+        )
+
+
+class OutboxError(EventError):
+    """The outbox is misconfigured (missing table, unknown destination, ...)."""
+
+
+_PG_SQLSTATE: dict[str, type[AlchemiumError]] = {
+    "23505": UniqueViolation,
+    "23503": ForeignKeyViolation,
+    "23502": NotNullViolation,
+    "23514": CheckViolation,
+    "40001": SerializationFailure,
+    "40P01": DeadlockDetected,
+}
+
+# SQLite extended result codes (https://www.sqlite.org/rescode.html).
+_SQLITE_CODES: dict[int, type[AlchemiumError]] = {
+    2067: UniqueViolation,  # SQLITE_CONSTRAINT_UNIQUE
+    1555: UniqueViolation,  # SQLITE_CONSTRAINT_PRIMARYKEY
+    787: ForeignKeyViolation,  # SQLITE_CONSTRAINT_FOREIGNKEY
+    1299: NotNullViolation,  # SQLITE_CONSTRAINT_NOTNULL
+    275: CheckViolation,  # SQLITE_CONSTRAINT_CHECK
+    5: TransactionError,  # SQLITE_BUSY
+    6: TransactionError,  # SQLITE_LOCKED
+    517: SerializationFailure,  # SQLITE_BUSY_SNAPSHOT: a WAL snapshot went stale, retry
+}
+
+# Python < 3.11 has no sqlite_errorcode; the message prefix is then the only signal.
+_SQLITE_PREFIXES: tuple[tuple[str, type[AlchemiumError]], ...] = (
+    ("UNIQUE constraint failed", UniqueViolation),
+    ("FOREIGN KEY constraint failed", ForeignKeyViolation),
+    ("NOT NULL constraint failed", NotNullViolation),
+    ("CHECK constraint failed", CheckViolation),
+)
+
+_SQLITE_TARGET = re.compile(r"constraint failed: ([\w.]+)")
+
+
+def _driver_error(err: BaseException) -> BaseException:
+    """The innermost driver exception of a SQLAlchemy DBAPIError."""
+    orig: BaseException = getattr(err, "orig", None) or err
+    cause = orig.__cause__
+    # asyncpg errors arrive wrapped in SQLAlchemy's adapter exception.
+    if cause is not None and type(cause).__module__.startswith("asyncpg"):
+        return cause
+    return orig
+
+
+def _sqlstate(driver: BaseException, orig: BaseException) -> str | None:
+    for candidate in (driver, orig):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def _integrity(cls: type[AlchemiumError], driver: BaseException) -> AlchemiumError:
+    assert issubclass(cls, IntegrityViolation)
+    constraint = getattr(driver, "constraint_name", None)
+    table = getattr(driver, "table_name", None)
+    column = getattr(driver, "column_name", None)
+    detail = getattr(driver, "detail", None)
+    if constraint is None and table is None and column is None:
+        # SQLite names the failing column(s) only in its message: "UNIQUE constraint failed: t.c"
+        match = _SQLITE_TARGET.search(str(driver))
+        if match:
+            table, _, column = match.group(1).partition(".")
+        detail = detail or str(driver)
+    return cls(constraint=constraint, table=table, column=column or None, detail=detail)
+
+
+def map_db_error(err: BaseException) -> AlchemiumError | None:
+    """Return the alchemium exception for a SQLAlchemy/driver error, or None if not a DB error.
+
+    The caller raises the result ``from err`` so the driver error stays the ``__cause__``.
+    """
+    if isinstance(err, AlchemiumError):
+        return err
+    if not isinstance(err, sa_exc.DBAPIError):
+        return None
+    orig = err.orig if err.orig is not None else err
+    driver = _driver_error(err)
+    sqlstate = _sqlstate(driver, orig)
+    cls: type[AlchemiumError] | None = None
+    if sqlstate is not None:
+        cls = _PG_SQLSTATE.get(sqlstate)
+        if cls is None and sqlstate.startswith("22"):
+            return DataValidationError(f"invalid data (SQLSTATE {sqlstate}): {driver}")
+        if cls is None and sqlstate.startswith("23"):
+            cls = IntegrityViolation
+    else:
+        code = getattr(orig, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            cls = _SQLITE_CODES.get(code)
+            if cls is None and code & 0xFF == 19:  # any other SQLITE_CONSTRAINT_*
+                cls = IntegrityViolation
+        else:
+            message = str(orig)
+            cls = next((c for prefix, c in _SQLITE_PREFIXES if message.startswith(prefix)), None)
+    if cls is not None and issubclass(cls, IntegrityViolation):
+        return _integrity(cls, driver)
+    if cls is not None:
+        return cls(f"{cls.__doc__ or cls.__name__}: {driver}".strip())
+    if type(driver).__name__ == "DataError" or isinstance(err, sa_exc.DataError):
+        return DataValidationError(f"invalid data: {driver}")
+    return TransactionError(f"database error: {type(driver).__name__}: {driver}")
+
+
+@contextmanager
+def db_errors(session: Any = None) -> Iterator[None]:
+    """Map database errors raised in the block to alchemium exceptions (see raise_mapped)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - always re-raised, mapped or unchanged
+        raise_mapped(err, session)
+
+
+def raise_mapped(err: BaseException, session: Any = None) -> NoReturn:
+    """Re-raise a database error as its alchemium exception with the original as ``__cause__``.
+
+    Errors that are not database errors (the user's own) are re-raised unchanged.
+    ``session`` helps name the row of an optimistic-locking conflict.
+    """
+    if isinstance(err, StaleDataError):
+        raise _conflict(session) from err
+    if isinstance(err, sa_exc.InvalidRequestError) and "concurrent operations" in str(err):
+        raise UnitOfWorkError(
+            "the session was used by two tasks at once; a UnitOfWork and its session belong "
+            "to one task at a time"
+        ) from err
+    mapped = map_db_error(err)
+    if mapped is None or mapped is err:
+        raise err
+    raise mapped from err
+
+
+def _conflict(session: Any) -> ConcurrencyConflictError:
+    # StaleDataError does not say which object; the versioned one being flushed is it.
+    if session is not None:
+        for obj in [*session.dirty, *session.deleted]:
+            state = sa_inspect(obj)
+            if state.mapper.version_id_col is not None and state.identity:
+                identity = state.identity
+                return ConcurrencyConflictError(
+                    type(obj).__name__, identity[0] if len(identity) == 1 else identity
+                )
+    return ConcurrencyConflictError("row", None)

@@ -1,0 +1,161 @@
+"""The commit path of events: outbox rows before commit, in-process handlers after it.
+
+``write_events`` runs inside the committing transaction: it writes the events and
+one delivery row per (event, destination). Rows for in-process subscribers are
+inserted already claimed under a token of this commit, so the after-commit
+dispatch needs no extra claim round trip and the relay leaves them alone until
+their lease expires (which only happens if this process dies first).
+
+``dispatch_events`` runs after the commit: it calls each subscriber in its own
+try/except (blinker's ``send`` would stop at the first failure), then records
+the outcomes in one short transaction, fenced by the claim token. A failed
+handler's row goes back to pending with a backoff, for the relay to retry.
+Without an outbox, dispatch is best effort: failures are logged, nothing retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from alchemium.events.event import DomainEvent
+from alchemium.events.outbox import Outbox, utcnow
+from alchemium.events.subscribers import Subscriber
+
+if TYPE_CHECKING:
+    import datetime as dt
+
+    from alchemium.uow import UnitOfWork
+
+__all__ = ["dispatch_events", "retry_at", "watch_commits", "write_events"]
+
+logger = logging.getLogger("alchemium.events")
+
+DISPATCH_LEASE = 300.0  # seconds an in-process claim protects rows from the relay
+
+_watchers: ContextVar[tuple[Callable[[Sequence[DomainEvent]], None], ...]] = ContextVar(
+    "alchemium_commit_watchers", default=()
+)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """What one commit handed to the after-commit dispatch."""
+
+    outbox: Outbox | None
+    token: uuid.UUID | None
+    plan: list[tuple[DomainEvent, list[Subscriber]]] = field(default_factory=list)
+
+
+def retry_at(attempts: int, *, base: float = 1.0, cap: float = 300.0) -> dt.datetime:
+    """When to try again after ``attempts`` failures: exponential backoff with full jitter."""
+    import datetime as dt
+
+    delay = min(cap, base * 2 ** max(0, attempts - 1))
+    return utcnow() + dt.timedelta(seconds=random.uniform(delay / 2, delay))
+
+
+@contextmanager
+def watch_commits(callback: Callable[[Sequence[DomainEvent]], None]) -> Iterator[None]:
+    """Within the block (and tasks started in it), call ``callback(events)`` after each commit."""
+    token = _watchers.set((*_watchers.get(), callback))
+    try:
+        yield
+    finally:
+        _watchers.reset(token)
+
+
+async def write_events(
+    uow: UnitOfWork, session: AsyncSession, events: Sequence[DomainEvent]
+) -> Delivery | None:
+    """Write ``events`` to the outbox inside the current transaction (no-op without outbox)."""
+    if not events:
+        return None
+    registry = uow.registry
+    plan = [(event, registry.subscribers_for(event.name)) for event in events]
+    outbox = uow.outbox
+    if outbox is None:
+        return Delivery(outbox=None, token=None, plan=plan)
+    token = uuid.uuid4()
+    rows: list[tuple[DomainEvent, str, bool]] = []
+    external = False
+    for event, subscribers in plan:
+        rows.extend((event, s.name, True) for s in subscribers)
+        for destination in registry.destinations_for(event.name):
+            rows.append((event, destination, False))
+            external = True
+    await outbox.write(
+        session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
+    )
+    return Delivery(outbox=outbox, token=token, plan=plan)
+
+
+async def dispatch_events(
+    uow: UnitOfWork, session: AsyncSession, events: Sequence[DomainEvent], delivery: Delivery | None
+) -> None:
+    """After commit: call subscribers, never raising into the caller; record the outcomes."""
+    for watcher in _watchers.get():
+        watcher(events)
+    if delivery is None:
+        return
+    failures: list[tuple[DomainEvent, Subscriber, Exception]] = []
+    succeeded: list[tuple[uuid.UUID, str]] = []
+    for event, subscribers in delivery.plan:
+        for subscriber in subscribers:
+            try:
+                await subscriber(event)
+            except Exception as err:
+                logger.exception(
+                    "subscriber %s failed for event %s (%s); %s",
+                    subscriber.name,
+                    event.id,
+                    event.name,
+                    "the relay will retry it" if delivery.outbox else "not retried (no outbox)",
+                )
+                failures.append((event, subscriber, err))
+            else:
+                succeeded.append((event.id, subscriber.name))
+    if delivery.outbox is None or delivery.token is None or not (failures or succeeded):
+        return
+    await _record_outcomes(session, delivery.outbox, delivery.token, succeeded, failures)
+
+
+async def _record_outcomes(
+    session: AsyncSession,
+    outbox: Outbox,
+    token: uuid.UUID,
+    succeeded: list[tuple[uuid.UUID, str]],
+    failures: list[tuple[DomainEvent, Subscriber, Exception]],
+) -> None:
+    try:
+        if failures:
+            await outbox.mark_delivered_by_destination(session, token, succeeded)
+            for event, subscriber, err in failures:
+                await outbox.mark_failed(
+                    session,
+                    token,
+                    error=f"{type(err).__name__}: {err}",
+                    retry_at=retry_at(1),
+                    event_id=event.id,
+                    destination=subscriber.name,
+                )
+        else:
+            await outbox.mark_delivered(session, token)
+        await session.commit()
+    except Exception:
+        # The events are committed and still claimed by us: once the lease expires
+        # the relay delivers them again (at least once), so this is not data loss.
+        logger.warning(
+            "could not record delivery outcomes (claim %s); the relay will redeliver them",
+            token,
+            exc_info=True,
+        )
+        await session.rollback()

@@ -1,0 +1,163 @@
+"""Subscribers: who receives which events, kept in blinker signals inside a registry.
+
+``@on("user_created")`` subscribes a sync or async handler to one event name,
+``@on("*")`` to every event. Handlers are held strongly (a handler defined inside
+a function keeps firing) and each has a stable ``name``: with the outbox enabled
+every subscriber is a durable destination whose delivery is tracked per event.
+
+A :class:`SubscriberRegistry` scopes subscribers: the module-level ``on`` uses
+the default registry; tests and apps that must not share handlers create their
+own and pass it to ``UnitOfWork(registry=...)`` and to the relay.
+
+Unlike ``Signal.send``, dispatch never stops at a failing receiver: alchemium
+calls each receiver itself (see ``alchemium.events.dispatch``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from blinker import Namespace
+
+from alchemium.errors import EventError
+from alchemium.events.event import DomainEvent
+
+__all__ = ["Handler", "Subscriber", "SubscriberRegistry", "default_registry", "off", "on"]
+
+Handler = Callable[[DomainEvent], Awaitable[None] | None]
+
+WILDCARD = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Subscriber:
+    """A handler subscribed to ``event`` (an event name or ``"*"``) under a unique ``name``."""
+
+    name: str
+    event: str
+    handler: Handler
+
+    async def __call__(self, event: DomainEvent) -> None:
+        """Call the handler with ``event``, awaiting it if it is a coroutine function."""
+        result = self.handler(event)
+        if inspect.isawaitable(result):
+            await result
+
+
+class SubscriberRegistry:
+    """A scope of subscribers and of the external destinations (brokers) events go to."""
+
+    def __init__(self, name: str = "default") -> None:
+        self.name = name
+        self._signals = Namespace()
+        self._by_name: dict[str, Subscriber] = {}
+        self._destinations: dict[str, str] = {}  # external destination -> event pattern
+
+    def subscribe(self, event: str, handler: Handler, *, name: str | None = None) -> Subscriber:
+        """Subscribe ``handler`` to ``event``; ``name`` defaults to ``module.qualname``."""
+        if not callable(handler):
+            raise EventError(f"subscriber for {event!r} must be callable, got {handler!r}")
+        name = name or f"{handler.__module__}.{handler.__qualname__}"
+        existing = self._by_name.get(name)
+        if existing is not None:
+            if existing.handler is handler and existing.event == event:
+                return existing
+            raise EventError(
+                f"a subscriber named {name!r} already exists in registry {self.name!r}; "
+                "pass name=... to tell them apart"
+            )
+        if name in self._destinations:
+            raise EventError(f"{name!r} is already a destination in registry {self.name!r}")
+        subscriber = Subscriber(name=name, event=event, handler=handler)
+        self._signals.signal(event).connect(subscriber, weak=False)
+        self._by_name[name] = subscriber
+        return subscriber
+
+    def unsubscribe(self, handler_or_name: Handler | str) -> None:
+        """Remove a subscriber by handler or by name; unknown ones raise EventError."""
+        for sub in list(self._by_name.values()):
+            if sub.name == handler_or_name or sub.handler is handler_or_name:
+                self._signals.signal(sub.event).disconnect(sub)
+                del self._by_name[sub.name]
+                return
+        raise EventError(f"no subscriber {handler_or_name!r} in registry {self.name!r}")
+
+    def on(self, event: str, *, name: str | None = None) -> Callable[[Handler], Handler]:
+        """Decorator form of :meth:`subscribe`; returns the handler unchanged."""
+
+        def decorate(handler: Handler) -> Handler:
+            self.subscribe(event, handler, name=name)
+            return handler
+
+        return decorate
+
+    def subscribers_for(self, event_name: str) -> list[Subscriber]:
+        """Subscribers of ``event_name`` then wildcard ones, in subscription order."""
+        found: list[Subscriber] = []
+        for signal_name in (event_name, WILDCARD):
+            signal = self._signals.get(signal_name)
+            if signal is not None:
+                found.extend(r for r in signal.receivers_for(None) if isinstance(r, Subscriber))
+        return found
+
+    def subscriber(self, name: str) -> Subscriber | None:
+        """The subscriber called ``name``, if any."""
+        return self._by_name.get(name)
+
+    @property
+    def subscribers(self) -> list[Subscriber]:
+        """Every subscriber, in subscription order."""
+        return list(self._by_name.values())
+
+    def add_destination(self, name: str, event: str = WILDCARD) -> None:
+        """Route events matching ``event`` to an external destination (a broker publisher).
+
+        With the outbox enabled, each such event gets a delivery row for ``name`` that
+        a relay with a publisher of that name drains.
+        """
+        if name in self._by_name:
+            raise EventError(f"{name!r} is already a subscriber in registry {self.name!r}")
+        self._destinations[name] = event
+
+    def destinations_for(self, event_name: str) -> list[str]:
+        """External destination names that receive ``event_name``."""
+        return [d for d, pattern in self._destinations.items() if pattern in (event_name, WILDCARD)]
+
+    def clear(self) -> None:
+        """Remove every subscriber and destination."""
+        for sub in list(self._by_name.values()):
+            self.unsubscribe(sub.name)
+        self._destinations.clear()
+
+    @contextmanager
+    def scoped(self) -> Iterator[SubscriberRegistry]:
+        """Within the block, subscriptions made on this registry are removed afterwards."""
+        before = dict(self._by_name)
+        destinations = dict(self._destinations)
+        try:
+            yield self
+        finally:
+            for name in [n for n in self._by_name if n not in before]:
+                self.unsubscribe(name)
+            self._destinations = destinations
+
+    def __repr__(self) -> str:
+        return f"SubscriberRegistry({self.name!r}, subscribers={len(self._by_name)})"
+
+
+default_registry = SubscriberRegistry()
+
+
+def on(
+    event: str, *, name: str | None = None, registry: SubscriberRegistry | None = None
+) -> Callable[[Handler], Handler]:
+    """Subscribe the decorated handler to ``event`` (``"*"`` for all) in ``registry``."""
+    return (registry or default_registry).on(event, name=name)
+
+
+def off(handler_or_name: Handler | str, *, registry: SubscriberRegistry | None = None) -> None:
+    """Unsubscribe a handler (or a subscriber name) from ``registry``."""
+    (registry or default_registry).unsubscribe(handler_or_name)

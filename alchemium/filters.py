@@ -1,0 +1,251 @@
+"""The filter language: filter dicts, ``order_by`` strings and eager-load paths to SQLAlchemy.
+
+Grammar of a filter dict (all entries are ANDed)::
+
+    filters  := { entry, ... }
+    entry    := "field": value                       equality (None means IS NULL)
+              | "field__op": value                   operator, see OPERATORS
+              | "rel__...__field[__op]": value       through relationships, as EXISTS
+              | "_or":  [filters, ...]               at least one group must match
+              | "_and": [filters, ...]               every group must match
+              | "_not": filters                      the group must not match
+
+Keys are looked up among the mapped attributes and never interpolated into SQL;
+values are always bound parameters. Anything unknown raises a QueryError subclass
+naming the model, the key and the valid choices. Plain SQLAlchemy boolean
+expressions can be passed instead of (or in a list with) dicts for everything
+the language does not cover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, false, not_, or_, true
+from sqlalchemy.orm import QueryableAttribute, joinedload, selectinload
+from sqlalchemy.orm.strategy_options import _AbstractLoad
+from sqlalchemy.sql.elements import UnaryExpression
+
+from alchemium.errors import (
+    DataValidationError,
+    FieldNotFoundError,
+    InvalidFilterError,
+    OrderByFieldError,
+    RelationNotFoundError,
+)
+from alchemium.modelinfo import ModelInfo, model_info
+
+__all__ = [
+    "OPERATORS",
+    "FilterSpec",
+    "OrderBySpec",
+    "build_where",
+    "eager_load_options",
+    "order_by_clauses",
+]
+
+FilterSpec = Mapping[str, Any] | ColumnElement[bool] | Sequence[Any] | None
+OrderBySpec = str | Any | Sequence[Any] | None
+
+_STRING_OPS = frozenset({"like", "ilike", "startswith", "endswith", "contains", "icontains"})
+_GROUPS = ("_or", "_and", "_not")
+
+
+def _escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
+    "eq": lambda c, v: c.is_(None) if v is None else c == v,
+    "ne": lambda c, v: c.is_not(None) if v is None else or_(c != v, c.is_(None)),
+    "lt": lambda c, v: c < v,
+    "lte": lambda c, v: c <= v,
+    "gt": lambda c, v: c > v,
+    "gte": lambda c, v: c >= v,
+    "in": lambda c, v: c.in_(v) if v else false(),
+    "not_in": lambda c, v: or_(c.not_in(v), c.is_(None)) if v else true(),
+    "like": lambda c, v: c.like(v),
+    "ilike": lambda c, v: c.ilike(v),
+    "startswith": lambda c, v: c.like(_escape_like(v) + "%", escape="\\"),
+    "endswith": lambda c, v: c.like("%" + _escape_like(v), escape="\\"),
+    "contains": lambda c, v: c.like("%" + _escape_like(v) + "%", escape="\\"),
+    "icontains": lambda c, v: c.ilike("%" + _escape_like(v) + "%", escape="\\"),
+    "is_null": lambda c, v: c.is_(None) if v else c.is_not(None),
+    "between": lambda c, v: c.between(v[0], v[1]),
+}
+
+
+def _check_operand(info: ModelInfo, field: str, op: str, value: Any, key: str) -> None:
+    """Validate the value's shape for ``op`` and each scalar's type for the column."""
+    scalars: Iterable[Any]
+    if op in ("in", "not_in"):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+            raise InvalidFilterError(info.name, key, f"{op!r} expects a list, got {value!r}")
+        scalars = value
+    elif op == "between":
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise InvalidFilterError(info.name, key, "'between' expects [low, high]")
+        scalars = value
+    elif op == "is_null":
+        if not isinstance(value, bool):
+            raise InvalidFilterError(
+                info.name, key, f"'is_null' expects True or False, got {value!r}"
+            )
+        return
+    elif op in _STRING_OPS:
+        if not isinstance(value, str):
+            raise InvalidFilterError(info.name, key, f"{op!r} expects a string, got {value!r}")
+        if info.python_types.get(field) not in (str, None):
+            raise InvalidFilterError(info.name, key, f"{op!r} works on text columns only")
+        return
+    else:
+        if value is not None and op not in ("eq", "ne") and not _is_scalar(value):
+            raise InvalidFilterError(info.name, key, f"{op!r} expects a single value")
+        scalars = (value,)
+    for scalar in scalars:
+        if op not in ("eq", "ne") and scalar is None:
+            raise InvalidFilterError(info.name, key, f"{op!r} does not accept None")
+        try:
+            info.check_value(field, scalar, what="filter value")
+        except DataValidationError as err:
+            raise InvalidFilterError(info.name, key, str(err)) from None
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, (list, tuple, set, frozenset, dict))
+
+
+def _entry(info: ModelInfo, key: str, value: Any) -> ColumnElement[bool]:
+    if not key or key.startswith("__") or key.endswith("__"):
+        raise InvalidFilterError(info.name, key, "empty field name")
+    parts = key.split("__")
+    op = "eq"
+    if len(parts) > 1 and parts[-1] in OPERATORS:
+        op = parts.pop()
+    return _path(info, parts, op, value, key)
+
+
+def _path(info: ModelInfo, parts: list[str], op: str, value: Any, key: str) -> ColumnElement[bool]:
+    head, rest = parts[0], parts[1:]
+    rel = info.relationships.get(head)
+    if rel is not None:
+        if not rest:
+            raise InvalidFilterError(
+                info.name, key, f"{head!r} is a relationship; filter on one of its fields"
+            )
+        inner = _path(model_info(rel.mapper.class_), rest, op, value, key)
+        attr: Any = getattr(info.model, head)
+        # EXISTS keeps one row per parent, so limit/count count parents, not joined rows.
+        clause: ColumnElement[bool] = attr.any(inner) if rel.uselist else attr.has(inner)
+        return clause
+    if head not in info.columns:
+        if rest:
+            raise RelationNotFoundError(info.name, head, info.relationships)
+        raise FieldNotFoundError(info.name, head, list(info.columns) + list(info.relationships))
+    if rest:
+        raise InvalidFilterError(
+            info.name, key, f"unknown operator {'__'.join(rest)!r}; valid: {', '.join(OPERATORS)}"
+        )
+    _check_operand(info, head, op, value, key)
+    column = getattr(info.model, head)
+    return OPERATORS[op](column, value)
+
+
+def _group(info: ModelInfo, key: str, value: Any) -> ColumnElement[bool]:
+    if key == "_not":
+        if not isinstance(value, Mapping) or not value:
+            raise InvalidFilterError(info.name, key, "'_not' expects a non-empty filter dict")
+        return not_(and_(*_clauses(info, value)))
+    if key not in ("_or", "_and"):
+        raise InvalidFilterError(
+            info.name, key, f"unknown group; valid groups: {', '.join(_GROUPS)}"
+        )
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InvalidFilterError(
+            info.name, key, f"{key!r} expects a non-empty list of filter dicts"
+        )
+    members = []
+    for member in value:
+        if not isinstance(member, Mapping) or not member:
+            raise InvalidFilterError(info.name, key, f"{key!r} members must be non-empty dicts")
+        members.append(and_(*_clauses(info, member)))
+    return or_(*members) if key == "_or" else and_(*members)
+
+
+def _clauses(info: ModelInfo, filters: Mapping[str, Any]) -> list[ColumnElement[bool]]:
+    clauses = []
+    for key, value in filters.items():
+        if not isinstance(key, str):
+            raise InvalidFilterError(info.name, repr(key), "filter keys must be strings")
+        if key.startswith("_") and not key.startswith("__"):
+            clauses.append(_group(info, key, value))
+        else:
+            clauses.append(_entry(info, key, value))
+    return clauses
+
+
+def build_where(model: type[Any], filters: FilterSpec) -> list[ColumnElement[bool]]:
+    """Translate ``filters`` for ``model`` into a list of WHERE clauses (ANDed by the caller)."""
+    if filters is None:
+        return []
+    info = model_info(model)
+    if isinstance(filters, Mapping):
+        return _clauses(info, filters)
+    if isinstance(filters, ColumnElement):
+        return [filters]
+    if isinstance(filters, Sequence) and not isinstance(filters, (str, bytes)):
+        clauses: list[ColumnElement[bool]] = []
+        for item in filters:
+            clauses.extend(build_where(model, item))
+        return clauses
+    raise InvalidFilterError(
+        info.name, repr(filters), "filters must be a dict, a SQLAlchemy expression or a list"
+    )
+
+
+def order_by_clauses(model: type[Any], order_by: OrderBySpec) -> list[Any]:
+    """``"name"``, ``"-created_at"``, an expression, or a list of those -> ORDER BY clauses."""
+    if order_by is None:
+        return []
+    info = model_info(model)
+    items = order_by if isinstance(order_by, (list, tuple)) else [order_by]
+    clauses: list[Any] = []
+    for item in items:
+        if isinstance(item, str):
+            name = item.lstrip("+-")
+            if name not in info.columns:
+                raise OrderByFieldError(info.name, item, info.columns)
+            column = getattr(model, name)
+            clauses.append(column.desc() if item.startswith("-") else column.asc())
+        elif isinstance(item, (QueryableAttribute, UnaryExpression, ColumnElement)):
+            clauses.append(item)
+        else:
+            raise OrderByFieldError(info.name, item, info.columns)
+    return clauses
+
+
+def eager_load_options(model: type[Any], joins: Iterable[str] | None) -> list[_AbstractLoad]:
+    """Loader options for relationship paths (``"author"``, ``"author.company"``).
+
+    Collections use ``selectinload`` (one extra SELECT, never duplicates parents or
+    truncates children under LIMIT); single objects use ``joinedload``.
+    """
+    if not joins:
+        return []
+    if isinstance(joins, str):
+        joins = [joins]
+    options: list[_AbstractLoad] = []
+    for path in joins:
+        info = model_info(model)
+        loader: Any = None
+        for segment in path.split("."):
+            rel = info.relationships.get(segment)
+            if rel is None:
+                raise RelationNotFoundError(info.name, segment, info.relationships)
+            attr = getattr(info.model, segment)
+            strategy = selectinload if rel.uselist else joinedload
+            loader = strategy(attr) if loader is None else getattr(loader, strategy.__name__)(attr)
+            info = model_info(rel.mapper.class_)
+        options.append(loader)
+    return options

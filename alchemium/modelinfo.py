@@ -1,0 +1,142 @@
+"""What alchemium needs to know about a mapped class, computed once per class.
+
+Repositories, filters and event recording all ask the same questions (which
+columns, which relationships, which primary key, which Python type a column
+accepts). Inspecting the mapper on every call costs time on hot paths, so the
+answers are cached per class.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty
+from sqlalchemy.sql.schema import Column
+from sqlalchemy.sql.sqltypes import JSON
+
+from alchemium.errors import DataValidationError, FieldNotFoundError, RepositoryUsageError
+
+__all__ = ["ModelInfo", "model_info", "snake_case"]
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def snake_case(name: str) -> str:
+    """``OrderLine`` -> ``order_line``, ``HTTPRequest`` -> ``http_request``."""
+    return _CAMEL.sub("_", name).lower()
+
+
+# Python values accepted for a column whose python_type is the key (besides the type itself).
+_ALSO_ACCEPTED: dict[type, tuple[type, ...]] = {
+    float: (int, decimal.Decimal),
+    decimal.Decimal: (int, float),
+    dt.datetime: (),
+    dt.date: (),
+    uuid.UUID: (),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Cached facts about one mapped class."""
+
+    model: type[Any]
+    name: str
+    entity: str
+    mapper: Mapper[Any]
+    columns: dict[str, Column[Any]]
+    python_types: dict[str, type | None]
+    relationships: dict[str, RelationshipProperty[Any]]
+    primary_key: tuple[str, ...]
+
+    def column(self, key: str) -> Column[Any]:
+        """The column for attribute ``key``, or FieldNotFoundError naming the valid ones."""
+        try:
+            return self.columns[key]
+        except KeyError:
+            raise FieldNotFoundError(self.name, key, self.columns) from None
+
+    def check_value(self, key: str, value: object, *, what: str = "value") -> None:
+        """Raise DataValidationError if ``value`` cannot be stored in column ``key``.
+
+        Both databases must reject the same input: PostgreSQL would refuse a string
+        for an integer column while SQLite would store it, so the check runs here.
+        """
+        if value is None:
+            return
+        expected = self.python_types.get(key)
+        if expected is None:
+            return
+        if isinstance(value, bool) and expected is not bool:
+            ok = False
+        elif expected is dt.date:
+            ok = isinstance(value, dt.date) and not isinstance(value, dt.datetime)
+        else:
+            ok = isinstance(value, (expected, *_ALSO_ACCEPTED.get(expected, ())))
+        if not ok:
+            raise DataValidationError(
+                f"{self.name}.{key}: {what} {value!r} is a {type(value).__name__}, "
+                f"expected {expected.__name__}",
+                model=self.name,
+                field=key,
+            )
+
+    def identity(self, obj: object) -> str:
+        """The primary key of ``obj`` as a string (composite keys joined by ``:``)."""
+        state = inspect(obj)
+        values = [state.dict.get(key) for key in self.primary_key]
+        return ":".join(str(v) for v in values)
+
+
+def _python_type(column: Column[Any]) -> type | None:
+    if isinstance(column.type, JSON):
+        return None
+    try:
+        python_type: type = column.type.python_type
+    except NotImplementedError:
+        return None
+    if issubclass(python_type, enum.Enum) or python_type is object:
+        return None
+    return python_type
+
+
+_cache: dict[type[Any], ModelInfo] = {}
+
+
+def model_info(model: type[Any]) -> ModelInfo:
+    """Inspect ``model`` once; raise RepositoryUsageError if it is not a mapped class."""
+    info = _cache.get(model)
+    if info is None:
+        info = _cache[model] = _inspect_model(model)
+    return info
+
+
+def _inspect_model(model: type[Any]) -> ModelInfo:
+    try:
+        mapper: Mapper[Any] = inspect(model)
+    except Exception as err:
+        raise RepositoryUsageError(f"{model!r} is not a mapped SQLAlchemy class") from err
+    columns: dict[str, Column[Any]] = {}
+    for prop in mapper.column_attrs:
+        if isinstance(prop, ColumnProperty) and len(prop.columns) == 1:
+            col = prop.columns[0]
+            if isinstance(col, Column):
+                columns[prop.key] = col
+    pk_keys = tuple(mapper.get_property_by_column(col).key for col in mapper.primary_key)
+    return ModelInfo(
+        model=model,
+        name=model.__name__,
+        entity=snake_case(model.__name__),
+        mapper=mapper,
+        columns=columns,
+        python_types={key: _python_type(col) for key, col in columns.items()},
+        relationships={rel.key: rel for rel in mapper.relationships},
+        primary_key=pk_keys,
+    )

@@ -1,0 +1,401 @@
+"""UnitOfWork: one session, one transaction, commit on success and rollback on anything else.
+
+``async with UnitOfWork(async_session) as uow:`` opens a session from the factory.
+On a clean exit it flushes, gathers the domain events recorded during the
+transaction, runs before-commit hooks (audit rows), writes the events to the
+outbox in the same transaction and commits; then it dispatches the events to
+in-process subscribers and runs ``on_commit`` callbacks. On any exception,
+including ``asyncio.CancelledError``, it rolls back and discards the events.
+The session is always closed and its connection returned to the pool, even if
+the task is cancelled again while cleaning up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from alchemium.errors import (
+    DeadlockDetected,
+    SerializationFailure,
+    UnitOfWorkError,
+    db_errors,
+    raise_mapped,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from alchemium.events.event import DomainEvent
+    from alchemium.events.outbox import Outbox
+    from alchemium.events.subscribers import SubscriberRegistry
+
+__all__ = ["UnitOfWork", "current_unit_of_work", "run_in_transaction"]
+
+logger = logging.getLogger("alchemium.uow")
+
+T = TypeVar("T")
+SessionFactory = Callable[[], AsyncSession] | async_sessionmaker[AsyncSession]
+Hook = Callable[["UnitOfWork"], Awaitable[None]]
+Callback = Callable[[], Any]
+
+UOW_KEY = "alchemium.uow"
+
+
+def current_unit_of_work(session: AsyncSession | Any) -> UnitOfWork | None:
+    """The UnitOfWork that owns ``session`` (async or sync session), if any."""
+    info = getattr(session, "info", None)
+    return info.get(UOW_KEY) if info is not None else None
+
+
+class UnitOfWork:
+    """One business transaction: a session, its events and its after-commit work.
+
+    Args:
+        session_factory: an ``async_sessionmaker`` (or any callable returning an AsyncSession).
+        actor: who performs the work; stored in event metadata and audit rows.
+        tenant: the tenant of the work, for tenant-scoped models.
+        isolation_level: e.g. ``"SERIALIZABLE"``; applied to this unit of work's connection only.
+        metadata: extra keys merged into every event's metadata (correlation ids, ...).
+        registry: the subscriber registry to dispatch to (default: the global one).
+        outbox: the outbox to write events to (default: the one set by ``enable_outbox``;
+            without any, events reach in-process subscribers after commit, best effort).
+    """
+
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        *,
+        actor: str | None = None,
+        tenant: str | None = None,
+        isolation_level: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        registry: SubscriberRegistry | None = None,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self._factory = session_factory
+        self.actor = actor
+        self.tenant = tenant
+        self.isolation_level = isolation_level
+        self.metadata = dict(metadata or {})
+        self._registry = registry
+        self._outbox = outbox
+        self._seen_sources: list[Any] = []
+        self._session: AsyncSession | None = None
+        self._state = "new"  # new -> active -> closed
+        self._events: list[DomainEvent] = []
+        self._callbacks: list[Callback] = []
+        self._before_commit: list[Hook] = []
+        self._busy: asyncio.Task[Any] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise UnitOfWorkError(
+                "this UnitOfWork was already entered; create a new UnitOfWork for each block"
+            )
+        self._state = "active"
+        session = self._factory()
+        session.info[UOW_KEY] = self
+        self._session = session
+        if self.isolation_level is not None:
+            try:
+                await session.connection(
+                    execution_options={"isolation_level": self.isolation_level}
+                )
+            except BaseException as err:  # noqa: BLE001 - re-raised after cleanup
+                await self._finish(rollback=True)
+                raise_mapped(err)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if self._state != "active":
+            return
+        if exc is not None:
+            await self._finish(rollback=True)
+            return
+        try:
+            await self.commit()
+        except BaseException:
+            await self._finish(rollback=True)
+            raise
+        await self._finish(rollback=False)
+
+    async def _finish(self, *, rollback: bool) -> None:
+        """Roll back if asked, close the session and release the connection, even if cancelled."""
+        session = self._session
+        self._state = "closed"
+        self._events.clear()
+        self._callbacks.clear()
+        if session is None:
+            return
+        self._session = None
+
+        async def close() -> None:
+            try:
+                if rollback:
+                    await session.rollback()
+            finally:
+                session.info.pop(UOW_KEY, None)
+                await session.close()
+
+        try:
+            await _uncancellable(close())
+        except Exception:
+            logger.warning("error while closing the unit of work's session", exc_info=True)
+
+    # -- the session -----------------------------------------------------------------------
+
+    @property
+    def session(self) -> AsyncSession:
+        """The AsyncSession of this unit of work; only valid inside the ``async with`` block."""
+        if self._session is None:
+            where = "before entering" if self._state == "new" else "after leaving"
+            raise UnitOfWorkError(
+                f"UnitOfWork.session used {where} its 'async with' block; "
+                "use the session only inside 'async with UnitOfWork(...) as uow:'"
+            )
+        return self._session
+
+    @asynccontextmanager
+    async def _exclusive(self, what: str) -> AsyncIterator[AsyncSession]:
+        """Refuse a second task using the session while an operation is in progress."""
+        session = self.session
+        current = asyncio.current_task()
+        if self._busy is not None and self._busy is not current and not self._busy.done():
+            raise UnitOfWorkError(
+                f"UnitOfWork.{what}() called while another task is using this unit of work; "
+                "a UnitOfWork (like its session) belongs to one task at a time"
+            )
+        outer = self._busy
+        self._busy = current
+        try:
+            yield session
+        finally:
+            self._busy = outer
+
+    async def flush(self) -> None:
+        """Send pending changes to the database so generated values (ids) become visible."""
+        async with self._exclusive("flush") as session:
+            with db_errors(session):
+                await session.flush()
+
+    async def commit(self) -> None:
+        """Commit now: flush, write events to the outbox, commit, then dispatch.
+
+        Normally not needed: leaving the block commits. After an explicit commit the
+        unit of work stays usable and the next statement starts a new transaction.
+        """
+        from alchemium.events.dispatch import dispatch_events, write_events
+
+        async with self._exclusive("commit") as session:
+            with db_errors(session):
+                await session.flush()
+                self._collect_entity_events(session)
+                for hook in self._before_commit_hooks():
+                    await hook(self)
+                    await session.flush()
+                events, callbacks = list(self._events), list(self._callbacks)
+                self._events.clear()
+                self._callbacks.clear()
+                delivery = await write_events(self, session, events)
+                await _uncancellable(session.commit())
+            await dispatch_events(self, session, events, delivery)
+            await _run_callbacks(callbacks)
+
+    async def rollback(self) -> None:
+        """Roll back the transaction and discard recorded events and callbacks."""
+        async with self._exclusive("rollback") as session:
+            self._events.clear()
+            self._callbacks.clear()
+            with db_errors(session):
+                await session.rollback()
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A nested transaction: an exception inside rolls back only what was done inside.
+
+        Events and ``on_commit`` callbacks recorded inside a savepoint that rolls back
+        are discarded with it.
+        """
+        session = self.session
+        marks = len(self._events), len(self._callbacks)
+        with db_errors(session):
+            nested = await session.begin_nested()
+        try:
+            yield
+            await nested.commit()
+        except BaseException as err:
+            del self._events[marks[0] :]
+            del self._callbacks[marks[1] :]
+            if nested.is_active:
+                await _uncancellable(nested.rollback())
+            if isinstance(err, Exception):
+                raise_mapped(err, session)
+            raise
+
+    # -- events and hooks ------------------------------------------------------------------
+
+    @property
+    def registry(self) -> SubscriberRegistry:
+        """The subscriber registry this unit of work dispatches to."""
+        from alchemium.events.subscribers import default_registry
+
+        return self._registry if self._registry is not None else default_registry
+
+    @property
+    def outbox(self) -> Outbox | None:
+        """The outbox events are written to, or None for best-effort in-process dispatch."""
+        from alchemium.events.outbox import default_outbox
+
+        return self._outbox if self._outbox is not None else default_outbox()
+
+    @property
+    def pending_events(self) -> tuple[DomainEvent, ...]:
+        """Events recorded so far in the current transaction, in recording order."""
+        return tuple(self._events)
+
+    def add_event(self, event: DomainEvent) -> None:
+        """Append an already built event (used by the recording machinery)."""
+        self._events.append(event)
+
+    def record(
+        self,
+        name: str,
+        *,
+        aggregate_type: str,
+        aggregate_id: object,
+        payload: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> DomainEvent:
+        """Record a custom event, committed with this unit of work (or discarded with it)."""
+        from alchemium.events.event import DomainEvent
+
+        if self._state != "active":
+            self.session  # noqa: B018 - raises the UnitOfWorkError explaining the misuse
+        event = DomainEvent.create(
+            name,
+            aggregate_type=aggregate_type,
+            aggregate_id=str(aggregate_id),
+            payload=payload or {},
+            metadata={**self.event_metadata(), **(metadata or {})},
+        )
+        self._events.append(event)
+        return event
+
+    def event_metadata(self) -> dict[str, Any]:
+        """Metadata stamped on every event of this unit of work (actor, tenant, extra keys)."""
+        from alchemium.context import current_actor, current_tenant
+
+        meta: dict[str, Any] = dict(self.metadata)
+        actor = self.actor if self.actor is not None else current_actor()
+        tenant = self.tenant if self.tenant is not None else current_tenant()
+        if actor is not None:
+            meta["actor"] = actor
+        if tenant is not None:
+            meta["tenant"] = tenant
+        return meta
+
+    def on_commit(self, callback: Callback) -> None:
+        """Run ``callback`` (sync or async, no arguments) once after the outermost commit.
+
+        Callbacks run in registration order; one that raises is logged and the others
+        still run. On rollback, or if registered in a savepoint that rolls back, it never runs.
+        """
+        self.session  # noqa: B018 - only valid inside the block
+        self._callbacks.append(callback)
+
+    def before_commit(self, hook: Hook) -> None:
+        """Run ``await hook(uow)`` inside the transaction just before commit; it may write rows."""
+        self._before_commit.append(hook)
+
+    def _before_commit_hooks(self) -> list[Hook]:
+        from alchemium.events.recording import global_before_commit_hooks
+
+        return [*global_before_commit_hooks(), *self._before_commit]
+
+    def _collect_entity_events(self, session: AsyncSession) -> None:
+        """Gather events that domain objects recorded on themselves (``record_event``)."""
+        from alchemium.events.recording import collect_object_events
+
+        collect_object_events(self, session)
+
+
+async def _uncancellable(awaitable: Awaitable[T]) -> T:
+    """Run ``awaitable`` to completion even if the caller is cancelled meanwhile.
+
+    Used for COMMIT, ROLLBACK and close: abandoning them half-way would leave the
+    connection in an unknown state or outside the pool. A cancellation received
+    meanwhile is re-raised once the awaitable has finished.
+    """
+    task = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and task.cancelled():
+                raise
+            cancelled = True
+        except Exception:  # noqa: BLE001 - task.result() below re-raises it
+            break
+    result = task.result()
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+async def _run_callbacks(callbacks: list[Callback]) -> None:
+    for callback in callbacks:
+        try:
+            result = callback()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            logger.exception("on_commit callback %r failed", callback)
+
+
+async def run_in_transaction(
+    session_factory: SessionFactory,
+    work: Callable[[UnitOfWork], Awaitable[T]],
+    *,
+    isolation_level: str | None = None,
+    attempts: int = 5,
+    backoff: float = 0.02,
+    **uow_options: Any,
+) -> T:
+    """Run ``await work(uow)`` in a new UnitOfWork, retrying serialization failures and deadlocks.
+
+    Each attempt is a fresh unit of work (``isolation_level`` applies to each), so
+    ``work`` must be safe to run again: do all reads inside it. Between attempts it
+    sleeps ``backoff * 2**n`` seconds with full jitter. After ``attempts`` tries the
+    last SerializationFailure/DeadlockDetected is raised.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    for attempt in range(1, attempts + 1):
+        try:
+            async with UnitOfWork(
+                session_factory, isolation_level=isolation_level, **uow_options
+            ) as uow:
+                return await work(uow)
+        except (SerializationFailure, DeadlockDetected):
+            if attempt == attempts:
+                raise
+            delay = random.uniform(0, backoff * 2 ** (attempt - 1))
+            logger.info("retrying unit of work after conflict (attempt %d)", attempt)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,120 @@
+"""Shared fixtures: the database matrix (SQLite + a real PostgreSQL), engines and sessions.
+
+Every database test takes ``engine`` (or ``session_factory``) and so runs twice,
+once per backend. Each test gets a clean schema with the tables of
+``tests.models`` and the outbox; the pool must have no checked-out connection
+when the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from alchemium.events import SubscriberRegistry, disable_outbox, enable_outbox
+from alchemium.events.outbox import Outbox
+from tests.models import Base
+from tests.rig import PostgresServer, postgres_server
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A URL to an empty database of ``backend``."""
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    return server.url("postgres")
+
+
+def sqlite_pragmas(engine: AsyncEngine) -> None:
+    """Foreign keys on, WAL and a busy timeout: what a real SQLite app configures."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+
+def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    engine = create_async_engine(url, **kwargs)
+    if engine.dialect.name == "sqlite":
+        sqlite_pragmas(engine)
+    return engine
+
+
+async def reset_schema(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            await conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+            await conn.execute(text("CREATE SCHEMA public"))
+        await conn.run_sync(Base.metadata.create_all)
+
+
+@pytest.fixture
+def outbox() -> Iterator[Outbox]:
+    """The outbox of the test models' metadata, enabled as the default for the test."""
+    box = enable_outbox(Base.metadata)
+    yield box
+    disable_outbox()
+
+
+@pytest.fixture
+async def engine(db_url: str, outbox: Outbox) -> AsyncIterator[AsyncEngine]:
+    eng = (
+        make_engine(db_url, pool_size=10, max_overflow=0)
+        if "postgresql" in db_url
+        else make_engine(db_url)
+    )
+    await reset_schema(eng)
+    yield eng
+    checked_out = eng.pool.checkedout() if hasattr(eng.pool, "checkedout") else 0
+    await eng.dispose()
+    assert checked_out == 0, f"{checked_out} connection(s) still checked out at test end"
+
+
+@pytest.fixture(params=[False, True], ids=["keep", "expire"])
+def expire_on_commit(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+def registry() -> SubscriberRegistry:
+    """A fresh subscriber registry, so tests never see each other's handlers."""
+    return SubscriberRegistry("test")
+
+
+def pytest_report_header() -> list[str]:
+    url = os.environ.get("ALCHEMIUM_TEST_POSTGRES_URL")
+    return [f"postgres: {'external ' + url if url else 'throwaway server from the rig'}"]

@@ -1,0 +1,108 @@
+"""Models shared by the test suite: a small blog/shop schema exercising every feature."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import uuid
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Integer,
+    Numeric,
+    String,
+    Table,
+    Uuid,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from alchemium import CrudRepository
+from alchemium.events import EventSourceMixin
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Status(enum.Enum):
+    ACTIVE = "active"
+    BLOCKED = "blocked"
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    position: Mapped[str | None] = mapped_column(String(100))
+    age: Mapped[int | None] = mapped_column(
+        Integer, CheckConstraint("age >= 0", name="ck_users_age")
+    )
+    email: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[Status] = mapped_column(SAEnum(Status), default=Status.ACTIVE)
+    balance: Mapped[decimal.Decimal | None] = mapped_column(Numeric(12, 2))
+    birthday: Mapped[dt.date | None] = mapped_column(Date)
+    created_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+book_tags = Table(
+    "book_tags",
+    Base.metadata,
+    Column("book_id", ForeignKey("books.id", ondelete="CASCADE"), primary_key=True),
+    Column("tag_id", ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class Author(Base):
+    __tablename__ = "authors"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    books: Mapped[list[Book]] = relationship(back_populates="author", lazy="raise")
+
+
+class Book(Base):
+    __tablename__ = "books"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(200))
+    pages: Mapped[int | None] = mapped_column(Integer)
+    author_id: Mapped[int] = mapped_column(ForeignKey("authors.id"))
+    author: Mapped[Author] = relationship(back_populates="books", lazy="raise")
+    tags: Mapped[list[Tag]] = relationship(secondary=book_tags, lazy="raise")
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    label: Mapped[str] = mapped_column(String(50), unique=True)
+
+
+class OrderLine(Base, EventSourceMixin):
+    __tablename__ = "order_lines"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    sku: Mapped[str] = mapped_column(String(50))
+    quantity: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class UserRepository(CrudRepository[User]):
+    model = User
+
+
+class AuthorRepository(CrudRepository[Author]):
+    model = Author
+
+
+class BookRepository(CrudRepository[Book]):
+    model = Book
+
+
+class TagRepository(CrudRepository[Tag]):
+    model = Tag
+
+
+class OrderLineRepository(CrudRepository[OrderLine]):
+    model = OrderLine
