@@ -329,6 +329,9 @@ def map_db_error(err: BaseException) -> AlchemiumError | None:
     if isinstance(err, AlchemiumError):
         return err
     if not isinstance(err, sa_exc.DBAPIError):
+        if isinstance(err, sa_exc.StatementError):
+            # A parameter that SQLAlchemy could not bind (wrong type for the column type).
+            return DataValidationError(f"invalid parameter value: {err.orig or err}")
         return None
     orig = err.orig if err.orig is not None else err
     driver = _driver_error(err)

@@ -22,10 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, not_, or_, true
+from sqlalchemy import ColumnElement, Integer, and_, false, func, not_, or_, true
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import QueryableAttribute, joinedload, selectinload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
 from sqlalchemy.sql.elements import UnaryExpression
+from sqlalchemy.sql.functions import FunctionElement
 
 from alchemium.errors import (
     DataValidationError,
@@ -52,6 +54,23 @@ _STRING_OPS = frozenset({"like", "ilike", "startswith", "endswith", "contains", 
 _GROUPS = ("_or", "_and", "_not")
 
 
+class _Position(FunctionElement[int]):
+    """1-based position of a substring: ``strpos`` on PostgreSQL, ``instr`` on SQLite."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+@compiles(_Position)
+def _strpos(element: _Position, compiler: Any, **kw: Any) -> str:
+    return f"strpos({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_Position, "sqlite")
+def _instr(element: _Position, compiler: Any, **kw: Any) -> str:
+    return f"instr({compiler.process(element.clauses, **kw)})"
+
+
 def _escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -67,9 +86,12 @@ OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
     "not_in": lambda c, v: or_(c.not_in(v), c.is_(None)) if v else true(),
     "like": lambda c, v: c.like(v),
     "ilike": lambda c, v: c.ilike(v),
-    "startswith": lambda c, v: c.like(_escape_like(v) + "%", escape="\\"),
-    "endswith": lambda c, v: c.like("%" + _escape_like(v), escape="\\"),
-    "contains": lambda c, v: c.like("%" + _escape_like(v) + "%", escape="\\"),
+    # Case-sensitive on both databases (SQLite's LIKE ignores ASCII case, PostgreSQL's does not).
+    "startswith": lambda c, v: func.substr(c, 1, len(v)) == v,
+    "endswith": lambda c, v: (
+        func.substr(c, func.length(c) - len(v) + 1) == v if v else c.is_not(None)
+    ),
+    "contains": lambda c, v: _Position(c, v) > 0,
     "icontains": lambda c, v: c.ilike("%" + _escape_like(v) + "%", escape="\\"),
     "is_null": lambda c, v: c.is_(None) if v else c.is_not(None),
     "between": lambda c, v: c.between(v[0], v[1]),
@@ -156,7 +178,9 @@ def _group(info: ModelInfo, key: str, value: Any) -> ColumnElement[bool]:
     if key == "_not":
         if not isinstance(value, Mapping) or not value:
             raise InvalidFilterError(info.name, key, "'_not' expects a non-empty filter dict")
-        return not_(and_(*_clauses(info, value)))
+        # Two-valued logic: a row whose comparison is NULL does not match the group, so it
+        # matches its negation ({"_not": {"age": 0}} includes rows where age IS NULL).
+        return not_(func.coalesce(and_(*_clauses(info, value)), false()))
     if key not in ("_or", "_and"):
         raise InvalidFilterError(
             info.name, key, f"unknown group; valid groups: {', '.join(_GROUPS)}"
@@ -205,7 +229,11 @@ def build_where(model: type[Any], filters: FilterSpec) -> list[ColumnElement[boo
 
 
 def order_by_clauses(model: type[Any], order_by: OrderBySpec) -> list[Any]:
-    """``"name"``, ``"-created_at"``, an expression, or a list of those -> ORDER BY clauses."""
+    """``"name"``, ``"-created_at"``, an expression, or a list of those -> ORDER BY clauses.
+
+    For named columns NULL sorts as the largest value on every database (last
+    ascending, first descending), as PostgreSQL does by default.
+    """
     if order_by is None:
         return []
     info = model_info(model)
@@ -217,7 +245,12 @@ def order_by_clauses(model: type[Any], order_by: OrderBySpec) -> list[Any]:
             if name not in info.columns:
                 raise OrderByFieldError(info.name, item, info.columns)
             column = getattr(model, name)
-            clauses.append(column.desc() if item.startswith("-") else column.asc())
+            clause = column.desc() if item.startswith("-") else column.asc()
+            if info.columns[name].nullable:
+                # PostgreSQL's default (NULL is the largest value), made explicit so that
+                # SQLite, which sorts NULL first, returns the same order.
+                clause = clause.nulls_first() if item.startswith("-") else clause.nulls_last()
+            clauses.append(clause)
         elif isinstance(item, (QueryableAttribute, UnaryExpression, ColumnElement)):
             clauses.append(item)
         else:

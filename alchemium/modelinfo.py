@@ -74,7 +74,11 @@ class ModelInfo:
         expected = self.python_types.get(key)
         if expected is None:
             return
-        if isinstance(value, bool) and expected is not bool:
+        if issubclass(expected, enum.Enum):
+            # SQLAlchemy's Enum binds members and their names.
+            names = getattr(self.columns[key].type, "enums", ())
+            ok = isinstance(value, expected) or (isinstance(value, str) and value in names)
+        elif isinstance(value, bool) and expected is not bool:
             ok = False
         elif expected is dt.date:
             ok = isinstance(value, dt.date) and not isinstance(value, dt.datetime)
@@ -102,7 +106,7 @@ def _python_type(column: Column[Any]) -> type | None:
         python_type: type = column.type.python_type
     except NotImplementedError:
         return None
-    if issubclass(python_type, enum.Enum) or python_type is object:
+    if python_type is object:
         return None
     return python_type
 
