@@ -119,7 +119,7 @@ async def _run(
             ).scalars()
         )
         rows = await uow.session.execute(select(User.name, User.id))
-        ids = {name: id_ for name, id_ in rows}
+        ids = {row.name: row.id for row in rows}
         total = (await uow.session.execute(select(func.count()).select_from(ev))).scalar_one()
     assert users == expected_ok
     assert set(probes) == users, "a probe event exists iff its unit of work committed"
