@@ -1,0 +1,1 @@
+"""A small users API on alchemium and FastAPI; see app.py."""
