@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event as sa_event
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.base import NO_VALUE
 
@@ -32,12 +32,16 @@ if TYPE_CHECKING:
 __all__ = [
     "EventSourceMixin",
     "add_before_commit_hook",
+    "change_action",
     "collect_object_events",
+    "discard_object_events",
     "global_before_commit_hooks",
     "register_entity",
+    "remove_before_commit_hook",
 ]
 
 _UOW_KEY = "alchemium.uow"
+_OLD_KEY = "alchemium.old_values"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,23 @@ def entity_config(cls: type[Any]) -> EntityConfig | None:
         if config is not None:
             return config
     return None
+
+
+CHANGE_ACTIONS = ("created", "updated", "deleted", "upserted")
+
+
+def change_action(event: DomainEvent) -> str | None:
+    """``"created"``, ``"updated"``, ... if ``event`` is an entity change event, else None.
+
+    A change event is named ``<entity>_<action>`` for an entity some repository
+    registered; custom events with other names are not change events.
+    """
+    prefix, _, action = event.name.rpartition("_")
+    if action not in CHANGE_ACTIONS or prefix != event.aggregate_type:
+        return None
+    if not any(c.entity == prefix for c in _entities.values()):
+        return None
+    return action
 
 
 def add_before_commit_hook(hook: Hook) -> None:
@@ -121,7 +142,7 @@ def _enabled(obj: object) -> ModelInfo | None:
     return model_info(type(obj))
 
 
-def _diff(obj: object, info: ModelInfo) -> dict[str, dict[str, Any]]:
+def _diff(obj: object, info: ModelInfo, loaded: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     state = inspect(obj)
     changes: dict[str, dict[str, Any]] = {}
     for key in info.columns:
@@ -129,16 +150,61 @@ def _diff(obj: object, info: ModelInfo) -> dict[str, dict[str, Any]]:
         if not history.added:
             continue
         new = history.added[0]
-        old = history.deleted[0] if history.deleted else None
-        if history.deleted and old == new:
+        old = history.deleted[0] if history.deleted else loaded.get(key)
+        if old == new:
             continue
         changes[key] = {"old": old, "new": new}
     return changes
 
 
+def _key(obj: object, info: ModelInfo) -> str:
+    # An expired (e.g. committed with expire_on_commit) object has no key in its dict.
+    state = inspect(obj)
+    if state.identity is not None and any(k not in state.dict for k in info.primary_key):
+        return ":".join(str(v) for v in state.identity)
+    return info.identity(obj)
+
+
+@sa_event.listens_for(Session, "before_flush")
+def _before_flush(session: Session, _flush_context: Any, _instances: Any) -> None:
+    """Read the stored values of columns changed while expired, before the UPDATE hides them.
+
+    Setting an expired attribute (after a commit with ``expire_on_commit=True``) does
+    not load its old value, so the attribute history has none; one SELECT per such
+    object, only then, keeps ``<entity>_updated`` exact.
+    """
+    if _owner(session) is None:
+        return
+    unknown: dict[Any, tuple[ModelInfo, list[str]]] = {}
+    for obj in session.dirty:
+        info = _enabled(obj)
+        state = inspect(obj)
+        if info is None or state.identity is None:
+            continue
+        keys = [
+            k
+            for k in info.columns
+            if (h := state.attrs[k].history).added and not h.deleted and not h.unchanged
+        ]
+        if keys:
+            unknown[state] = (info, keys)
+    old: dict[Any, dict[str, Any]] = {}
+    with session.no_autoflush:
+        for state, (info, keys) in unknown.items():
+            pk = [info.columns[k] for k in info.primary_key]
+            stmt = select(*(info.columns[k] for k in keys)).where(
+                *(col == value for col, value in zip(pk, state.identity, strict=True))
+            )
+            row = session.connection().execute(stmt).first()
+            if row is not None:
+                old[state] = dict(zip(keys, row, strict=True))
+    session.info[_OLD_KEY] = old
+
+
 @sa_event.listens_for(Session, "after_flush")
 def _after_flush(session: Session, _flush_context: Any) -> None:
     uow = _owner(session)
+    loaded: dict[Any, dict[str, Any]] = session.info.pop(_OLD_KEY, None) or {}
     if uow is None:
         return
     for obj in session.new:
@@ -148,13 +214,13 @@ def _after_flush(session: Session, _flush_context: Any) -> None:
     for obj in session.dirty:
         info = _enabled(obj)
         if info is not None:
-            changes = _diff(obj, info)
+            changes = _diff(obj, info, loaded.get(inspect(obj), {}))
             if changes:
-                _add(uow, info, "updated", info.identity(obj), {"changes": changes})
+                _add(uow, info, "updated", _key(obj, info), {"changes": changes})
     for obj in session.deleted:
         info = _enabled(obj)
         if info is not None:
-            _add(uow, info, "deleted", info.identity(obj), _columns(info, inspect(obj).dict))
+            _add(uow, info, "deleted", _key(obj, info), _columns(info, inspect(obj).dict))
         if isinstance(obj, EventSourceMixin):
             uow._seen_sources.append(obj)
 
@@ -220,15 +286,16 @@ class EventSourceMixin:
         return queue
 
 
-def collect_object_events(uow: UnitOfWork, session: Any) -> None:
-    """Turn events queued on EventSourceMixin objects the session saw into uow events."""
+def _sources(uow: UnitOfWork, session: Any) -> list[EventSourceMixin]:
     seen = [*session.identity_map.values(), *session.new, *uow._seen_sources]
     uow._seen_sources.clear()
-    done: set[int] = set()
-    for obj in seen:
-        if not isinstance(obj, EventSourceMixin) or id(obj) in done:
-            continue
-        done.add(id(obj))
+    unique = {id(obj): obj for obj in seen if isinstance(obj, EventSourceMixin)}
+    return list(unique.values())
+
+
+def collect_object_events(uow: UnitOfWork, session: Any) -> None:
+    """Turn events queued on EventSourceMixin objects the session saw into uow events."""
+    for obj in _sources(uow, session):
         queued = obj.pop_recorded_events()
         if not queued:
             continue
@@ -239,7 +306,17 @@ def collect_object_events(uow: UnitOfWork, session: Any) -> None:
             uow.record(
                 name,
                 aggregate_type=aggregate,
-                aggregate_id=info.identity(obj),
+                aggregate_id=_key(obj, info),
                 payload=payload,
                 metadata=metadata,
             )
+
+
+def discard_object_events(uow: UnitOfWork, session: Any) -> None:
+    """Drop the events still queued on objects the session saw (their transaction rolled back).
+
+    Without this, an object kept after a rollback would carry its events into the
+    next unit of work that touches it.
+    """
+    for obj in _sources(uow, session):
+        obj.pop_recorded_events()

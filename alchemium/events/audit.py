@@ -1,0 +1,248 @@
+"""Audit log: one row per entity change, written in the transaction that makes the change.
+
+``enable_audit(Base.metadata)`` is the one line that turns it on: it adds the
+``alchemium_audit_log`` table to your metadata (so ``create_all`` and Alembic
+autogenerate include it) and registers a before-commit hook. In every unit of
+work that hook inserts one row per entity change event (``<entity>_created``,
+``_updated``, ``_deleted``, ``_upserted``) recorded so far, just before COMMIT:
+the rows exist if and only if the change was committed.
+
+The actor and tenant come from the events' metadata, i.e. from
+``UnitOfWork(actor=..., tenant=...)`` or, failing that, from
+:func:`alchemium.use_actor` / :func:`alchemium.use_tenant` (set by web middleware).
+
+Pitfall: the hook sees the events recorded when it runs. Global hooks run in the
+order they were added, before per-unit-of-work ``uow.before_commit`` hooks, so
+rows written through the ORM by those later hooks are not audited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Uuid,
+    insert,
+    select,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from alchemium.errors import EventError
+from alchemium.events.event import DomainEvent
+from alchemium.events.recording import (
+    add_before_commit_hook,
+    change_action,
+    remove_before_commit_hook,
+)
+
+if TYPE_CHECKING:
+    from alchemium.uow import UnitOfWork
+
+__all__ = [
+    "AuditEntry",
+    "AuditLog",
+    "audit_history",
+    "create_audit_table",
+    "default_audit_log",
+    "disable_audit",
+    "enable_audit",
+]
+
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+_Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One audited change. ``changes`` is the event payload: the column values for
+    created/upserted/deleted, ``{column: {"old": ..., "new": ...}}`` for updated."""
+
+    id: int
+    event_id: uuid.UUID
+    entity: str
+    entity_id: str
+    action: str
+    changes: Mapping[str, Any]
+    actor: str | None
+    tenant: str | None
+    occurred_at: dt.datetime
+
+
+class AuditLog:
+    """The audit table in ``metadata`` and the statements that write and read it."""
+
+    def __init__(
+        self,
+        metadata: MetaData,
+        *,
+        table_name: str = "alchemium_audit_log",
+        schema: str | None = None,
+    ) -> None:
+        self.metadata = metadata
+        key = f"{schema}.{table_name}" if schema else table_name
+        if key in metadata.tables:
+            self.table = metadata.tables[key]
+            return
+        self.table = Table(
+            table_name,
+            metadata,
+            Column("id", _BigId, primary_key=True, autoincrement=True),
+            Column("event_id", Uuid(), nullable=False, unique=True),
+            Column("entity", String(100), nullable=False),
+            Column("entity_id", String(200), nullable=False),
+            Column("action", String(32), nullable=False),
+            Column("changes", _Json, nullable=False),
+            Column("actor", String(200), nullable=True),
+            Column("tenant", String(200), nullable=True),
+            Column("occurred_at", DateTime(timezone=True), nullable=False),
+            schema=schema,
+        )
+        Index(
+            f"ix_{table_name}_entity",
+            self.table.c.entity,
+            self.table.c.entity_id,
+            self.table.c.occurred_at,
+        )
+
+    def rows_for(self, events: list[DomainEvent]) -> list[dict[str, Any]]:
+        """The audit rows for the entity change events among ``events`` (others are skipped)."""
+        rows = []
+        for event in events:
+            action = change_action(event)
+            if action is None:
+                continue
+            payload = event.to_dict()["payload"]
+            changes = payload.get("changes", {}) if action == "updated" else payload
+            rows.append(
+                {
+                    "event_id": event.id,
+                    "entity": event.aggregate_type,
+                    "entity_id": event.aggregate_id,
+                    "action": action,
+                    "changes": changes,
+                    "actor": _str_or_none(event.metadata.get("actor")),
+                    "tenant": _str_or_none(event.metadata.get("tenant")),
+                    "occurred_at": event.occurred_at,
+                }
+            )
+        return rows
+
+    async def write(self, uow: UnitOfWork) -> int:
+        """Before-commit hook: insert the rows for ``uow``'s pending change events (one INSERT)."""
+        rows = self.rows_for(list(uow.pending_events))
+        if rows:
+            await uow.session.execute(insert(self.table), rows)
+        return len(rows)
+
+    async def history(
+        self,
+        conn: AsyncSession | AsyncConnection,
+        entity: str,
+        entity_id: object,
+        *,
+        limit: int | None = None,
+    ) -> list[AuditEntry]:
+        """The committed changes of one entity, newest first (one SELECT)."""
+        t = self.table
+        stmt = (
+            select(t)
+            .where(t.c.entity == entity, t.c.entity_id == str(entity_id))
+            .order_by(t.c.occurred_at.desc(), t.c.id.desc())
+        )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        result = await conn.execute(stmt)
+        return [_entry(row._mapping) for row in result]
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _entry(row: RowMapping) -> AuditEntry:
+    occurred: dt.datetime = row["occurred_at"]
+    if occurred.tzinfo is None:  # SQLite returns naive datetimes; they are UTC
+        occurred = occurred.replace(tzinfo=dt.timezone.utc)
+    return AuditEntry(
+        id=int(row["id"]),
+        event_id=row["event_id"],
+        entity=row["entity"],
+        entity_id=row["entity_id"],
+        action=row["action"],
+        changes=dict(row["changes"]),
+        actor=row["actor"],
+        tenant=row["tenant"],
+        occurred_at=occurred,
+    )
+
+
+_default: list[AuditLog] = []
+
+
+async def _write_audit(uow: UnitOfWork) -> None:
+    if _default:
+        await _default[0].write(uow)
+
+
+def enable_audit(metadata: MetaData, **options: Any) -> AuditLog:
+    """Add ``alchemium_audit_log`` to ``metadata`` and audit every unit of work from now on.
+
+    Call it before ``metadata.create_all`` (or Alembic autogenerate), or create the
+    table later with :func:`create_audit_table`. Calling it again replaces the log.
+    """
+    log = AuditLog(metadata, **options)
+    _default[:] = [log]
+    add_before_commit_hook(_write_audit)
+    return log
+
+
+def disable_audit() -> None:
+    """Stop auditing (the table stays in the metadata and the database)."""
+    _default.clear()
+    remove_before_commit_hook(_write_audit)
+
+
+def default_audit_log() -> AuditLog | None:
+    """The audit log set by :func:`enable_audit`, if any."""
+    return _default[0] if _default else None
+
+
+def _resolve(audit: AuditLog | None) -> AuditLog:
+    log = audit or default_audit_log()
+    if log is None:
+        raise EventError("no audit log enabled; call enable_audit(metadata) first")
+    return log
+
+
+async def create_audit_table(engine: AsyncEngine, audit: AuditLog | None = None) -> None:
+    """Create the audit table (and its index) if it does not exist; nothing else."""
+    log = _resolve(audit)
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda sync: log.metadata.create_all(sync, tables=[log.table]))
+
+
+async def audit_history(
+    session: AsyncSession | AsyncConnection,
+    entity: str,
+    entity_id: object,
+    *,
+    limit: int | None = None,
+    audit: AuditLog | None = None,
+) -> list[AuditEntry]:
+    """The audited changes of ``entity`` ``entity_id`` (e.g. ``"user", 42``), newest first."""
+    return await _resolve(audit).history(session, entity, entity_id, limit=limit)
