@@ -313,9 +313,12 @@ def _integrity(cls: type[AlchemiumError], driver: BaseException) -> AlchemiumErr
     column = getattr(driver, "column_name", None)
     detail = getattr(driver, "detail", None)
     if constraint is None and table is None and column is None:
-        # SQLite names the failing column(s) only in its message: "UNIQUE constraint failed: t.c"
+        # SQLite names the target only in its message: "UNIQUE constraint failed: t.c" (the
+        # column), "CHECK constraint failed: ck_name" (the constraint's name or expression).
         match = _SQLITE_TARGET.search(str(driver))
-        if match:
+        if match and cls is CheckViolation:
+            constraint = match.group(1)
+        elif match:
             table, _, column = match.group(1).partition(".")
         detail = detail or str(driver)
     return cls(constraint=constraint, table=table, column=column or None, detail=detail)
@@ -378,6 +381,12 @@ def raise_mapped(err: BaseException, session: Any = None) -> NoReturn:
     """
     if isinstance(err, StaleDataError):
         raise _conflict(session) from err
+    if isinstance(err, sa_exc.PendingRollbackError):
+        raise TransactionError(
+            "the transaction already failed (an earlier error was caught and ignored); "
+            "nothing of it is committed. Let the error end the unit of work, or call "
+            "rollback() before going on"
+        ) from err
     if isinstance(err, sa_exc.InvalidRequestError) and "concurrent operations" in str(err):
         raise UnitOfWorkError(
             "the session was used by two tasks at once; a UnitOfWork and its session belong "

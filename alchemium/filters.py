@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, and_, false, func, not_, or_, true
+from sqlalchemy import Boolean, ColumnElement, Integer, and_, false, func, not_, or_, true
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import QueryableAttribute, joinedload, selectinload
 from sqlalchemy.orm.strategy_options import _AbstractLoad
@@ -75,6 +75,49 @@ def _escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+class _Like(FunctionElement[bool]):
+    """``column LIKE pattern ESCAPE '\\'``, case-sensitive on every database.
+
+    Arguments: the column, the LIKE pattern and the same pattern translated to GLOB.
+    SQLite's LIKE ignores ASCII case, so SQLite runs the equivalent GLOB instead.
+    """
+
+    type = Boolean()
+    inherit_cache = True
+
+
+@compiles(_Like)
+def _like(element: _Like, compiler: Any, **kw: Any) -> str:
+    column, pattern, _glob = element.clauses
+    return str(compiler.process(column.like(pattern, escape="\\"), **kw))
+
+
+@compiles(_Like, "sqlite")
+def _glob(element: _Like, compiler: Any, **kw: Any) -> str:
+    column, _pattern, glob = element.clauses
+    return f"{compiler.process(column, **kw)} GLOB {compiler.process(glob, **kw)}"
+
+
+def _like_to_glob(pattern: str) -> str:
+    """Translate a LIKE pattern (escape character ``\\``) to the equivalent GLOB pattern."""
+    out = []
+    chars = iter(pattern)
+    for char in chars:
+        if char == "%":
+            out.append("*")
+        elif char == "_":
+            out.append("?")
+        else:
+            literal = next(chars, "") if char == "\\" else char
+            out.append(f"[{literal}]" if literal in ("*", "?", "[") else literal)
+    return "".join(out)
+
+
+def _dangling_escape(pattern: str) -> bool:
+    """Whether ``pattern`` ends with an escape character that escapes nothing."""
+    return (len(pattern) - len(pattern.rstrip("\\"))) % 2 == 1
+
+
 OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
     "eq": lambda c, v: c.is_(None) if v is None else c == v,
     "ne": lambda c, v: c.is_not(None) if v is None else or_(c != v, c.is_(None)),
@@ -84,8 +127,9 @@ OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
     "gte": lambda c, v: c >= v,
     "in": lambda c, v: c.in_(v) if v else false(),
     "not_in": lambda c, v: or_(c.not_in(v), c.is_(None)) if v else true(),
-    "like": lambda c, v: c.like(v),
-    "ilike": lambda c, v: c.ilike(v),
+    # LIKE patterns: % and _ are wildcards, backslash escapes one character.
+    "like": lambda c, v: _Like(c, v, _like_to_glob(v)),
+    "ilike": lambda c, v: c.ilike(v, escape="\\"),
     # Case-sensitive on both databases (SQLite's LIKE ignores ASCII case, PostgreSQL's does not).
     "startswith": lambda c, v: func.substr(c, 1, len(v)) == v,
     "endswith": lambda c, v: (
@@ -120,6 +164,10 @@ def _check_operand(info: ModelInfo, field: str, op: str, value: Any, key: str) -
             raise InvalidFilterError(info.name, key, f"{op!r} expects a string, got {value!r}")
         if info.python_types.get(field) not in (str, None):
             raise InvalidFilterError(info.name, key, f"{op!r} works on text columns only")
+        if op in ("like", "ilike") and _dangling_escape(value):
+            raise InvalidFilterError(
+                info.name, key, f"{op!r} pattern ends with an unescaped backslash: {value!r}"
+            )
         return
     else:
         if value is not None and op not in ("eq", "ne") and not _is_scalar(value):

@@ -19,7 +19,16 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.orm import ColumnProperty, Mapper, RelationshipProperty
 from sqlalchemy.sql.schema import Column
-from sqlalchemy.sql.sqltypes import JSON
+from sqlalchemy.sql.sqltypes import (
+    JSON,
+    BigInteger,
+    Float,
+    Integer,
+    Numeric,
+    SmallInteger,
+    String,
+)
+from sqlalchemy.sql.type_api import TypeEngine
 
 from alchemium.errors import DataValidationError, FieldNotFoundError, RepositoryUsageError
 
@@ -67,7 +76,12 @@ class ModelInfo:
         """Raise DataValidationError if ``value`` cannot be stored in column ``key``.
 
         Both databases must reject the same input: PostgreSQL would refuse a string
-        for an integer column while SQLite would store it, so the check runs here.
+        for an integer column, a string longer than ``String(n)``, an integer outside
+        the column's range or a number with too many digits for ``Numeric(p, s)``,
+        while SQLite would store them all, so the checks run here. Lengths and digits
+        are checked for data only (``what="value"``), not for filter values, which
+        may be anything comparable; integer ranges for both, as the driver cannot
+        send an out-of-range integer parameter.
         """
         if value is None:
             return
@@ -91,12 +105,57 @@ class ModelInfo:
                 model=self.name,
                 field=key,
             )
+        problem = _does_not_fit(self.columns[key], value, data=what == "value")
+        if problem is not None:
+            shown = value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "..."
+            raise DataValidationError(
+                f"{self.name}.{key}: {what} {shown!r} {problem}", model=self.name, field=key
+            )
 
     def identity(self, obj: object) -> str:
         """The primary key of ``obj`` as a string (composite keys joined by ``:``)."""
         state = inspect(obj)
         values = [state.dict.get(key) for key in self.primary_key]
         return ":".join(str(v) for v in values)
+
+
+# Integer ranges of PostgreSQL's types; SQLite stores 64-bit integers for all of them.
+_INT_BITS: tuple[tuple[type[TypeEngine[Any]], int], ...] = (
+    (SmallInteger, 16),
+    (BigInteger, 64),
+    (Integer, 32),
+)
+
+
+def _does_not_fit(column: Column[Any], value: object, *, data: bool) -> str | None:
+    """Why ``value`` (already of the right Python type) does not fit ``column``, or None."""
+    kind = column.type
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(kind, Integer):
+        bits = next(b for cls, b in _INT_BITS if isinstance(kind, cls))
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if not low <= value <= high:
+            return f"is out of range for a {bits}-bit integer column ({low}..{high})"
+        return None
+    if not data:
+        return None
+    if isinstance(value, str) and isinstance(kind, String) and kind.length is not None:
+        if len(value) > kind.length:
+            return f"has {len(value)} characters, the column holds at most {kind.length}"
+        return None
+    if (
+        isinstance(value, (int, float, decimal.Decimal))
+        and isinstance(kind, Numeric)
+        and not isinstance(kind, Float)
+        and kind.precision is not None
+    ):
+        digits = kind.precision - (kind.scale or 0)
+        number = decimal.Decimal(value)
+        if number.is_finite() and abs(number) >= decimal.Decimal(10) ** digits:
+            return (
+                f"has more than {digits} digits before the decimal point, too many for "
+                f"Numeric({kind.precision}, {kind.scale or 0})"
+            )
+    return None
 
 
 def _python_type(column: Column[Any]) -> type | None:

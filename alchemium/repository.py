@@ -17,6 +17,7 @@ import base64
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, ClassVar, Generic, TypeVar
 
 from sqlalchemy import (
@@ -24,6 +25,7 @@ from sqlalchemy import (
     and_,
     delete,
     exists,
+    false,
     func,
     insert,
     inspect,
@@ -210,8 +212,10 @@ class CrudRepository(Generic[ModelT]):
         """INSERT ... ON CONFLICT (``conflict``) DO UPDATE for each row, on PostgreSQL and SQLite.
 
         ``update`` lists the columns overwritten on conflict (default: every column given
-        except the conflict columns). Records one ``<entity>_upserted`` event per row with
-        the row's values after the statement.
+        except the conflict columns); a row never overwrites a column it does not give.
+        Every row comes back, in input order, inserted or updated (with nothing to update,
+        the existing row). Rows with different keys go in separate statements. Records one
+        ``<entity>_upserted`` event per row with the row's values after the statement.
         """
         info = cls._info()
         rows = list(rows)
@@ -219,30 +223,44 @@ class CrudRepository(Generic[ModelT]):
             return []
         for row in rows:
             cls._check_data(info, row)
-        for key in conflict:
-            info.column(key)
         if not conflict:
             raise InvalidFilterError(info.name, "conflict", "name at least one conflict column")
-        given = list(dict.fromkeys(k for row in rows for k in row))
-        targets = list(update) if update is not None else [k for k in given if k not in conflict]
-        for key in targets:
+        for key in conflict:
             info.column(key)
+        if update is not None:
+            for key in update:
+                info.column(key)
         dialect = asession.bind.dialect.name if asession.bind is not None else "postgresql"
         module = sqlite if dialect == "sqlite" else postgresql
-        stmt: Any = module.insert(info.model)
-        if targets:
+        objs: list[ModelT] = []
+        # One statement per run of rows with the same keys: the DO UPDATE SET list is per
+        # statement, and a row must not overwrite a column it did not give with NULL.
+        for _, group in groupby(rows, key=lambda row: frozenset(row)):
+            batch = list(group)
+            given = list(batch[0])
+            targets = (
+                [k for k in update if k in given]
+                if update is not None
+                else [k for k in given if k not in conflict]
+            )
+            stmt: Any = module.insert(info.model)
+            set_: dict[str, Any] = {
+                info.columns[key].name: getattr(stmt.excluded, info.columns[key].name)
+                for key in targets
+            }
+            if not set_:
+                # DO NOTHING would return no row for a conflict; a no-op update returns it.
+                column = info.columns[conflict[0]]
+                set_ = {column.name: column}
             stmt = stmt.on_conflict_do_update(
-                index_elements=list(conflict),
-                set_={key: getattr(stmt.excluded, info.columns[key].name) for key in targets},
+                index_elements=[info.columns[k].name for k in conflict], set_=set_
             )
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=list(conflict))
-        stmt = stmt.returning(info.model, sort_by_parameter_order=True)
-        with db_errors(asession):
-            result = await asession.scalars(
-                stmt, rows, execution_options={"populate_existing": True}
-            )
-            objs = list(result.all())
+            stmt = stmt.returning(info.model, sort_by_parameter_order=True)
+            with db_errors(asession):
+                result = await asession.scalars(
+                    stmt, batch, execution_options={"populate_existing": True}
+                )
+                objs.extend(result.all())
         recording.record_rows(asession, info, "upserted", objs)
         return objs
 
@@ -468,7 +486,10 @@ class CrudRepository(Generic[ModelT]):
     async def delete(cls, asession: AsyncSession, obj: ModelT) -> None:
         """Delete ``obj``, also when it was loaded in an earlier, closed unit of work.
 
-        Raises NotFoundError if its row no longer exists. The DELETE is sent at the
+        Reads the row first (``SELECT ... FOR UPDATE`` on PostgreSQL) and raises
+        NotFoundError if it no longer exists (or never did), also when another
+        transaction deleted it meanwhile; an object added to this session and not yet
+        flushed is simply discarded. The DELETE is sent at the
         next flush or commit; inside a UnitOfWork it records ``<entity>_deleted`` with
         the row's last column values.
         """
@@ -479,19 +500,25 @@ class CrudRepository(Generic[ModelT]):
             )
         state = inspect(obj)
         key = {k: state.dict.get(k) for k in info.primary_key}
+        if state.pending and state.session_id == asession.sync_session.hash_key:
+            # Added but never flushed: nothing to delete, just cancel the INSERT.
+            asession.expunge(obj)
+            return
         try:
             if state.session_id != asession.sync_session.hash_key:
                 # Loaded elsewhere (often an earlier, closed unit of work): load the current
                 # row into this session so the DELETE and its event see its real values.
                 if state.identity is None:
                     raise NotFoundError(info.name, key)
-                current = await asession.get(info.model, state.identity)
+                current = await asession.get(info.model, state.identity, with_for_update=True)
                 if current is None:
                     raise NotFoundError(info.name, key)
                 obj = current
-            elif state.expired_attributes & set(info.columns):
+            else:
+                # Another transaction may have deleted the row since it was loaded: reload
+                # it (locked on PostgreSQL, so it stays until our DELETE) to know it exists.
                 try:
-                    await asession.refresh(obj)
+                    await asession.refresh(obj, with_for_update=True)
                 except sa_exc.InvalidRequestError as err:
                     raise NotFoundError(info.name, key) from err
             await asession.delete(obj)
@@ -538,12 +565,29 @@ def _pk_in(pk_cols: list[Any], keys: list[tuple[Any, ...]]) -> ColumnElement[boo
 
 
 def _after(info: ModelInfo, keys: list[tuple[str, bool]], values: list[Any]) -> ColumnElement[bool]:
-    """Rows strictly after ``values`` in the (mixed-direction) key order."""
+    """Rows strictly after ``values`` in the (mixed-direction) key order.
+
+    NULL sorts as the largest value (see ``order_by_clauses``), so it is handled here
+    explicitly: comparisons with NULL are never true in SQL.
+    """
     alternatives = []
     for i, (name, descending) in enumerate(keys):
         column = getattr(info.model, name)
-        beyond = column < values[i] if descending else column > values[i]
-        equal = [getattr(info.model, keys[j][0]) == values[j] for j in range(i)]
+        value = values[i]
+        nullable = bool(info.columns[name].nullable)
+        beyond: ColumnElement[bool]
+        if value is None:
+            beyond = column.is_not(None) if descending else false()
+        elif descending:
+            beyond = column < value
+        else:
+            beyond = or_(column > value, column.is_(None)) if nullable else column > value
+        equal = [
+            getattr(info.model, keys[j][0]).is_(None)
+            if values[j] is None
+            else getattr(info.model, keys[j][0]) == values[j]
+            for j in range(i)
+        ]
         alternatives.append(and_(*equal, beyond))
     return or_(*alternatives)
 

@@ -13,6 +13,7 @@ the task is cancelled again while cleaning up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import types
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alchemium.errors import (
@@ -136,12 +138,16 @@ class UnitOfWork:
 
     async def _finish(self, *, rollback: bool) -> None:
         """Roll back if asked, close the session and release the connection, even if cancelled."""
+        from alchemium.events.recording import discard_object_events
+
         session = self._session
         self._state = "closed"
         self._events.clear()
         self._callbacks.clear()
         if session is None:
             return
+        if rollback:
+            discard_object_events(self, session)
         self._session = None
 
         async def close() -> None:
@@ -218,9 +224,12 @@ class UnitOfWork:
 
     async def rollback(self) -> None:
         """Roll back the transaction and discard recorded events and callbacks."""
+        from alchemium.events.recording import discard_object_events
+
         async with self._exclusive("rollback") as session:
             self._events.clear()
             self._callbacks.clear()
+            discard_object_events(self, session)
             with db_errors(session):
                 await session.rollback()
 
@@ -231,9 +240,18 @@ class UnitOfWork:
         Events and ``on_commit`` callbacks recorded inside a savepoint that rolls back
         are discarded with it.
         """
+        from alchemium.events.recording import discard_object_events
+
         session = self.session
+        # Changes and object events from before the savepoint belong to the outer
+        # transaction: flush and collect them now, so the marks below exclude them
+        # (begin_nested would flush them *after* the marks were taken).
+        with db_errors(session):
+            await session.flush()
+        self._collect_entity_events(session)
         marks = len(self._events), len(self._callbacks)
         with db_errors(session):
+            await _begin_sqlite_transaction(session)
             nested = await session.begin_nested()
         try:
             yield
@@ -241,7 +259,10 @@ class UnitOfWork:
         except BaseException as err:
             del self._events[marks[0] :]
             del self._callbacks[marks[1] :]
-            if nested.is_active:
+            discard_object_events(self, session)
+            # Also when a failed flush deactivated it: only a rollback reactivates the
+            # outer transaction. Closed means someone already rolled it back.
+            with contextlib.suppress(sa_exc.ResourceClosedError):
                 await _uncancellable(nested.rollback())
             if isinstance(err, Exception):
                 raise_mapped(err, session)
@@ -332,6 +353,23 @@ class UnitOfWork:
         from alchemium.events.recording import collect_object_events
 
         collect_object_events(self, session)
+
+
+async def _begin_sqlite_transaction(session: AsyncSession) -> None:
+    """Make the SQLite driver send its deferred BEGIN now, before a SAVEPOINT.
+
+    sqlite3/aiosqlite begin a transaction only before a data-changing statement. A
+    SAVEPOINT sent first would start a transaction of its own, and releasing it would
+    commit, escaping the unit of work's rollback. Engines set up to emit BEGIN
+    themselves are already in a transaction here and are left alone.
+    """
+    connection = await session.connection()
+    if connection.dialect.name != "sqlite":
+        return
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    if driver is not None and not getattr(driver, "in_transaction", True):
+        await connection.exec_driver_sql("BEGIN")
 
 
 async def _uncancellable(awaitable: Awaitable[T]) -> T:

@@ -14,6 +14,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Integer,
+    LargeBinary,
     Numeric,
     String,
     Table,
@@ -106,3 +107,58 @@ class TagRepository(CrudRepository[Tag]):
 
 class OrderLineRepository(CrudRepository[OrderLine]):
     model = OrderLine
+
+
+# -- models for the domain-event tests ------------------------------------------------------
+
+
+class Memo(Base):
+    """Recorded under an overridden entity name (``note_*``)."""
+
+    __tablename__ = "memos"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(String(200))
+
+
+class Scratch(Base):
+    """Its repository switches change events off."""
+
+    __tablename__ = "scratches"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(String(200))
+
+
+class Membership(Base):
+    """A deferred foreign key: a dangling ``user_id`` fails at COMMIT, not at flush."""
+
+    __tablename__ = "memberships"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", deferrable=True, initially="DEFERRED")
+    )
+
+
+class Attachment(Base):
+    """Bytes are not JSON-serializable: creating one inside a unit of work must fail."""
+
+    __tablename__ = "attachments"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class MemoRepository(CrudRepository[Memo]):
+    model = Memo
+    entity_name = "note"
+
+
+class ScratchRepository(CrudRepository[Scratch]):
+    model = Scratch
+    record_events = False
+
+
+class MembershipRepository(CrudRepository[Membership]):
+    model = Membership
+
+
+class AttachmentRepository(CrudRepository[Attachment]):
+    model = Attachment

@@ -3,6 +3,14 @@
 Import names from here; the submodules are the implementation.
 """
 
+from alchemium.events.audit import (
+    AuditEntry,
+    AuditLog,
+    audit_history,
+    create_audit_table,
+    disable_audit,
+    enable_audit,
+)
 from alchemium.events.event import DomainEvent
 from alchemium.events.outbox import (
     Outbox,
@@ -12,24 +20,48 @@ from alchemium.events.outbox import (
     disable_outbox,
     enable_outbox,
 )
-from alchemium.events.recording import EventSourceMixin, add_before_commit_hook
+from alchemium.events.publishers import (
+    InProcessPublisher,
+    Publisher,
+    RabbitMQPublisher,
+    RedisStreamPublisher,
+)
+from alchemium.events.recording import (
+    EventSourceMixin,
+    add_before_commit_hook,
+    remove_before_commit_hook,
+)
+from alchemium.events.relay import OutboxRelay, RelayStats
 from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry, off, on
 from alchemium.events.testing import capture_events
 
 __all__ = [
+    "AuditEntry",
+    "AuditLog",
     "DomainEvent",
     "EventSourceMixin",
+    "InProcessPublisher",
     "Outbox",
+    "OutboxRelay",
     "OutboxStatus",
+    "Publisher",
+    "RabbitMQPublisher",
+    "RedisStreamPublisher",
+    "RelayStats",
     "Subscriber",
     "SubscriberRegistry",
     "add_before_commit_hook",
+    "audit_history",
     "capture_events",
+    "create_audit_table",
     "create_outbox_tables",
     "default_outbox",
     "default_registry",
+    "disable_audit",
     "disable_outbox",
+    "enable_audit",
     "enable_outbox",
     "off",
     "on",
+    "remove_before_commit_hook",
 ]

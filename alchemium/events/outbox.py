@@ -79,6 +79,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _dialect(conn: Executor) -> str:
+    bind = conn.bind if isinstance(conn, AsyncSession) else conn.engine
+    return bind.dialect.name if bind is not None else ""
+
+
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
     # SQLite gives naive datetimes back; every time stored here is UTC.
     if value is not None and value.tzinfo is None:
@@ -295,14 +300,20 @@ class Outbox:
             return []
         d = self.deliveries
         now = utcnow()
-        picked = (
+        due = (
             select(d.c.id)
             .where(self._due(destinations, now, ordered))
             .order_by(d.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
+        if _dialect(conn) == "postgresql":
+            # A materialized CTE runs the locking SELECT exactly once; as a plain
+            # ``IN (subquery)`` the planner may re-run it and claim more than ``limit``.
+            cte = due.cte("picked").prefix_with("MATERIALIZED")
+            picked: Any = select(cte.c.id)
+        else:
+            picked = due.scalar_subquery()
         stmt = (
             update(d)
             .where(d.c.id.in_(picked))
@@ -419,7 +430,7 @@ class Outbox:
         self, conn: Executor, destinations: Sequence[str] | None = None
     ) -> OutboxStatus:
         """Counts by state and the age in seconds of the oldest pending/claimed delivery."""
-        d, e = self.deliveries, self.events
+        d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         counts: dict[str, int] = dict(
             (
@@ -430,14 +441,8 @@ class Outbox:
             .tuples()
             .all()
         )
-        oldest = (
-            await conn.execute(
-                select(func.min(e.c.occurred_at))
-                .select_from(d.join(e, e.c.id == d.c.event_id))
-                .where(d.c.status.in_((PENDING, CLAIMED)), *where)
-            )
-        ).scalar_one()
-        age = (utcnow() - _aware(oldest)).total_seconds() if oldest is not None else None  # type: ignore[operator]
+        oldest = await self.oldest_undelivered(conn, destinations)
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else None
         return OutboxStatus(
             pending=int(counts.get(PENDING, 0)),
             claimed=int(counts.get(CLAIMED, 0)),
@@ -445,6 +450,21 @@ class Outbox:
             delivered=int(counts.get(DELIVERED, 0)),
             oldest_pending_age=age,
         )
+
+    async def oldest_undelivered(
+        self, conn: Executor, destinations: Sequence[str] | None = None
+    ) -> dt.datetime | None:
+        """``occurred_at`` of the oldest event with a pending or claimed delivery, if any."""
+        d, e = self.deliveries, self.events
+        where = [d.c.destination.in_(destinations)] if destinations else []
+        oldest = (
+            await conn.execute(
+                select(func.min(e.c.occurred_at))
+                .select_from(d.join(e, e.c.id == d.c.event_id))
+                .where(d.c.status.in_((PENDING, CLAIMED)), *where)
+            )
+        ).scalar_one()
+        return _aware(oldest)
 
     async def dead(self, conn: Executor, *, limit: int = 100) -> list[dict[str, Any]]:
         """Dead deliveries, oldest first: id, event id and name, destination, attempts, error."""

@@ -1,0 +1,82 @@
+"""Publish events to a Redis stream (``XADD``); needs ``alchemium[redis]``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alchemium.errors import OutboxError
+from alchemium.events.event import DomainEvent
+
+__all__ = ["RedisStreamPublisher"]
+
+
+def _redis_asyncio() -> Any:
+    try:
+        import redis.asyncio as redis_asyncio
+    except ImportError as err:
+        raise OutboxError(
+            "RedisStreamPublisher needs redis-py: pip install 'alchemium[redis]'"
+        ) from err
+    return redis_asyncio
+
+
+class RedisStreamPublisher:
+    """Appends each event to a Redis stream with ``XADD``.
+
+    Entry fields: ``event_id`` (the consumer's deduplication key: delivery is at
+    least once), ``name``, ``aggregate_type``, ``aggregate_id`` and ``event`` (the
+    whole event as JSON, see :meth:`DomainEvent.to_json`). The entry id is Redis's
+    own (``*``). ``XADD`` returns only after Redis accepted the entry; with Redis
+    persistence off, an accepted entry can still be lost if Redis itself restarts.
+    The client connects on first use and reconnects by itself after an outage; a
+    publish during an outage raises, so the row stays pending and is retried.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        stream: str = "alchemium:events",
+        name: str = "redis",
+        maxlen: int | None = None,
+        timeout: float = 5.0,
+        client: Any = None,
+    ) -> None:
+        self.url = url
+        self.stream = stream
+        self.name = name
+        self.maxlen = maxlen
+        self.timeout = timeout
+        self._client = client
+        self._owns_client = client is None
+        if client is None:
+            _redis_asyncio()  # fail now, not at the first event, if redis-py is missing
+
+    def _connect(self) -> Any:
+        if self._client is None:
+            self._client = _redis_asyncio().from_url(
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+        return self._client
+
+    async def publish(self, event: DomainEvent, destination: str) -> None:
+        """``XADD`` the event to :attr:`stream`; raises if Redis does not accept it."""
+        fields = {
+            "event_id": str(event.id),
+            "name": event.name,
+            "aggregate_type": event.aggregate_type,
+            "aggregate_id": event.aggregate_id,
+            "event": event.to_json(),
+        }
+        await self._connect().xadd(
+            self.stream, fields, maxlen=self.maxlen, approximate=self.maxlen is not None
+        )
+
+    async def close(self) -> None:
+        """Close the client connection pool (if this publisher created it)."""
+        client, self._client = self._client, None
+        if client is not None and self._owns_client:
+            await client.aclose()
+
+    def __repr__(self) -> str:
+        return f"RedisStreamPublisher(stream={self.stream!r}, name={self.name!r})"

@@ -1,0 +1,479 @@
+"""The outbox relay: claim due deliveries, publish them, record the outcome.
+
+Each round is three short steps, never one long transaction::
+
+    claim   (own transaction: FOR UPDATE SKIP LOCKED, lease, fresh claim token; commit)
+    publish (no transaction open; a heartbeat task renews the lease meanwhile)
+    record  (own transaction: delivered / pending with backoff / dead,
+             only WHERE claim_token = this round's token; commit)
+
+Delivery is at least once: a relay that dies between publish and record leaves
+its rows claimed; once the lease expires another relay claims and publishes
+them again. A relay whose lease expired cannot overwrite what the relay that
+reclaimed the rows recorded (the token no longer matches).
+
+Wake-up: on PostgreSQL a dedicated asyncpg connection LISTENs on the outbox
+channel (committing units of work NOTIFY it); the poll interval is the fallback
+and the only mechanism on SQLite. On SQLite run one relay at a time.
+
+All SQL lives in :mod:`alchemium.events.outbox`; this module only schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import exc
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from alchemium.errors import OutboxError
+from alchemium.events.dispatch import retry_at
+from alchemium.events.outbox import DeliveryRow, Outbox, default_outbox, utcnow
+from alchemium.events.publishers.base import Publisher, destinations_of
+
+__all__ = ["OutboxRelay", "RelayStats"]
+
+logger = logging.getLogger("alchemium.relay")
+
+SessionFactory = Callable[[], AsyncSession]
+
+_RECONNECT_MAX = 30.0  # seconds between LISTEN reconnection attempts, at most
+_LISTEN_CHECK = 5.0
+_RECORD_ATTEMPTS = 4  # seconds between health checks of the LISTEN connection
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Counters of one relay since it was created (not shared between relays).
+
+    ``oldest_pending_age`` is the lag: seconds since the oldest event that still has
+    an undelivered (pending or claimed) row for this relay's destinations occurred,
+    ``None`` when there is none; refreshed at most every ``lag_interval`` seconds.
+    """
+
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+    lost_leases: int = 0
+    rounds: int = 0
+    errors: int = 0
+    oldest_pending_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    row: DeliveryRow
+    error: BaseException | None
+
+
+class OutboxRelay:
+    """Delivers every committed, undelivered outbox row to ``publisher``, at least once.
+
+    Args:
+        session_factory: an ``async_sessionmaker`` (or any callable returning an
+            ``AsyncSession``) for the database holding the outbox.
+        publisher: a :class:`Publisher` or several; the relay claims rows whose
+            destination is one of their names.
+        batch_size: rows claimed per round.
+        lease: seconds a claim protects rows from other relays; renewed every
+            ``lease / 3`` seconds while publishing. A relay that dies holds its rows
+            this long.
+        poll_interval: seconds between polls when idle (and LISTEN is unavailable,
+            or to pick up retries whose backoff elapsed).
+        max_attempts: attempts before a row is marked dead.
+        backoff_base: first retry delay in seconds; doubles per attempt (capped at
+            ``backoff_cap``), with jitter.
+        ordered: deliver the events of one aggregate in sequence order: a later
+            row waits while an earlier one is pending, retrying or dead.
+        listen: LISTEN for notifications on PostgreSQL (ignored on SQLite).
+        relay_id: recorded in ``claimed_by``; default ``host:pid:random``.
+        publish_timeout: seconds one ``publish`` may take before it counts as failed.
+        retention: if set, delivered rows older than this many seconds are purged in
+            bounded batches while the relay is idle.
+        outbox: the outbox to drain (default: the one set by ``enable_outbox``).
+    """
+
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        publisher: Publisher | Sequence[Publisher],
+        *,
+        batch_size: int = 100,
+        lease: float = 30.0,
+        poll_interval: float = 1.0,
+        max_attempts: int = 10,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        ordered: bool = False,
+        listen: bool = True,
+        relay_id: str | None = None,
+        publish_timeout: float | None = 60.0,
+        retention: float | None = None,
+        lag_interval: float = 5.0,
+        outbox: Outbox | None = None,
+    ) -> None:
+        if batch_size < 1 or max_attempts < 1 or lease <= 0 or poll_interval <= 0:
+            raise ValueError("batch_size, max_attempts, lease and poll_interval must be > 0")
+        box = outbox if outbox is not None else default_outbox()
+        if box is None:
+            raise OutboxError("no outbox: pass outbox=... or call enable_outbox(metadata)")
+        self.outbox = box
+        self.session_factory = session_factory
+        self.publishers: tuple[Publisher, ...] = (
+            tuple(publisher) if isinstance(publisher, Sequence) else (publisher,)
+        )
+        if not self.publishers:
+            raise ValueError("at least one publisher is needed")
+        self.batch_size = batch_size
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.ordered = ordered
+        self.listen = listen
+        self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.publish_timeout = publish_timeout
+        self.retention = retention
+        self.lag_interval = lag_interval
+        self.stats = RelayStats()
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._listening = asyncio.Event()
+        self._lag_checked = -float("inf")
+        self._purged = -float("inf")
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def listening(self) -> bool:
+        """True while the LISTEN connection is up (PostgreSQL, ``listen=True``, in ``run``)."""
+        return self._listening.is_set()
+
+    async def wait_listening(self, timeout: float | None = None) -> bool:
+        """Wait until the LISTEN connection is up; False if ``timeout`` elapsed first."""
+        try:
+            await asyncio.wait_for(self._listening.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the batch in flight (safe from signal handlers)."""
+        self._stopping.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Start the next round now instead of after the poll interval."""
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """Claim, publish and record one batch; returns how many rows were delivered.
+
+        Touches the database three times (claim, heartbeat renewals, record), each in
+        its own short transaction. Database errors propagate; :meth:`run` logs them
+        and tries again.
+        """
+        _, delivered = await self._round()
+        return delivered
+
+    async def run(self) -> None:
+        """Deliver until :meth:`stop` is called; the batch in flight is finished first.
+
+        Database errors (a restart, a dropped connection) are logged and retried with
+        a backoff; the relay never gives up by itself.
+        """
+        self._stopping.clear()
+        listener: asyncio.Task[None] | None = None
+        if self.listen:
+            dsn = await self._listen_dsn()
+            if dsn is not None:
+                listener = asyncio.create_task(self._listen_forever(dsn))
+        logger.info(
+            "relay %s started (destinations %s, batch %d, lease %.1fs, %s)",
+            self.relay_id,
+            ", ".join(self._destinations()) or "none yet",
+            self.batch_size,
+            self.lease,
+            "LISTEN + polling" if listener else "polling only",
+        )
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                try:
+                    claimed, _ = await self._round()
+                    await self._housekeeping(idle=claimed < self.batch_size)
+                except Exception:
+                    failures += 1
+                    self.stats.errors += 1
+                    delay = min(_RECONNECT_MAX, self.poll_interval * 2 ** min(failures - 1, 6))
+                    logger.warning(
+                        "relay %s: round failed (%d in a row), retrying in %.1fs",
+                        self.relay_id,
+                        failures,
+                        delay,
+                        exc_info=True,
+                    )
+                    await self._sleep(delay, wakeable=False)
+                    continue
+                failures = 0
+                if claimed >= self.batch_size:
+                    continue  # more is probably waiting
+                await self._sleep(self.poll_interval, wakeable=True)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+            logger.info("relay %s stopped (%s)", self.relay_id, self.stats)
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def _destinations(self) -> list[str]:
+        return [d for p in self.publishers for d in destinations_of(p)]
+
+    def _publisher_for(self) -> dict[str, Publisher]:
+        return {d: p for p in self.publishers for d in destinations_of(p)}
+
+    async def _round(self) -> tuple[int, int]:
+        routes = self._publisher_for()
+        if not routes:
+            return 0, 0
+        token = uuid.uuid4()
+        async with self.session_factory() as session:
+            rows = await self.outbox.claim(
+                session,
+                list(routes),
+                limit=self.batch_size,
+                lease=self.lease,
+                token=token,
+                claimed_by=self.relay_id,
+                ordered=self.ordered,
+            )
+            await session.commit()
+        self.stats.rounds += 1
+        if not rows:
+            return 0, 0
+        logger.debug("relay %s claimed %d row(s) under %s", self.relay_id, len(rows), token)
+        heartbeat = asyncio.create_task(self._heartbeat(token))
+        try:
+            outcomes = [await self._publish(routes, row) for row in rows]
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        delivered = await self._record(token, outcomes)
+        return len(rows), delivered
+
+    async def _publish(self, routes: dict[str, Publisher], row: DeliveryRow) -> _Outcome:
+        publisher = routes.get(row.destination)
+        try:
+            if publisher is None:  # the publisher's names changed since the claim
+                raise OutboxError(f"no publisher for destination {row.destination!r}")
+            await asyncio.wait_for(
+                publisher.publish(row.event, row.destination), self.publish_timeout
+            )
+        except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
+            return _Outcome(row, err)
+        return _Outcome(row, None)
+
+    async def _heartbeat(self, token: uuid.UUID) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                async with self.session_factory() as session:
+                    renewed = await self.outbox.renew(session, token, self.lease)
+                    await session.commit()
+            except Exception:
+                logger.warning(
+                    "relay %s could not renew its lease on %s", self.relay_id, token, exc_info=True
+                )
+            else:
+                logger.debug("relay %s renewed %d lease(s)", self.relay_id, renewed)
+
+    async def _record(self, token: uuid.UUID, outcomes: list[_Outcome]) -> int:
+        # The publishes are done: losing their outcome means publishing them again after
+        # the lease, so a dropped connection (a database restart) is retried for about a
+        # lease. Safe: recording is fenced by the token and only touches claimed rows.
+        deadline = time.monotonic() + max(self.lease, 5.0)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._record_once(token, outcomes)
+            except (exc.DBAPIError, OSError):
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning(
+                    "relay %s could not record the outcome of claim %s (attempt %d), retrying",
+                    self.relay_id,
+                    token,
+                    attempt,
+                    exc_info=attempt == 1,
+                )
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+
+    async def _record_once(self, token: uuid.UUID, outcomes: list[_Outcome]) -> int:
+        ok = [o.row.id for o in outcomes if o.error is None]
+        failed = [o for o in outcomes if o.error is not None]
+        retried = dead = 0
+        async with self.session_factory() as session:
+            delivered = await self.outbox.mark_delivered(session, token, ok)
+            for outcome in failed:
+                row, err = outcome.row, outcome.error
+                give_up = row.attempts >= self.max_attempts
+                when: dt.datetime | None = (
+                    None
+                    if give_up
+                    else retry_at(row.attempts, base=self.backoff_base, cap=self.backoff_cap)
+                )
+                written = await self.outbox.mark_failed(
+                    session,
+                    token,
+                    error=f"{type(err).__name__}: {err}",
+                    retry_at=when,
+                    row_id=row.id,
+                )
+                if written and give_up:
+                    dead += 1
+                elif written:
+                    retried += 1
+                self._log_failure(row, err, give_up=give_up, written=bool(written))
+            await session.commit()
+        lost = len(outcomes) - delivered - retried - dead
+        self.stats.delivered += delivered
+        self.stats.retried += retried
+        self.stats.dead += dead
+        self.stats.lost_leases += lost
+        for o in outcomes:
+            if o.error is None:
+                logger.debug(
+                    "delivered event %s (%s) to %s",
+                    o.row.event.id,
+                    o.row.event.name,
+                    o.row.destination,
+                )
+        if lost:
+            logger.warning(
+                "relay %s lost the lease on %d row(s) of claim %s before recording them; "
+                "another relay owns them now (they may be delivered twice)",
+                self.relay_id,
+                lost,
+                token,
+            )
+        return delivered
+
+    def _log_failure(
+        self, row: DeliveryRow, err: BaseException | None, *, give_up: bool, written: bool
+    ) -> None:
+        event = row.event
+        if not written:
+            return  # counted as a lost lease
+        if give_up:
+            logger.error(
+                "event %s (%s) is dead for %s after %d attempt(s): %r",
+                event.id,
+                event.name,
+                row.destination,
+                row.attempts,
+                err,
+            )
+        else:
+            logger.warning(
+                "event %s (%s) failed for %s (attempt %d of %d), will retry: %r",
+                event.id,
+                event.name,
+                row.destination,
+                row.attempts,
+                self.max_attempts,
+                err,
+            )
+
+    async def _housekeeping(self, *, idle: bool) -> None:
+        now = time.monotonic()
+        if now - self._lag_checked >= self.lag_interval:
+            self._lag_checked = now
+            async with self.session_factory() as session:
+                oldest = await self.outbox.oldest_undelivered(session, self._destinations())
+            self.stats.oldest_pending_age = (
+                None if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
+            )
+        if idle and self.retention is not None and now - self._purged >= 60.0:
+            self._purged = now
+            async with self.session_factory() as session:
+                purged = await self.outbox.purge(session, older_than=self.retention)
+                await session.commit()
+            if purged:
+                logger.info("relay %s purged %d delivered row(s)", self.relay_id, purged)
+                self._purged = -float("inf")  # more may be left: purge again next idle round
+
+    async def _sleep(self, seconds: float, *, wakeable: bool) -> None:
+        waiter = self._wake if wakeable else self._stopping
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(waiter.wait(), seconds)
+
+    # -- LISTEN ------------------------------------------------------------------------------
+
+    async def _listen_dsn(self) -> str | None:
+        async with self.session_factory() as session:
+            bind = session.get_bind()
+        if bind.dialect.name != "postgresql":
+            return None
+        url: URL = bind.engine.url
+        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def _listen_forever(self, dsn: str) -> None:
+        """Keep a LISTEN connection up; every (re)connection triggers a round."""
+        try:
+            import asyncpg
+        except ImportError:
+            logger.warning("relay %s: asyncpg is not installed; polling only", self.relay_id)
+            return
+        attempt = 0
+        while True:
+            conn: Any = None
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(dsn, timeout=10)
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(self.outbox.channel, lambda *_args: self._wake.set())
+                attempt = 0
+                self._listening.set()
+                self._wake.set()  # anything committed while we were not listening
+                logger.info("relay %s listening on channel %r", self.relay_id, self.outbox.channel)
+                while not lost.is_set():
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(lost.wait(), _LISTEN_CHECK)
+                    if not lost.is_set():
+                        await asyncio.wait_for(conn.execute("SELECT 1"), _LISTEN_CHECK)
+                raise ConnectionError("LISTEN connection closed")
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._listening.clear()
+                attempt += 1
+                delay = min(_RECONNECT_MAX, 0.5 * 2 ** min(attempt - 1, 6))
+                logger.warning(
+                    "relay %s: LISTEN connection lost or refused; polling meanwhile, "
+                    "reconnecting in %.1fs",
+                    self.relay_id,
+                    delay,
+                    exc_info=attempt == 1,
+                )
+                self._wake.set()
+                await asyncio.sleep(delay)
+            finally:
+                self._listening.clear()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2)

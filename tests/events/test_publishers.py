@@ -1,0 +1,156 @@
+"""Broker publishers against real ``redis-server`` and ``rabbitmq-server`` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from alchemium.errors import OutboxError
+from alchemium.events import (
+    DomainEvent,
+    OutboxRelay,
+    Publisher,
+    RabbitMQPublisher,
+    RedisStreamPublisher,
+)
+from alchemium.events.outbox import Outbox
+from tests.events.relay_support import (
+    RabbitServer,
+    RedisServer,
+    Sink,
+    by_status,
+    delivery_rows,
+    insert_events,
+)
+from tests.rig import free_port
+
+Factory = async_sessionmaker[AsyncSession]
+
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])  # the broker is what is tested
+
+
+def test_publishers_satisfy_the_protocol() -> None:
+    assert isinstance(Sink(), Publisher)
+    assert isinstance(RedisStreamPublisher("redis://127.0.0.1:1"), Publisher)
+
+
+def test_missing_client_library_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    monkeypatch.setitem(sys.modules, "aio_pika", None)
+    with pytest.raises(OutboxError, match=r"alchemium\[redis\]"):
+        RedisStreamPublisher()
+    with pytest.raises(OutboxError, match=r"alchemium\[rabbitmq\]"):
+        RabbitMQPublisher()
+
+
+@sqlite_only
+async def test_redis_publisher_delivers_to_a_stream_consumer(
+    session_factory: Factory, outbox: Outbox, redis_server: RedisServer
+) -> None:
+    import redis.asyncio as redis_asyncio
+
+    events = await insert_events(session_factory, outbox, 5, destinations=["redis"])
+    publisher = RedisStreamPublisher(redis_server.url, stream="orders")
+    try:
+        relay = OutboxRelay(session_factory, publisher, listen=False)
+        assert await relay.run_once() == 5
+    finally:
+        await publisher.close()
+
+    consumer = redis_asyncio.from_url(redis_server.url, decode_responses=True)
+    try:
+        entries = await consumer.xrange("orders")
+    finally:
+        await consumer.aclose()
+    assert [fields["event_id"] for _id, fields in entries] == [str(e.id) for e in events]
+    received = DomainEvent.from_dict(json.loads(entries[0][1]["event"]))
+    assert received == events[0]
+
+
+@sqlite_only
+async def test_redis_outage_leaves_events_pending_until_it_is_back(
+    engine: AsyncEngine, session_factory: Factory, outbox: Outbox, redis_server: RedisServer
+) -> None:
+    import redis.asyncio as redis_asyncio
+
+    events = await insert_events(session_factory, outbox, 3, destinations=["redis"])
+    publisher = RedisStreamPublisher(redis_server.url, timeout=1.0)
+    relay = OutboxRelay(session_factory, publisher, backoff_base=0.01, listen=False)
+    try:
+        redis_server.stop()
+        assert await relay.run_once() == 0
+        rows = await delivery_rows(engine, outbox)
+        assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 1)}
+        assert all("Error" in r["last_error"] for r in rows)
+
+        redis_server.start()  # same port, empty (no persistence)
+        await asyncio.sleep(0.05)
+        assert await relay.run_once() == 3
+    finally:
+        await publisher.close()
+    assert await by_status(engine, outbox) == {"delivered": 3}
+    consumer = redis_asyncio.from_url(redis_server.url, decode_responses=True)
+    try:
+        entries = await consumer.xrange("alchemium:events")
+    finally:
+        await consumer.aclose()
+    assert [f["event_id"] for _i, f in entries] == [str(e.id) for e in events]
+
+
+@sqlite_only
+async def test_rabbitmq_publisher_delivers_with_confirms_to_a_consumer(
+    session_factory: Factory, outbox: Outbox, rabbitmq_server: RabbitServer
+) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(rabbitmq_server.url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            "shop.events", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(exchange, routing_key="user_created")
+
+        events = await insert_events(session_factory, outbox, 4, destinations=["rabbitmq"])
+        publisher = RabbitMQPublisher(rabbitmq_server.url, exchange="shop.events")
+        try:
+            relay = OutboxRelay(session_factory, publisher, listen=False)
+            assert await relay.run_once() == 4
+        finally:
+            await publisher.close()
+
+        received = []
+        for _ in range(4):
+            message = await queue.get(timeout=5)
+            await message.ack()
+            received.append(message)
+    finally:
+        await connection.close()
+    assert [m.message_id for m in received] == [str(e.id) for e in events]
+    assert DomainEvent.from_dict(json.loads(received[0].body)) == events[0]
+    assert received[0].type == "user_created"
+
+
+@sqlite_only
+async def test_rabbitmq_unroutable_or_unreachable_leaves_events_pending(
+    engine: AsyncEngine, session_factory: Factory, outbox: Outbox, rabbitmq_server: RabbitServer
+) -> None:
+    await insert_events(session_factory, outbox, 2, destinations=["rabbitmq"])
+    unreachable = RabbitMQPublisher(f"amqp://guest:guest@127.0.0.1:{free_port()}/", timeout=2)
+    relay = OutboxRelay(session_factory, unreachable, backoff_base=0.01, listen=False)
+    assert await relay.run_once() == 0
+    # Reachable, but no queue is bound: the broker returns the message (mandatory).
+    unroutable = RabbitMQPublisher(rabbitmq_server.url, exchange="nobody.listens")
+    relay = OutboxRelay(session_factory, unroutable, backoff_base=0.01, listen=False)
+    await asyncio.sleep(0.05)
+    try:
+        assert await relay.run_once() == 0
+    finally:
+        await unroutable.close()
+    rows = await delivery_rows(engine, outbox)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 2)}

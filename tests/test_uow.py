@@ -1,0 +1,375 @@
+"""UnitOfWork: commit, rollback (also on cancellation), savepoints, misuse, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from alchemium import (
+    DeadlockDetected,
+    SerializationFailure,
+    UniqueViolation,
+    UnitOfWork,
+    UnitOfWorkError,
+    run_in_transaction,
+)
+from tests.conftest import make_engine
+from tests.models import User, UserRepository
+
+Factory = async_sessionmaker[AsyncSession]
+
+
+async def user_names(factory: Factory) -> list[str]:
+    async with factory() as session:
+        return list((await session.scalars(select(User.name).order_by(User.name))).all())
+
+
+@pytest.fixture
+async def pooled(engine: AsyncEngine, db_url: str) -> AsyncIterator[AsyncEngine]:
+    """A second engine on the test database with a real pool of 10 connections."""
+    eng = make_engine(db_url, pool_size=10, max_overflow=0, pool_timeout=30)
+    yield eng
+    await eng.dispose()
+
+
+# -- commit and rollback ------------------------------------------------------------------
+
+
+async def test_clean_exit_commits(session_factory: Factory) -> None:
+    async with UnitOfWork(session_factory) as uow:
+        await UserRepository.create(uow.session, {"name": "Alice"})
+    assert await user_names(session_factory) == ["Alice"]
+
+
+async def test_flush_makes_generated_values_visible(session_factory: Factory) -> None:
+    async with UnitOfWork(session_factory) as uow:
+        user = await UserRepository.create(uow.session, {"name": "Alice"})
+        assert user.id is None
+        await uow.flush()
+        assert user.id is not None
+        seen = await uow.session.scalar(select(User.id).where(User.name == "Alice"))
+        assert seen == user.id
+
+
+async def test_exception_rolls_back_and_propagates(session_factory: Factory) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        async with UnitOfWork(session_factory) as uow:
+            await UserRepository.create(uow.session, {"name": "Alice"})
+            await uow.flush()
+            raise RuntimeError("boom")
+    assert await user_names(session_factory) == []
+
+
+async def test_explicit_commit_and_rollback(session_factory: Factory) -> None:
+    async with UnitOfWork(session_factory) as uow:
+        await UserRepository.create(uow.session, {"name": "kept"})
+        await uow.commit()
+        await UserRepository.create(uow.session, {"name": "discarded"})
+        await uow.flush()
+        await uow.rollback()
+        await UserRepository.create(uow.session, {"name": "after"})
+    assert await user_names(session_factory) == ["after", "kept"]
+
+
+async def test_exception_after_explicit_commit_keeps_the_committed_part(
+    session_factory: Factory,
+) -> None:
+    with pytest.raises(LookupError):
+        async with UnitOfWork(session_factory) as uow:
+            await UserRepository.create(uow.session, {"name": "kept"})
+            await uow.commit()
+            await UserRepository.create(uow.session, {"name": "lost"})
+            raise LookupError
+    assert await user_names(session_factory) == ["kept"]
+
+
+async def test_session_is_closed_after_the_block(session_factory: Factory) -> None:
+    async with UnitOfWork(session_factory) as uow:
+        session = uow.session
+        await UserRepository.create(session, {"name": "Alice"})
+    assert not session.in_transaction()
+    assert list(session) == []
+
+
+# -- misuse -------------------------------------------------------------------------------
+
+
+async def test_session_before_and_after_the_block_raises(session_factory: Factory) -> None:
+    uow = UnitOfWork(session_factory)
+    with pytest.raises(UnitOfWorkError, match="before entering"):
+        _ = uow.session
+    async with uow:
+        assert isinstance(uow.session, AsyncSession)
+    with pytest.raises(UnitOfWorkError, match="after leaving"):
+        _ = uow.session
+    with pytest.raises(UnitOfWorkError):
+        await uow.flush()
+    with pytest.raises(UnitOfWorkError):
+        await uow.commit()
+
+
+async def test_entering_twice_raises(session_factory: Factory) -> None:
+    uow = UnitOfWork(session_factory)
+    async with uow:
+        await UserRepository.create(uow.session, {"name": "inner-ok"})
+        with pytest.raises(UnitOfWorkError, match="already entered"):
+            async with uow:
+                pass  # pragma: no cover
+        # the outer block is unaffected by the refused re-entry
+        await UserRepository.create(uow.session, {"name": "still-ok"})
+    with pytest.raises(UnitOfWorkError, match="already entered"):
+        async with uow:
+            pass  # pragma: no cover
+    assert await user_names(session_factory) == ["inner-ok", "still-ok"]
+
+
+# -- savepoints ---------------------------------------------------------------------------
+
+
+async def test_savepoint_rollback_keeps_the_outer_work(session_factory: Factory) -> None:
+    async with UnitOfWork(session_factory) as uow:
+        await UserRepository.create(uow.session, {"name": "outer"})
+        with pytest.raises(ValueError, match="inner failure"):
+            async with uow.savepoint():
+                await UserRepository.create(uow.session, {"name": "inner"})
+                await uow.flush()
+                raise ValueError("inner failure")
+        async with uow.savepoint():
+            await UserRepository.create(uow.session, {"name": "second"})
+        await UserRepository.create(uow.session, {"name": "last"})
+    assert await user_names(session_factory) == ["last", "outer", "second"]
+
+
+async def test_savepoint_recovers_from_a_constraint_violation(session_factory: Factory) -> None:
+    async with UnitOfWork(session_factory) as uow:
+        await UserRepository.create(uow.session, {"name": "Alice"})
+        await uow.flush()
+        with pytest.raises(UniqueViolation):
+            async with uow.savepoint():
+                await UserRepository.create(uow.session, {"name": "Alice"})
+        # the transaction is still usable (on PostgreSQL thanks to the savepoint)
+        await UserRepository.create(uow.session, {"name": "Bob"})
+    assert await user_names(session_factory) == ["Alice", "Bob"]
+
+
+async def test_outer_rollback_discards_a_released_savepoint(session_factory: Factory) -> None:
+    with pytest.raises(RuntimeError):
+        async with UnitOfWork(session_factory) as uow:
+            async with uow.savepoint():
+                await UserRepository.create(uow.session, {"name": "inner"})
+            raise RuntimeError
+    assert await user_names(session_factory) == []
+
+
+# -- cancellation -------------------------------------------------------------------------
+
+
+async def test_cancelled_tasks_roll_back_and_return_every_connection(
+    pooled: AsyncEngine,
+) -> None:
+    factory = async_sessionmaker(pooled, expire_on_commit=False)
+    tasks_n = 50
+    in_transaction = 0
+    enough = asyncio.Event()
+    forever = asyncio.Event()
+    is_sqlite = pooled.dialect.name == "sqlite"
+    # SQLite has one writer at a time: the others would wait for the lock, not hold it.
+    wanted = 1 if is_sqlite else 10
+
+    async def worker(i: int) -> None:
+        nonlocal in_transaction
+        async with UnitOfWork(factory) as uow:
+            await UserRepository.create(uow.session, {"name": f"w{i}"})
+            await uow.flush()
+            in_transaction += 1
+            if in_transaction >= wanted:
+                enough.set()
+            await forever.wait()  # mid-transaction, holding a connection
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(tasks_n)]
+    await asyncio.wait_for(enough.wait(), 30)
+    await asyncio.sleep(0.05)  # let more tasks queue on the pool / the lock
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
+    async with factory() as session:
+        assert await session.scalar(select(func.count()).select_from(User)) == 0
+    assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_cancellation_at_random_points_leaves_only_whole_units(
+    pooled: AsyncEngine,
+) -> None:
+    """Each unit writes two rows; cancelled anywhere (even mid-commit) it commits both or none."""
+    factory = async_sessionmaker(pooled, expire_on_commit=False)
+    rng = random.Random(1234)
+
+    async def worker(i: int) -> None:
+        for j in range(100):
+            async with UnitOfWork(factory) as uow:
+                await UserRepository.create(uow.session, {"name": f"a{i}-{j}"})
+                await asyncio.sleep(0)
+                await UserRepository.create(uow.session, {"name": f"b{i}-{j}"})
+
+    tasks = [asyncio.create_task(worker(i)) for i in range(20)]
+    for task in tasks:
+        await asyncio.sleep(rng.uniform(0, 0.02))
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
+    names = await user_names(factory)
+    firsts = {n[1:] for n in names if n.startswith("a")}
+    seconds = {n[1:] for n in names if n.startswith("b")}
+    assert firsts == seconds
+
+
+# -- isolation level and retries ----------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_only(backend: str) -> None:
+    if backend != "postgresql":
+        pytest.skip("serialization failures and deadlocks are PostgreSQL behaviour")
+
+
+async def test_isolation_level_applies_to_the_unit_of_work(
+    session_factory: Factory, postgres_only: None
+) -> None:
+    async with UnitOfWork(session_factory, isolation_level="SERIALIZABLE") as uow:
+        level = await uow.session.scalar(text("SHOW transaction_isolation"))
+    assert level == "serializable"
+    async with UnitOfWork(session_factory) as uow:
+        level = await uow.session.scalar(text("SHOW transaction_isolation"))
+    assert level == "read committed"
+
+
+async def conflicting_increments(
+    factory: Factory, attempts: int
+) -> tuple[list[BaseException | None], int, int]:
+    """Two SERIALIZABLE read-modify-writes of the same row that really overlap."""
+    async with UnitOfWork(factory) as uow:
+        await UserRepository.create(uow.session, {"name": "counter", "age": 0})
+    reads = 0
+    both_read = asyncio.Event()
+    calls = 0
+
+    async def increment(uow: UnitOfWork) -> None:
+        nonlocal reads, calls
+        calls += 1
+        counter = await UserRepository.get_one_or_raise(uow.session, {"name": "counter"})
+        reads += 1
+        if reads >= 2:
+            both_read.set()
+        await asyncio.wait_for(both_read.wait(), 10)  # both have read the same value
+        assert counter.age is not None
+        UserRepository.update(counter, {"age": counter.age + 1})
+
+    results = await asyncio.gather(
+        *(
+            run_in_transaction(
+                factory, increment, isolation_level="SERIALIZABLE", attempts=attempts
+            )
+            for _ in range(2)
+        ),
+        return_exceptions=True,
+    )
+    async with UnitOfWork(factory) as uow:
+        final = await UserRepository.get_one_or_raise(uow.session, {"name": "counter"})
+    assert final.age is not None
+    return list(results), final.age, calls
+
+
+async def test_serialization_failure_is_retried(
+    session_factory: Factory, postgres_only: None
+) -> None:
+    results, final, calls = await conflicting_increments(session_factory, attempts=5)
+    assert results == [None, None]
+    assert final == 2  # both increments landed
+    assert calls == 3  # one of the two ran again
+
+
+async def test_serialization_failure_without_retry_is_raised(
+    session_factory: Factory, postgres_only: None
+) -> None:
+    results, final, calls = await conflicting_increments(session_factory, attempts=1)
+    failures = [r for r in results if r is not None]
+    assert len(failures) == 1
+    assert isinstance(failures[0], SerializationFailure)
+    assert getattr(failures[0].__cause__, "orig", None) is not None
+    assert final == 1
+    assert calls == 2
+
+
+async def test_deadlock_is_detected_and_retried(
+    session_factory: Factory, postgres_only: None
+) -> None:
+    async with UnitOfWork(session_factory) as uow:
+        await UserRepository.create_many(uow.session, [{"name": "x", "age": 0}, {"name": "y"}])
+    locked = 0
+    both_locked = asyncio.Event()
+    calls = 0
+
+    def work(first: str, second: str):  # type: ignore[no-untyped-def]
+        async def run(uow: UnitOfWork) -> None:
+            nonlocal locked, calls
+            calls += 1
+            await UserRepository.update_where(uow.session, {"name": first}, {"position": "1"})
+            locked += 1
+            if locked >= 2:
+                both_locked.set()
+            await asyncio.wait_for(both_locked.wait(), 10)
+            await UserRepository.update_where(uow.session, {"name": second}, {"position": "2"})
+
+        return run
+
+    results = await asyncio.gather(
+        run_in_transaction(session_factory, work("x", "y"), attempts=3),
+        run_in_transaction(session_factory, work("y", "x"), attempts=3),
+        return_exceptions=True,
+    )
+    assert results == [None, None]
+    assert calls == 3
+
+    # and without retry the loser gets DeadlockDetected
+    locked, calls = 0, 0
+    both_locked.clear()
+    results = await asyncio.gather(
+        run_in_transaction(session_factory, work("x", "y"), attempts=1),
+        run_in_transaction(session_factory, work("y", "x"), attempts=1),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["DeadlockDetected", "NoneType"]
+    assert any(isinstance(r, DeadlockDetected) for r in results)
+
+
+async def test_run_in_transaction_does_not_retry_other_errors(session_factory: Factory) -> None:
+    calls = 0
+
+    async def work(uow: UnitOfWork) -> None:
+        nonlocal calls
+        calls += 1
+        await UserRepository.create(uow.session, {"name": "x"})
+        raise KeyError("mine")
+
+    with pytest.raises(KeyError):
+        await run_in_transaction(session_factory, work, attempts=5)
+    assert calls == 1
+    assert await user_names(session_factory) == []
+
+
+async def test_run_in_transaction_returns_the_result(session_factory: Factory) -> None:
+    async def work(uow: UnitOfWork) -> int:
+        user = await UserRepository.create(uow.session, {"name": "x"})
+        await uow.flush()
+        return user.id
+
+    user_id = await run_in_transaction(session_factory, work)
+    assert isinstance(user_id, int)
+    assert await user_names(session_factory) == ["x"]
