@@ -42,8 +42,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 __all__ = [
@@ -398,14 +400,25 @@ def raise_mapped(err: BaseException, session: Any = None) -> NoReturn:
     raise mapped from err
 
 
+_VERSIONED_KEY = "alchemium.versioned_in_flush"
+
+
+@sa_event.listens_for(Session, "before_flush")
+def _remember_versioned(session: Session, _context: Any, _instances: Any) -> None:
+    """Note the versioned rows a flush updates or deletes: a failed flush forgets them."""
+    found = []
+    for obj in [*session.dirty, *session.deleted]:
+        state = sa_inspect(obj)
+        if state.mapper.version_id_col is not None and state.identity:
+            found.append((type(obj).__name__, state.mapper.local_table.name, state.identity))
+    if found or _VERSIONED_KEY in session.info:
+        session.info[_VERSIONED_KEY] = found
+
+
 def _conflict(session: Any) -> ConcurrencyConflictError:
     # StaleDataError does not say which object; the versioned one being flushed is it.
-    if session is not None:
-        for obj in [*session.dirty, *session.deleted]:
-            state = sa_inspect(obj)
-            if state.mapper.version_id_col is not None and state.identity:
-                identity = state.identity
-                return ConcurrencyConflictError(
-                    type(obj).__name__, identity[0] if len(identity) == 1 else identity
-                )
+    candidates = session.info.get(_VERSIONED_KEY, []) if session is not None else []
+    if candidates:
+        name, _table, identity = candidates[0]
+        return ConcurrencyConflictError(name, identity[0] if len(identity) == 1 else identity)
     return ConcurrencyConflictError("row", None)

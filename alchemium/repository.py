@@ -37,9 +37,11 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.sql import Select
 
 from alchemium.errors import (
+    ConcurrencyConflictError,
     DataValidationError,
     FieldNotFoundError,
     InvalidFilterError,
@@ -500,6 +502,13 @@ class CrudRepository(Generic[ModelT]):
             )
         state = inspect(obj)
         key = {k: state.dict.get(k) for k in info.primary_key}
+        version_col = state.mapper.version_id_col
+        version_prop = (
+            state.mapper.get_property_by_column(version_col).key
+            if version_col is not None
+            else None
+        )
+        loaded_version = state.dict.get(version_prop) if version_prop is not None else None
         if state.pending and state.session_id == asession.sync_session.hash_key:
             # Added but never flushed: nothing to delete, just cancel the INSERT.
             asession.expunge(obj)
@@ -521,8 +530,20 @@ class CrudRepository(Generic[ModelT]):
                     await asession.refresh(obj, with_for_update=True)
                 except sa_exc.InvalidRequestError as err:
                     raise NotFoundError(info.name, key) from err
+            # Optimistic locking: the row was reloaded above; a newer version means
+            # another transaction changed it since the caller loaded it.
+            if (
+                version_prop is not None
+                and loaded_version is not None
+                and getattr(obj, version_prop) != loaded_version
+            ):
+                pk = key[info.primary_key[0]] if len(key) == 1 else tuple(key.values())
+                raise ConcurrencyConflictError(info.name, pk) from StaleDataError(
+                    f"DELETE of {info.name} {pk!r} expected version {loaded_version!r}, "
+                    f"the row has version {getattr(obj, version_prop)!r}"
+                )
             await asession.delete(obj)
-        except NotFoundError:
+        except (NotFoundError, ConcurrencyConflictError):
             raise
         except Exception as err:  # noqa: BLE001 - re-raised, mapped
             raise_mapped(err, asession)

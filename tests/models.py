@@ -162,3 +162,20 @@ class MembershipRepository(CrudRepository[Membership]):
 
 class AttachmentRepository(CrudRepository[Attachment]):
     model = Attachment
+
+
+# -- optimistic locking ---------------------------------------------------------------------
+
+
+class Document(Base):
+    """Versioned: a concurrent update or delete raises ConcurrencyConflictError."""
+
+    __tablename__ = "documents"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    __mapper_args__ = {"version_id_col": version}
+
+
+class DocumentRepository(CrudRepository[Document]):
+    model = Document
