@@ -1,7 +1,8 @@
-"""Context variables for the actor and tenant of the current request.
+"""Who and where: the actor and tenant of the current request, the unit of work of a session.
 
-Web middleware sets them once per request; every UnitOfWork created in that
-context picks them up unless it is given ``actor=`` / ``tenant=`` explicitly.
+Web middleware sets the actor and tenant once per request; every UnitOfWork created
+in that context picks them up unless it is given ``actor=`` / ``tenant=`` explicitly.
+A UnitOfWork marks its session so repositories and flush hooks find it.
 """
 
 from __future__ import annotations
@@ -9,8 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["current_actor", "current_tenant", "use_actor", "use_tenant"]
+if TYPE_CHECKING:
+    from alchemium.uow import UnitOfWork
+
+__all__ = ["current_actor", "current_tenant", "current_unit_of_work", "use_actor", "use_tenant"]
+
+UOW_KEY = "alchemium.uow"
 
 _actor: ContextVar[str | None] = ContextVar("alchemium_actor", default=None)
 _tenant: ContextVar[str | None] = ContextVar("alchemium_tenant", default=None)
@@ -44,3 +51,9 @@ def use_tenant(tenant: str | None) -> Iterator[None]:
         yield
     finally:
         _tenant.reset(token)
+
+
+def current_unit_of_work(session: Any) -> UnitOfWork | None:
+    """The UnitOfWork that owns ``session`` (async or sync session), if any."""
+    info = getattr(session, "info", None)
+    return info.get(UOW_KEY) if info is not None else None

@@ -410,7 +410,7 @@ def _remember_versioned(session: Session, _context: Any, _instances: Any) -> Non
     for obj in [*session.dirty, *session.deleted]:
         state = sa_inspect(obj)
         if state.mapper.version_id_col is not None and state.identity:
-            found.append((type(obj).__name__, state.mapper.local_table.name, state.identity))
+            found.append((type(obj).__name__, state.identity))
     if found or _VERSIONED_KEY in session.info:
         session.info[_VERSIONED_KEY] = found
 
@@ -419,6 +419,6 @@ def _conflict(session: Any) -> ConcurrencyConflictError:
     # StaleDataError does not say which object; the versioned one being flushed is it.
     candidates = session.info.get(_VERSIONED_KEY, []) if session is not None else []
     if candidates:
-        name, _table, identity = candidates[0]
+        name, identity = candidates[0]
         return ConcurrencyConflictError(name, identity[0] if len(identity) == 1 else identity)
     return ConcurrencyConflictError("row", None)

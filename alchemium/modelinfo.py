@@ -13,6 +13,7 @@ import decimal
 import enum
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,10 +114,19 @@ class ModelInfo:
             )
 
     def identity(self, obj: object) -> str:
-        """The primary key of ``obj`` as a string (composite keys joined by ``:``)."""
+        """The primary key of ``obj`` as a string (composite keys joined by ``:``).
+
+        An expired object (committed with ``expire_on_commit``) has no key in its dict;
+        its identity key is used then.
+        """
         state = inspect(obj)
-        values = [state.dict.get(key) for key in self.primary_key]
-        return ":".join(str(v) for v in values)
+        if state.identity is not None and any(k not in state.dict for k in self.primary_key):
+            return ":".join(str(v) for v in state.identity)
+        return self.key_of(state.dict)
+
+    def key_of(self, values: Mapping[str, Any]) -> str:
+        """The primary key in a mapping of column values, as :meth:`identity` writes it."""
+        return ":".join(str(values.get(key)) for key in self.primary_key)
 
 
 # Integer ranges of PostgreSQL's types; SQLite stores 64-bit integers for all of them.

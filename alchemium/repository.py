@@ -14,7 +14,10 @@ a QueryError. Database errors are mapped to alchemium exceptions.
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import decimal
 import json
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
@@ -53,6 +56,7 @@ from alchemium.errors import (
     raise_mapped,
 )
 from alchemium.events import recording
+from alchemium.events.event import json_safe
 from alchemium.filters import (
     FilterSpec,
     OrderBySpec,
@@ -614,17 +618,11 @@ def _after(info: ModelInfo, keys: list[tuple[str, bool]], values: list[Any]) -> 
 
 
 def _encode_cursor(obj: Any, names: list[str]) -> str:
-    from alchemium.events.event import json_safe
-
     values = [json_safe(getattr(obj, n), event="cursor", field=n) for n in names]
     return base64.urlsafe_b64encode(json.dumps(values).encode()).decode()
 
 
 def _decode_cursor(info: ModelInfo, cursor: str, names: list[str]) -> list[Any]:
-    import datetime as dt
-    import decimal
-    import uuid
-
     try:
         values = json.loads(base64.urlsafe_b64decode(cursor.encode()))
         if not isinstance(values, list) or len(values) != len(names):

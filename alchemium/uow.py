@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from alchemium.context import UOW_KEY, current_actor, current_tenant, current_unit_of_work
 from alchemium.errors import (
     DeadlockDetected,
     SerializationFailure,
@@ -31,13 +32,18 @@ from alchemium.errors import (
     db_errors,
     raise_mapped,
 )
+from alchemium.events.dispatch import dispatch_events, write_events
+from alchemium.events.event import DomainEvent
+from alchemium.events.outbox import Outbox, default_outbox
+from alchemium.events.recording import (
+    collect_object_events,
+    discard_object_events,
+    global_before_commit_hooks,
+)
+from alchemium.events.subscribers import SubscriberRegistry, default_registry
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-    from alchemium.events.event import DomainEvent
-    from alchemium.events.outbox import Outbox
-    from alchemium.events.subscribers import SubscriberRegistry
 
 __all__ = ["UnitOfWork", "current_unit_of_work", "run_in_transaction"]
 
@@ -47,14 +53,6 @@ T = TypeVar("T")
 SessionFactory = Callable[[], AsyncSession] | async_sessionmaker[AsyncSession]
 Hook = Callable[["UnitOfWork"], Awaitable[None]]
 Callback = Callable[[], Any]
-
-UOW_KEY = "alchemium.uow"
-
-
-def current_unit_of_work(session: AsyncSession | Any) -> UnitOfWork | None:
-    """The UnitOfWork that owns ``session`` (async or sync session), if any."""
-    info = getattr(session, "info", None)
-    return info.get(UOW_KEY) if info is not None else None
 
 
 class UnitOfWork:
@@ -138,8 +136,6 @@ class UnitOfWork:
 
     async def _finish(self, *, rollback: bool) -> None:
         """Roll back if asked, close the session and release the connection, even if cancelled."""
-        from alchemium.events.recording import discard_object_events
-
         session = self._session
         self._state = "closed"
         self._events.clear()
@@ -205,13 +201,11 @@ class UnitOfWork:
         Normally not needed: leaving the block commits. After an explicit commit the
         unit of work stays usable and the next statement starts a new transaction.
         """
-        from alchemium.events.dispatch import dispatch_events, write_events
-
         async with self._exclusive("commit") as session:
             with db_errors(session):
                 await session.flush()
-                self._collect_entity_events(session)
-                for hook in self._before_commit_hooks():
+                collect_object_events(self, session)
+                for hook in [*global_before_commit_hooks(), *self._before_commit]:
                     await hook(self)
                     await session.flush()
                 events, callbacks = list(self._events), list(self._callbacks)
@@ -224,8 +218,6 @@ class UnitOfWork:
 
     async def rollback(self) -> None:
         """Roll back the transaction and discard recorded events and callbacks."""
-        from alchemium.events.recording import discard_object_events
-
         async with self._exclusive("rollback") as session:
             self._events.clear()
             self._callbacks.clear()
@@ -240,15 +232,13 @@ class UnitOfWork:
         Events and ``on_commit`` callbacks recorded inside a savepoint that rolls back
         are discarded with it.
         """
-        from alchemium.events.recording import discard_object_events
-
         session = self.session
         # Changes and object events from before the savepoint belong to the outer
         # transaction: flush and collect them now, so the marks below exclude them
         # (begin_nested would flush them *after* the marks were taken).
         with db_errors(session):
             await session.flush()
-        self._collect_entity_events(session)
+        collect_object_events(self, session)
         marks = len(self._events), len(self._callbacks)
         with db_errors(session):
             await _begin_sqlite_transaction(session)
@@ -273,15 +263,11 @@ class UnitOfWork:
     @property
     def registry(self) -> SubscriberRegistry:
         """The subscriber registry this unit of work dispatches to."""
-        from alchemium.events.subscribers import default_registry
-
         return self._registry if self._registry is not None else default_registry
 
     @property
     def outbox(self) -> Outbox | None:
         """The outbox events are written to, or None for best-effort in-process dispatch."""
-        from alchemium.events.outbox import default_outbox
-
         return self._outbox if self._outbox is not None else default_outbox()
 
     @property
@@ -303,8 +289,6 @@ class UnitOfWork:
         metadata: Mapping[str, Any] | None = None,
     ) -> DomainEvent:
         """Record a custom event, committed with this unit of work (or discarded with it)."""
-        from alchemium.events.event import DomainEvent
-
         if self._state != "active":
             self.session  # noqa: B018 - raises the UnitOfWorkError explaining the misuse
         event = DomainEvent.create(
@@ -319,8 +303,6 @@ class UnitOfWork:
 
     def event_metadata(self) -> dict[str, Any]:
         """Metadata stamped on every event of this unit of work (actor, tenant, extra keys)."""
-        from alchemium.context import current_actor, current_tenant
-
         meta: dict[str, Any] = dict(self.metadata)
         actor = self.actor if self.actor is not None else current_actor()
         tenant = self.tenant if self.tenant is not None else current_tenant()
@@ -342,17 +324,6 @@ class UnitOfWork:
     def before_commit(self, hook: Hook) -> None:
         """Run ``await hook(uow)`` inside the transaction just before commit; it may write rows."""
         self._before_commit.append(hook)
-
-    def _before_commit_hooks(self) -> list[Hook]:
-        from alchemium.events.recording import global_before_commit_hooks
-
-        return [*global_before_commit_hooks(), *self._before_commit]
-
-    def _collect_entity_events(self, session: AsyncSession) -> None:
-        """Gather events that domain objects recorded on themselves (``record_event``)."""
-        from alchemium.events.recording import collect_object_events
-
-        collect_object_events(self, session)
 
 
 async def _begin_sqlite_transaction(session: AsyncSession) -> None:

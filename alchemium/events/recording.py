@@ -23,6 +23,7 @@ from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.base import NO_VALUE
 
+from alchemium.context import current_unit_of_work
 from alchemium.events.event import DomainEvent, json_safe
 from alchemium.modelinfo import ModelInfo, model_info
 
@@ -40,7 +41,6 @@ __all__ = [
     "remove_before_commit_hook",
 ]
 
-_UOW_KEY = "alchemium.uow"
 _OLD_KEY = "alchemium.old_values"
 
 
@@ -104,14 +104,9 @@ def global_before_commit_hooks() -> list[Hook]:
     return list(_hooks)
 
 
-def _owner(session: Any) -> UnitOfWork | None:
-    info = getattr(session, "info", None)
-    return info.get(_UOW_KEY) if info is not None else None
-
-
 def wants_events(session: Any, info: ModelInfo) -> bool:
     """Whether changes of ``info.model`` in ``session`` must be recorded as events."""
-    if _owner(session) is None:
+    if current_unit_of_work(session) is None:
         return False
     config = entity_config(info.model)
     return config is not None and config.enabled
@@ -157,14 +152,6 @@ def _diff(obj: object, info: ModelInfo, loaded: Mapping[str, Any]) -> dict[str, 
     return changes
 
 
-def _key(obj: object, info: ModelInfo) -> str:
-    # An expired (e.g. committed with expire_on_commit) object has no key in its dict.
-    state = inspect(obj)
-    if state.identity is not None and any(k not in state.dict for k in info.primary_key):
-        return ":".join(str(v) for v in state.identity)
-    return info.identity(obj)
-
-
 @sa_event.listens_for(Session, "before_flush")
 def _before_flush(session: Session, _flush_context: Any, _instances: Any) -> None:
     """Read the stored values of columns changed while expired, before the UPDATE hides them.
@@ -173,7 +160,7 @@ def _before_flush(session: Session, _flush_context: Any, _instances: Any) -> Non
     not load its old value, so the attribute history has none; one SELECT per such
     object, only then, keeps ``<entity>_updated`` exact.
     """
-    if _owner(session) is None:
+    if current_unit_of_work(session) is None:
         return
     unknown: dict[Any, tuple[ModelInfo, list[str]]] = {}
     for obj in session.dirty:
@@ -203,7 +190,7 @@ def _before_flush(session: Session, _flush_context: Any, _instances: Any) -> Non
 
 @sa_event.listens_for(Session, "after_flush")
 def _after_flush(session: Session, _flush_context: Any) -> None:
-    uow = _owner(session)
+    uow = current_unit_of_work(session)
     loaded: dict[Any, dict[str, Any]] = session.info.pop(_OLD_KEY, None) or {}
     if uow is None:
         return
@@ -216,18 +203,18 @@ def _after_flush(session: Session, _flush_context: Any) -> None:
         if info is not None:
             changes = _diff(obj, info, loaded.get(inspect(obj), {}))
             if changes:
-                _add(uow, info, "updated", _key(obj, info), {"changes": changes})
+                _add(uow, info, "updated", info.identity(obj), {"changes": changes})
     for obj in session.deleted:
         info = _enabled(obj)
         if info is not None:
-            _add(uow, info, "deleted", _key(obj, info), _columns(info, inspect(obj).dict))
+            _add(uow, info, "deleted", info.identity(obj), _columns(info, inspect(obj).dict))
         if isinstance(obj, EventSourceMixin):
             uow._seen_sources.append(obj)
 
 
 def record_rows(session: Any, info: ModelInfo, action: str, objs: Iterable[object]) -> None:
     """Record ``<entity>_<action>`` with the column values of each object (bulk inserts)."""
-    uow = _owner(session)
+    uow = current_unit_of_work(session)
     if uow is None or not wants_events(session, info):
         return
     for obj in objs:
@@ -238,25 +225,25 @@ def record_bulk_updates(
     session: Any, info: ModelInfo, old_rows: Sequence[Any], data: Mapping[str, Any]
 ) -> None:
     """Record ``<entity>_updated`` for each row of a bulk update that actually changed."""
-    uow = _owner(session)
+    uow = current_unit_of_work(session)
     if uow is None:
         return
     for row in old_rows:
         old = dict(zip(info.columns, row, strict=True))
         changes = {k: {"old": old[k], "new": v} for k, v in data.items() if old[k] != v}
         if changes:
-            key = ":".join(str(old[k]) for k in info.primary_key)
+            key = info.key_of(old)
             _add(uow, info, "updated", key, {"changes": changes})
 
 
 def record_bulk_deletes(session: Any, info: ModelInfo, rows: Sequence[Any]) -> None:
     """Record ``<entity>_deleted`` with the last values of each row a bulk delete returned."""
-    uow = _owner(session)
+    uow = current_unit_of_work(session)
     if uow is None:
         return
     for row in rows:
         values = dict(zip(info.columns, row, strict=True))
-        key = ":".join(str(values[k]) for k in info.primary_key)
+        key = info.key_of(values)
         _add(uow, info, "deleted", key, values)
 
 
@@ -306,7 +293,7 @@ def collect_object_events(uow: UnitOfWork, session: Any) -> None:
             uow.record(
                 name,
                 aggregate_type=aggregate,
-                aggregate_id=_key(obj, info),
+                aggregate_id=info.identity(obj),
                 payload=payload,
                 metadata=metadata,
             )
