@@ -49,6 +49,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -372,23 +373,19 @@ class Outbox:
         self, conn: Executor, token: uuid.UUID, pairs: Sequence[tuple[uuid.UUID, str]]
     ) -> int:
         """Mark the (event id, destination) rows claimed under ``token`` delivered."""
+        if not pairs:
+            return 0
         d = self.deliveries
-        done = 0
-        for event_id, destination in pairs:
-            stmt = (
-                update(d)
-                .where(
-                    d.c.claim_token == token,
-                    d.c.status == CLAIMED,
-                    d.c.event_id == event_id,
-                    d.c.destination == destination,
-                )
-                .values(
-                    status=DELIVERED, delivered_at=utcnow(), claim_token=None, claimed_until=None
-                )
+        stmt = (
+            update(d)
+            .where(
+                d.c.claim_token == token,
+                d.c.status == CLAIMED,
+                tuple_(d.c.event_id, d.c.destination).in_(list(pairs)),
             )
-            done += int(getattr(await conn.execute(stmt), "rowcount", 0))
-        return done
+            .values(status=DELIVERED, delivered_at=utcnow(), claim_token=None, claimed_until=None)
+        )
+        return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
     async def mark_failed(
         self,
