@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import (
     CrudRepository,
@@ -35,6 +35,12 @@ from tests.models import (
 )
 
 Factory = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+def session_factory(engine: AsyncEngine, expire_on_commit: bool) -> Factory:
+    """Every repository test runs with SQLAlchemy's default ``expire_on_commit=True`` too."""
+    return async_sessionmaker(engine, expire_on_commit=expire_on_commit)
 
 
 async def user_count(factory: Factory) -> int:
@@ -86,8 +92,9 @@ async def test_create_inserts_at_flush_and_gets_an_id(session_factory: Factory) 
         assert user.id is None
         await uow.flush()
         assert isinstance(user.id, int)
+        user_id = user.id
     async with UnitOfWork(session_factory) as uow:
-        again = await UserRepository.get(uow.session, user.id)
+        again = await UserRepository.get(uow.session, user_id)
         assert again is not None
         assert (again.name, again.age, again.status) == ("Alice", 30, Status.ACTIVE)
 
@@ -100,9 +107,10 @@ async def test_create_many_returns_objects_with_primary_keys(session_factory: Fa
         ids = [u.id for u in users]
         assert all(isinstance(i, int) for i in ids)
         assert len(set(ids)) == 7
+        created = [(u.id, u.name) for u in users]
     async with UnitOfWork(session_factory) as uow:
         stored = await UserRepository.list(uow.session, order_by="id")
-        assert [(u.id, u.name) for u in stored] == [(u.id, u.name) for u in users]
+        assert [(u.id, u.name) for u in stored] == created
 
 
 async def test_create_many_with_no_rows_does_nothing(session_factory: Factory) -> None:
@@ -304,10 +312,10 @@ async def test_keyset_pagination_walks_every_row_once(session_factory: Factory) 
             uow.session, [{"name": f"k{i:02}", "age": i // 3} for i in range(11)]
         )
     for order, expected_key in (
-        ("age", lambda u: (u.age, u.id)),
-        ("-age", lambda u: (-u.age, u.id)),
+        ("age", lambda u: (u[1], u[0])),
+        ("-age", lambda u: (-u[1], u[0])),
     ):
-        seen: list[User] = []
+        seen: list[tuple[int, int]] = []  # (id, age), read inside the unit of work
         cursor = None
         pages = 0
         while True:
@@ -315,14 +323,14 @@ async def test_keyset_pagination_walks_every_row_once(session_factory: Factory) 
                 page = await UserRepository.keyset(
                     uow.session, order_by=order, after=cursor, limit=4
                 )
-            seen.extend(page.items)
+                seen.extend((u.id, u.age) for u in page.items)
             pages += 1
             cursor = page.next_cursor
             if cursor is None:
                 break
         assert pages == 3
         assert len(seen) == 11
-        assert len({u.id for u in seen}) == 11
+        assert len({u[0] for u in seen}) == 11
         assert seen == sorted(seen, key=expected_key)
 
 
@@ -343,7 +351,7 @@ async def test_keyset_with_filters_and_datetime_key(session_factory: Factory) ->
             page = await UserRepository.keyset(
                 uow.session, {"age": 0}, order_by="-created_at", after=cursor, limit=2
             )
-        names += [u.name for u in page.items]
+            names += [u.name for u in page.items]
         cursor = page.next_cursor
         if cursor is None:
             break
@@ -431,8 +439,9 @@ async def test_delete_of_a_row_that_no_longer_exists_raises_not_found(
     await seed_users(session_factory, 1)
     async with UnitOfWork(session_factory) as uow:
         user = await UserRepository.get_one_or_raise(uow.session, {"name": "user0"})
+        user_id = user.id
     async with UnitOfWork(session_factory) as uow:
-        assert await UserRepository.delete_where(uow.session, {"id": user.id}) == 1
+        assert await UserRepository.delete_where(uow.session, {"id": user_id}) == 1
     async with UnitOfWork(session_factory) as uow:
         with pytest.raises(NotFoundError, match="User"):
             await UserRepository.delete(uow.session, user)
@@ -700,23 +709,24 @@ async def test_keyset_over_a_nullable_column_loses_no_rows(session_factory: Fact
             [{"name": f"n{i}", "age": None if i % 3 == 0 else i % 4} for i in range(10)],
         )
     for order in ("age", "-age"):
-        seen: list[User] = []
+        seen: list[tuple[str, int | None]] = []  # (name, age), read inside the unit of work
         cursor = None
         while True:
             async with UnitOfWork(session_factory) as uow:
                 page = await UserRepository.keyset(
                     uow.session, order_by=order, after=cursor, limit=3
                 )
-            seen.extend(page.items)
+                seen.extend((u.name, u.age) for u in page.items)
             cursor = page.next_cursor
             if cursor is None:
                 break
-        assert sorted(u.name for u in seen) == sorted(f"n{i}" for i in range(10)), order
+        assert sorted(name for name, _ in seen) == sorted(f"n{i}" for i in range(10)), order
         async with UnitOfWork(session_factory) as uow:
             # keyset and list agree on the order, NULLs included, on both databases
             listed = await UserRepository.keyset(uow.session, order_by=order, limit=100)
-        assert [u.name for u in seen] == [u.name for u in listed.items]
-        ages = [u.age for u in seen]
+            listed_names = [u.name for u in listed.items]
+        assert [name for name, _ in seen] == listed_names
+        ages = [age for _, age in seen]
         non_null = [a for a in ages if a is not None]
         assert non_null == sorted(non_null, reverse=order.startswith("-"))
         # NULLs sort as the largest value: last ascending, first descending.
@@ -734,10 +744,10 @@ async def test_list_sorts_null_as_the_largest_value_on_both_databases(
             uow.session, [{"name": "a", "age": 2}, {"name": "b"}, {"name": "c", "age": 1}]
         )
     async with UnitOfWork(session_factory) as uow:
-        asc = await UserRepository.list(uow.session, order_by="age")
-        desc = await UserRepository.list(uow.session, order_by="-age")
-    assert [u.name for u in asc] == ["c", "a", "b"]
-    assert [u.name for u in desc] == ["b", "a", "c"]
+        asc = [u.name for u in await UserRepository.list(uow.session, order_by="age")]
+        desc = [u.name for u in await UserRepository.list(uow.session, order_by="-age")]
+    assert asc == ["c", "a", "b"]
+    assert desc == ["b", "a", "c"]
 
 
 async def test_delete_after_close_with_expire_on_commit(
