@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from alchemium.uow import UnitOfWork
 
-__all__ = ["current_actor", "current_tenant", "current_unit_of_work", "use_actor", "use_tenant"]
+__all__ = [
+    "current_actor",
+    "current_tenant",
+    "current_unit_of_work",
+    "session_tenant",
+    "use_actor",
+    "use_tenant",
+]
 
 UOW_KEY = "alchemium.uow"
 
@@ -57,3 +64,15 @@ def current_unit_of_work(session: Any) -> UnitOfWork | None:
     """The UnitOfWork that owns ``session`` (async or sync session), if any."""
     info = getattr(session, "info", None)
     return info.get(UOW_KEY) if info is not None else None
+
+
+def session_tenant(session: Any) -> str | None:
+    """The tenant ``session`` acts for: its unit of work's ``tenant=``, else :func:`use_tenant`'s.
+
+    The same resolution as the ``tenant`` of event metadata and audit rows, so the
+    rows a unit of work writes and the events it records name the same tenant.
+    """
+    uow = current_unit_of_work(session) if session is not None else None
+    if uow is not None and uow.tenant is not None:
+        return uow.tenant
+    return _tenant.get()

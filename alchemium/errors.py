@@ -6,7 +6,8 @@ kept as ``__cause__``::
 
     AlchemiumError
     ├── RepositoryUsageError          the API was used the wrong way (no model set, ...)
-    │   └── UnitOfWorkError           session outside the block, entered twice, two tasks
+    │   ├── UnitOfWorkError           session outside the block, entered twice, two tasks
+    │   └── TenantRequiredError       a tenant-scoped model used with no tenant set
     ├── QueryError                    a filter / order_by / pagination argument is invalid
     │   ├── FieldNotFoundError
     │   ├── RelationNotFoundError
@@ -15,6 +16,7 @@ kept as ``__cause__``::
     │   └── PaginationParameterError
     ├── NotFoundError                 a row that must exist does not
     ├── MultipleResultsError          a strict lookup matched more than one row
+    ├── TenantMismatchError           a write touches a row of another tenant
     ├── ConcurrencyConflictError      optimistic locking: the row changed under us
     ├── IntegrityViolation            the database refused the data
     │   ├── UniqueViolation
@@ -70,6 +72,8 @@ __all__ = [
     "RelationNotFoundError",
     "RepositoryUsageError",
     "SerializationFailure",
+    "TenantMismatchError",
+    "TenantRequiredError",
     "TransactionError",
     "UniqueViolation",
     "UnitOfWorkError",
@@ -93,6 +97,21 @@ class RepositoryUsageError(AlchemiumError):
 
 class UnitOfWorkError(RepositoryUsageError):
     """A UnitOfWork was used outside its ``async with`` block, re-entered, or shared by tasks."""
+
+
+class TenantRequiredError(RepositoryUsageError):
+    """A tenant-scoped model was read or written while no tenant was set.
+
+    Raised instead of returning every tenant's rows: set one with
+    ``UnitOfWork(factory, tenant=...)`` or :func:`alchemium.use_tenant`.
+    """
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(
+            f"{model} is tenant-scoped but no tenant is set; pass UnitOfWork(..., tenant=...) "
+            "or wrap the work in alchemium.use_tenant(...)"
+        )
 
 
 class QueryError(AlchemiumError):
@@ -158,6 +177,21 @@ class MultipleResultsError(AlchemiumError):
     def __init__(self, model: str, criteria: object) -> None:
         self.model, self.criteria = model, criteria
         super().__init__(f"more than one {model} matches {criteria!r}")
+
+
+class TenantMismatchError(AlchemiumError):
+    """A write (create, update, delete, restore) touches a row of another tenant.
+
+    Reads never raise it: rows of other tenants are simply invisible to them.
+    """
+
+    def __init__(self, model: str, primary_key: object, tenant: object, row_tenant: object) -> None:
+        self.model, self.primary_key = model, primary_key
+        self.tenant, self.row_tenant = tenant, row_tenant
+        super().__init__(
+            f"{model} {primary_key!r} belongs to tenant {row_tenant!r}, "
+            f"not to the current tenant {tenant!r}; it cannot be written here"
+        )
 
 
 class ConcurrencyConflictError(AlchemiumError):
@@ -333,6 +367,10 @@ def map_db_error(err: BaseException) -> AlchemiumError | None:
     """
     if isinstance(err, AlchemiumError):
         return err
+    if isinstance(err, OSError):
+        # SQLAlchemy does not wrap errors raised while connecting: a refused or timed-out
+        # connection (the server is down or restarting) arrives as the socket error itself.
+        return TransactionError(f"could not reach the database: {type(err).__name__}: {err}")
     if not isinstance(err, sa_exc.DBAPIError):
         if isinstance(err, sa_exc.StatementError):
             # A parameter that SQLAlchemy could not bind (wrong type for the column type).

@@ -10,6 +10,12 @@ Grammar of a filter dict (all entries are ANDed)::
               | "_and": [filters, ...]               every group must match
               | "_not": filters                      the group must not match
 
+Rows a read may see: ``build_where(..., scope=RowScope(...))`` adds the hidden
+predicates of soft-deleted (``deleted_at IS NULL``) and tenant-scoped
+(``tenant_id = :tenant``) models, for the model itself and for every model a
+relationship path reaches, so ``{"books__title": "x"}`` never matches through a
+soft-deleted book or another tenant's book.
+
 Keys are looked up among the mapped attributes and never interpolated into SQL;
 values are always bound parameters. Anything unknown raises a QueryError subclass
 naming the model, the key and the valid choices. Plain SQLAlchemy boolean
@@ -20,12 +26,12 @@ the language does not cover.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Boolean, ColumnElement, Integer, and_, false, func, not_, or_, true
 from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import QueryableAttribute, joinedload, selectinload
-from sqlalchemy.orm.strategy_options import _AbstractLoad
+from sqlalchemy.orm import QueryableAttribute, joinedload, selectinload, with_loader_criteria
 from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -35,6 +41,7 @@ from alchemium.errors import (
     InvalidFilterError,
     OrderByFieldError,
     RelationNotFoundError,
+    TenantRequiredError,
 )
 from alchemium.modelinfo import ModelInfo, model_info
 
@@ -42,6 +49,7 @@ __all__ = [
     "OPERATORS",
     "FilterSpec",
     "OrderBySpec",
+    "RowScope",
     "build_where",
     "eager_load_options",
     "order_by_clauses",
@@ -49,6 +57,30 @@ __all__ = [
 
 FilterSpec = Mapping[str, Any] | ColumnElement[bool] | Sequence[Any] | None
 OrderBySpec = str | Any | Sequence[Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class RowScope:
+    """Which rows of soft-deleted and tenant-scoped models a statement may see.
+
+    ``tenant`` is the current tenant (None: not set; a tenant-scoped model then
+    raises TenantRequiredError rather than showing every tenant's rows).
+    """
+
+    include_deleted: bool = False
+    tenant: str | None = None
+
+    def clauses(self, info: ModelInfo) -> list[ColumnElement[bool]]:
+        """The hidden predicates for ``info.model``: not soft-deleted, of this tenant."""
+        clauses: list[ColumnElement[bool]] = []
+        if info.soft_delete_column is not None and not self.include_deleted:
+            clauses.append(getattr(info.model, info.soft_delete_column).is_(None))
+        if info.tenant_column is not None:
+            if self.tenant is None:
+                raise TenantRequiredError(info.name)
+            clauses.append(getattr(info.model, info.tenant_column) == self.tenant)
+        return clauses
+
 
 _STRING_OPS = frozenset({"like", "ilike", "startswith", "endswith", "contains", "icontains"})
 _GROUPS = ("_or", "_and", "_not")
@@ -186,17 +218,19 @@ def _is_scalar(value: Any) -> bool:
     return not isinstance(value, (list, tuple, set, frozenset, dict))
 
 
-def _entry(info: ModelInfo, key: str, value: Any) -> ColumnElement[bool]:
+def _entry(info: ModelInfo, key: str, value: Any, scope: RowScope | None) -> ColumnElement[bool]:
     if not key or key.startswith("__") or key.endswith("__"):
         raise InvalidFilterError(info.name, key, "empty field name")
     parts = key.split("__")
     op = "eq"
     if len(parts) > 1 and parts[-1] in OPERATORS:
         op = parts.pop()
-    return _path(info, parts, op, value, key)
+    return _path(info, parts, op, value, key, scope)
 
 
-def _path(info: ModelInfo, parts: list[str], op: str, value: Any, key: str) -> ColumnElement[bool]:
+def _path(
+    info: ModelInfo, parts: list[str], op: str, value: Any, key: str, scope: RowScope | None
+) -> ColumnElement[bool]:
     head, rest = parts[0], parts[1:]
     rel = info.relationships.get(head)
     if rel is not None:
@@ -204,7 +238,10 @@ def _path(info: ModelInfo, parts: list[str], op: str, value: Any, key: str) -> C
             raise InvalidFilterError(
                 info.name, key, f"{head!r} is a relationship; filter on one of its fields"
             )
-        inner = _path(model_info(rel.mapper.class_), rest, op, value, key)
+        target = model_info(rel.mapper.class_)
+        inner = _path(target, rest, op, value, key, scope)
+        if scope is not None:
+            inner = and_(inner, *scope.clauses(target))
         attr: Any = getattr(info.model, head)
         # EXISTS keeps one row per parent, so limit/count count parents, not joined rows.
         clause: ColumnElement[bool] = attr.any(inner) if rel.uselist else attr.has(inner)
@@ -222,13 +259,13 @@ def _path(info: ModelInfo, parts: list[str], op: str, value: Any, key: str) -> C
     return OPERATORS[op](column, value)
 
 
-def _group(info: ModelInfo, key: str, value: Any) -> ColumnElement[bool]:
+def _group(info: ModelInfo, key: str, value: Any, scope: RowScope | None) -> ColumnElement[bool]:
     if key == "_not":
         if not isinstance(value, Mapping) or not value:
             raise InvalidFilterError(info.name, key, "'_not' expects a non-empty filter dict")
         # Two-valued logic: a row whose comparison is NULL does not match the group, so it
         # matches its negation ({"_not": {"age": 0}} includes rows where age IS NULL).
-        return not_(func.coalesce(and_(*_clauses(info, value)), false()))
+        return not_(func.coalesce(and_(*_clauses(info, value, scope)), false()))
     if key not in ("_or", "_and"):
         raise InvalidFilterError(
             info.name, key, f"unknown group; valid groups: {', '.join(_GROUPS)}"
@@ -241,35 +278,50 @@ def _group(info: ModelInfo, key: str, value: Any) -> ColumnElement[bool]:
     for member in value:
         if not isinstance(member, Mapping) or not member:
             raise InvalidFilterError(info.name, key, f"{key!r} members must be non-empty dicts")
-        members.append(and_(*_clauses(info, member)))
+        members.append(and_(*_clauses(info, member, scope)))
     return or_(*members) if key == "_or" else and_(*members)
 
 
-def _clauses(info: ModelInfo, filters: Mapping[str, Any]) -> list[ColumnElement[bool]]:
+def _clauses(
+    info: ModelInfo, filters: Mapping[str, Any], scope: RowScope | None
+) -> list[ColumnElement[bool]]:
     clauses = []
     for key, value in filters.items():
         if not isinstance(key, str):
             raise InvalidFilterError(info.name, repr(key), "filter keys must be strings")
         if key.startswith("_") and not key.startswith("__"):
-            clauses.append(_group(info, key, value))
+            clauses.append(_group(info, key, value, scope))
         else:
-            clauses.append(_entry(info, key, value))
+            clauses.append(_entry(info, key, value, scope))
     return clauses
 
 
-def build_where(model: type[Any], filters: FilterSpec) -> list[ColumnElement[bool]]:
-    """Translate ``filters`` for ``model`` into a list of WHERE clauses (ANDed by the caller)."""
+def build_where(
+    model: type[Any], filters: FilterSpec, *, scope: RowScope | None = None
+) -> list[ColumnElement[bool]]:
+    """Translate ``filters`` for ``model`` into a list of WHERE clauses (ANDed by the caller).
+
+    With ``scope``, the clauses also hide soft-deleted rows and other tenants' rows of
+    ``model`` and of every model reached through a relationship path.
+    """
+    info = model_info(model)
+    clauses = scope.clauses(info) if scope is not None else []
+    return clauses + _filter_clauses(info, filters, scope)
+
+
+def _filter_clauses(
+    info: ModelInfo, filters: FilterSpec, scope: RowScope | None
+) -> list[ColumnElement[bool]]:
     if filters is None:
         return []
-    info = model_info(model)
     if isinstance(filters, Mapping):
-        return _clauses(info, filters)
+        return _clauses(info, filters, scope)
     if isinstance(filters, ColumnElement):
         return [filters]
     if isinstance(filters, Sequence) and not isinstance(filters, (str, bytes)):
         clauses: list[ColumnElement[bool]] = []
         for item in filters:
-            clauses.extend(build_where(model, item))
+            clauses.extend(_filter_clauses(info, item, scope))
         return clauses
     raise InvalidFilterError(
         info.name, repr(filters), "filters must be a dict, a SQLAlchemy expression or a list"
@@ -306,17 +358,21 @@ def order_by_clauses(model: type[Any], order_by: OrderBySpec) -> list[Any]:
     return clauses
 
 
-def eager_load_options(model: type[Any], joins: Iterable[str] | None) -> list[_AbstractLoad]:
+def eager_load_options(
+    model: type[Any], joins: Iterable[str] | None, *, scope: RowScope | None = None
+) -> list[Any]:
     """Loader options for relationship paths (``"author"``, ``"author.company"``).
 
     Collections use ``selectinload`` (one extra SELECT, never duplicates parents or
-    truncates children under LIMIT); single objects use ``joinedload``.
+    truncates children under LIMIT); single objects use ``joinedload``. With ``scope``,
+    soft-deleted and other tenants' related objects are left out of what is loaded.
     """
     if not joins:
         return []
     if isinstance(joins, str):
         joins = [joins]
-    options: list[_AbstractLoad] = []
+    options: list[Any] = []
+    criteria: dict[type[Any], list[ColumnElement[bool]]] = {}
     for path in joins:
         info = model_info(model)
         loader: Any = None
@@ -328,5 +384,12 @@ def eager_load_options(model: type[Any], joins: Iterable[str] | None) -> list[_A
             strategy = selectinload if rel.uselist else joinedload
             loader = strategy(attr) if loader is None else getattr(loader, strategy.__name__)(attr)
             info = model_info(rel.mapper.class_)
+            if scope is not None and info.model not in criteria:
+                criteria[info.model] = scope.clauses(info)
         options.append(loader)
+    options.extend(
+        with_loader_criteria(target, and_(*clauses), include_aliases=True)
+        for target, clauses in criteria.items()
+        if clauses
+    )
     return options

@@ -14,7 +14,7 @@ import enum
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import inspect
@@ -33,7 +33,7 @@ from sqlalchemy.sql.type_api import TypeEngine
 
 from alchemium.errors import DataValidationError, FieldNotFoundError, RepositoryUsageError
 
-__all__ = ["ModelInfo", "model_info", "snake_case"]
+__all__ = ["ModelInfo", "configure_model", "model_info", "snake_case"]
 
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
@@ -55,7 +55,12 @@ _ALSO_ACCEPTED: dict[type, tuple[type, ...]] = {
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """Cached facts about one mapped class."""
+    """Cached facts about one mapped class.
+
+    ``soft_delete_column`` and ``tenant_column`` are set by :func:`configure_model`
+    (from the options of the model's CrudRepository); None means the model is not
+    soft-deleted / not tenant-scoped.
+    """
 
     model: type[Any]
     name: str
@@ -65,6 +70,8 @@ class ModelInfo:
     python_types: dict[str, type | None]
     relationships: dict[str, RelationshipProperty[Any]]
     primary_key: tuple[str, ...]
+    soft_delete_column: str | None = None
+    tenant_column: str | None = None
 
     def column(self, key: str) -> Column[Any]:
         """The column for attribute ``key``, or FieldNotFoundError naming the valid ones."""
@@ -189,6 +196,39 @@ def model_info(model: type[Any]) -> ModelInfo:
     if info is None:
         info = _cache[model] = _inspect_model(model)
     return info
+
+
+def configure_model(
+    model: type[Any], *, soft_delete_column: str | None, tenant_column: str | None
+) -> ModelInfo:
+    """Make ``model`` soft-deleted and/or tenant-scoped (None leaves an option as it is).
+
+    These are facts about the table, not about one repository: filters through a
+    relationship must hide the soft-deleted or foreign rows of the target model too.
+    A second, conflicting declaration for the same model raises RepositoryUsageError.
+    """
+    info = model_info(model)
+    soft = _option(info, "soft_delete_column", info.soft_delete_column, soft_delete_column)
+    tenant = _option(info, "tenant_column", info.tenant_column, tenant_column)
+    if (soft, tenant) != (info.soft_delete_column, info.tenant_column):
+        info = _cache[model] = replace(info, soft_delete_column=soft, tenant_column=tenant)
+    return info
+
+
+def _option(info: ModelInfo, option: str, current: str | None, column: str | None) -> str | None:
+    if column is None:
+        return current
+    if column not in info.columns:
+        raise RepositoryUsageError(
+            f"{option} = {column!r}: {info.name} has no such column; "
+            f"columns: {', '.join(sorted(info.columns))}"
+        )
+    if current is not None and current != column:
+        raise RepositoryUsageError(
+            f"{info.name} already has {option} = {current!r}; "
+            f"another repository declares {column!r}"
+        )
+    return column
 
 
 def _inspect_model(model: type[Any]) -> ModelInfo:

@@ -9,6 +9,10 @@ change is recorded as a domain event (see ``alchemium.events``).
 Input is validated before anything reaches the database: unknown data keys
 raise FieldNotFoundError, wrongly typed values DataValidationError, bad filters
 a QueryError. Database errors are mapped to alchemium exceptions.
+
+Soft delete and tenant scoping are opt-in class options (``soft_delete_column``,
+``tenant_column``); they are facts about the model (see ``modelinfo.configure_model``)
+and every read, write and relationship filter of every repository honours them.
 """
 
 from __future__ import annotations
@@ -37,12 +41,16 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.sql import Select
 
+from alchemium.context import session_tenant
 from alchemium.errors import (
     ConcurrencyConflictError,
     DataValidationError,
@@ -52,6 +60,8 @@ from alchemium.errors import (
     NotFoundError,
     PaginationParameterError,
     RepositoryUsageError,
+    TenantMismatchError,
+    TenantRequiredError,
     db_errors,
     raise_mapped,
 )
@@ -60,11 +70,12 @@ from alchemium.events.event import json_safe
 from alchemium.filters import (
     FilterSpec,
     OrderBySpec,
+    RowScope,
     build_where,
     eager_load_options,
     order_by_clauses,
 )
-from alchemium.modelinfo import ModelInfo, model_info
+from alchemium.modelinfo import ModelInfo, configure_model, model_info
 
 __all__ = ["CrudRepository", "KeysetPage", "Page"]
 
@@ -110,20 +121,37 @@ class CrudRepository(Generic[ModelT]):
         entity_name: event prefix (default: snake_case of the class name, ``OrderLine`` ->
             ``order_line``, so events are ``order_line_created`` ...).
         record_events: set False to record no change events for this model.
+        soft_delete_column: a nullable datetime column (``"deleted_at"``); when set,
+            ``delete`` stamps it instead of deleting, every read hides stamped rows
+            unless ``include_deleted=True``, ``restore`` clears it and ``hard_delete``
+            removes the row. See docs/soft-delete.md.
+        tenant_column: a column holding the tenant (``"tenant_id"``); when set, every
+            read sees only the current tenant's rows, every create is stamped with it,
+            writing another tenant's row raises TenantMismatchError and using the model
+            with no tenant set raises TenantRequiredError. See docs/tenancy.md.
+
+    The two options describe the table, so they hold for every repository of the
+    model and for relationship filters from other models.
     """
 
     model: type[ModelT]
     entity_name: ClassVar[str | None] = None
     record_events: ClassVar[bool] = True
+    soft_delete_column: ClassVar[str | None] = None
+    tenant_column: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         model = cls.__dict__.get("model")
         if model is not None:
-            info = model_info(model)
+            info = configure_model(
+                model, soft_delete_column=cls.soft_delete_column, tenant_column=cls.tenant_column
+            )
             recording.register_entity(
                 model, entity=cls.entity_name or info.entity, enabled=cls.record_events
             )
+            if info.tenant_column is not None:
+                _tenant_models.add(model)
 
     @classmethod
     def _info(cls) -> ModelInfo:
@@ -148,16 +176,42 @@ class CrudRepository(Generic[ModelT]):
             info.check_value(key, value)
 
     @classmethod
+    def _stamp_tenant(
+        cls, asession: AsyncSession, info: ModelInfo, data: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """``data`` with the current tenant in the tenant column; another tenant raises."""
+        if info.tenant_column is None:
+            return data
+        tenant = _required_tenant(info, asession)
+        given = data.get(info.tenant_column)
+        if given is None:
+            return {**data, info.tenant_column: tenant}
+        if given != tenant:
+            raise TenantMismatchError(info.name, info.key_of(data), tenant, given)
+        return data
+
+    @classmethod
+    def _scope(
+        cls, asession: AsyncSession, info: ModelInfo, *, include_deleted: bool = False
+    ) -> RowScope:
+        """The rows ``asession`` may see; raises TenantRequiredError for ``info`` if needed."""
+        scope = RowScope(include_deleted=include_deleted, tenant=session_tenant(asession))
+        if info.tenant_column is not None and scope.tenant is None:
+            raise TenantRequiredError(info.name)
+        return scope
+
+    @classmethod
     def _select(
         cls,
         info: ModelInfo,
         filters: FilterSpec,
         *,
+        scope: RowScope,
         order_by: OrderBySpec = None,
         joins: Iterable[str] | None = None,
     ) -> Select[Any]:
-        stmt = select(info.model).where(*build_where(info.model, filters))
-        options = eager_load_options(info.model, joins)
+        stmt = select(info.model).where(*build_where(info.model, filters, scope=scope))
+        options = eager_load_options(info.model, joins, scope=scope)
         if options:
             stmt = stmt.options(*options)
         ordering = order_by_clauses(info.model, order_by)
@@ -169,9 +223,13 @@ class CrudRepository(Generic[ModelT]):
 
     @classmethod
     async def create(cls, asession: AsyncSession, data: Mapping[str, Any]) -> ModelT:
-        """Add a new object built from ``data``; it is inserted at the next flush or commit."""
+        """Add a new object built from ``data``; it is inserted at the next flush or commit.
+
+        A tenant-scoped model is stamped with the current tenant.
+        """
         info = cls._info()
         cls._check_data(info, data)
+        data = cls._stamp_tenant(asession, info, data)
         obj: ModelT = info.model(**data)
         asession.add(obj)
         return obj
@@ -190,6 +248,7 @@ class CrudRepository(Generic[ModelT]):
             return []
         for row in rows:
             cls._check_data(info, row)
+        rows = [cls._stamp_tenant(asession, info, row) for row in rows]
         stmt = insert(info.model).returning(info.model, sort_by_parameter_order=True)
         with db_errors(asession):
             objs = list((await asession.scalars(stmt, rows)).all())
@@ -222,6 +281,11 @@ class CrudRepository(Generic[ModelT]):
         Every row comes back, in input order, inserted or updated (with nothing to update,
         the existing row). Rows with different keys go in separate statements. Records one
         ``<entity>_upserted`` event per row with the row's values after the statement.
+
+        A tenant-scoped model is stamped with the current tenant, and a conflicting row
+        of another tenant is left alone and raises TenantMismatchError. Conflicts are
+        detected by the database's unique constraints, so a soft-deleted row conflicts
+        too (and stays soft-deleted); see docs/soft-delete.md for partial unique indexes.
         """
         info = cls._info()
         rows = list(rows)
@@ -229,6 +293,7 @@ class CrudRepository(Generic[ModelT]):
             return []
         for row in rows:
             cls._check_data(info, row)
+        rows = [cls._stamp_tenant(asession, info, row) for row in rows]
         if not conflict:
             raise InvalidFilterError(info.name, "conflict", "name at least one conflict column")
         for key in conflict:
@@ -258,26 +323,59 @@ class CrudRepository(Generic[ModelT]):
                 # DO NOTHING would return no row for a conflict; a no-op update returns it.
                 column = info.columns[conflict[0]]
                 set_ = {column.name: column}
+            tenant_column = info.tenant_column
             stmt = stmt.on_conflict_do_update(
-                index_elements=[info.columns[k].name for k in conflict], set_=set_
+                index_elements=[info.columns[k].name for k in conflict],
+                set_=set_,
+                # Another tenant's row is never overwritten: no row comes back for it.
+                where=(
+                    info.columns[tenant_column] == batch[0][tenant_column]
+                    if tenant_column is not None
+                    else None
+                ),
             )
             stmt = stmt.returning(info.model, sort_by_parameter_order=True)
             with db_errors(asession):
                 result = await asession.scalars(
                     stmt, batch, execution_options={"populate_existing": True}
                 )
-                objs.extend(result.all())
+                found = list(result.all())
+            if len(found) < len(batch):
+                assert tenant_column is not None
+                returned = {tuple(getattr(o, k) for k in conflict) for o in found}
+                missing = next(
+                    tuple(r[k] for k in conflict)
+                    for r in batch
+                    if tuple(r[k] for k in conflict) not in returned
+                )
+                raise TenantMismatchError(
+                    info.name, missing, batch[0][tenant_column], "another tenant"
+                )
+            objs.extend(found)
         recording.record_rows(asession, info, "upserted", objs)
         return objs
 
     # -- read ------------------------------------------------------------------------------
 
     @classmethod
-    async def get(cls, asession: AsyncSession, pk: Any) -> ModelT | None:
-        """The object with primary key ``pk`` (a tuple for composite keys), or None."""
+    async def get(
+        cls, asession: AsyncSession, pk: Any, *, include_deleted: bool = False
+    ) -> ModelT | None:
+        """The object with primary key ``pk`` (a tuple for composite keys), or None.
+
+        None as well for a soft-deleted row (unless ``include_deleted``) and for a row
+        of another tenant. Plain models use ``Session.get`` (no SQL when the object is
+        already in the session); soft-deleted and tenant-scoped ones always SELECT.
+        """
         info = cls._info()
+        if info.soft_delete_column is None and info.tenant_column is None:
+            with db_errors(asession):
+                return await asession.get(info.model, pk)
+        scope = cls._scope(asession, info, include_deleted=include_deleted)
+        stmt = select(info.model).where(*_pk_match(info, pk), *scope.clauses(info))
         with db_errors(asession):
-            return await asession.get(info.model, pk)
+            found: ModelT | None = (await asession.scalars(stmt)).first()
+        return found
 
     @classmethod
     async def get_one(
@@ -288,6 +386,7 @@ class CrudRepository(Generic[ModelT]):
         *,
         order_by: OrderBySpec = None,
         strict: bool = False,
+        include_deleted: bool = False,
     ) -> ModelT | None:
         """The first object matching ``filters``, or None.
 
@@ -295,7 +394,9 @@ class CrudRepository(Generic[ModelT]):
         ``strict=True`` more than one match raises MultipleResultsError.
         """
         info = cls._info()
-        stmt = cls._select(info, filters, order_by=order_by, joins=joins).limit(2 if strict else 1)
+        scope = cls._scope(asession, info, include_deleted=include_deleted)
+        stmt = cls._select(info, filters, scope=scope, order_by=order_by, joins=joins)
+        stmt = stmt.limit(2 if strict else 1)
         with db_errors(asession):
             found = list((await asession.scalars(stmt)).all())
         if strict and len(found) > 1:
@@ -311,9 +412,17 @@ class CrudRepository(Generic[ModelT]):
         *,
         order_by: OrderBySpec = None,
         strict: bool = False,
+        include_deleted: bool = False,
     ) -> ModelT:
         """Like :meth:`get_one`, but raises NotFoundError (naming model and filters) on no match."""
-        found = await cls.get_one(asession, filters, joins, order_by=order_by, strict=strict)
+        found = await cls.get_one(
+            asession,
+            filters,
+            joins,
+            order_by=order_by,
+            strict=strict,
+            include_deleted=include_deleted,
+        )
         if found is None:
             raise NotFoundError(cls._info().name, filters)
         return found
@@ -327,10 +436,13 @@ class CrudRepository(Generic[ModelT]):
         skip: int | None = None,
         limit: int | None = None,
         joins: Iterable[str] | None = None,
+        *,
+        include_deleted: bool = False,
     ) -> list[ModelT]:
         """Objects matching ``filters``, ordered, from ``skip`` for at most ``limit`` rows."""
         info = cls._info()
-        stmt = cls._select(info, filters, order_by=order_by, joins=joins)
+        scope = cls._scope(asession, info, include_deleted=include_deleted)
+        stmt = cls._select(info, filters, scope=scope, order_by=order_by, joins=joins)
         if skip is not None:
             stmt = stmt.offset(_check_int(info, "skip", skip, 0))
         if limit is not None:
@@ -345,24 +457,41 @@ class CrudRepository(Generic[ModelT]):
         filters: FilterSpec = None,
         order_by: OrderBySpec = None,
         joins: Iterable[str] | None = None,
+        *,
+        include_deleted: bool = False,
     ) -> ModelT | None:
         """The first object in ``order_by`` order matching ``filters``, or None."""
-        found = await cls.list(asession, filters, order_by=order_by, limit=1, joins=joins)
+        found = await cls.list(
+            asession,
+            filters,
+            order_by=order_by,
+            limit=1,
+            joins=joins,
+            include_deleted=include_deleted,
+        )
         return found[0] if found else None
 
     @classmethod
-    async def count(cls, asession: AsyncSession, filters: FilterSpec = None) -> int:
+    async def count(
+        cls, asession: AsyncSession, filters: FilterSpec = None, *, include_deleted: bool = False
+    ) -> int:
         """Number of rows matching ``filters`` (one ``SELECT count(*)``)."""
         info = cls._info()
-        stmt = select(func.count()).select_from(info.model).where(*build_where(info.model, filters))
+        scope = cls._scope(asession, info, include_deleted=include_deleted)
+        where = build_where(info.model, filters, scope=scope)
+        stmt = select(func.count()).select_from(info.model).where(*where)
         with db_errors(asession):
             return int((await asession.execute(stmt)).scalar_one())
 
     @classmethod
-    async def exists(cls, asession: AsyncSession, filters: FilterSpec = None) -> bool:
+    async def exists(
+        cls, asession: AsyncSession, filters: FilterSpec = None, *, include_deleted: bool = False
+    ) -> bool:
         """Whether at least one row matches ``filters`` (``SELECT EXISTS``)."""
         info = cls._info()
-        stmt = select(exists().where(*build_where(info.model, filters)).select_from(info.model))
+        scope = cls._scope(asession, info, include_deleted=include_deleted)
+        where = build_where(info.model, filters, scope=scope)
+        stmt = select(exists().where(*where).select_from(info.model))
         with db_errors(asession):
             return bool((await asession.execute(stmt)).scalar_one())
 
@@ -377,6 +506,7 @@ class CrudRepository(Generic[ModelT]):
         joins: Iterable[str] | None = None,
         *,
         with_count: bool = True,
+        include_deleted: bool = False,
     ) -> Page[ModelT]:
         """One page (1-based) of ``page_size`` items and the total (unless ``with_count=False``).
 
@@ -386,9 +516,19 @@ class CrudRepository(Generic[ModelT]):
         _check_int(info, "page", page, 1)
         _check_int(info, "page_size", page_size, 1)
         items = await cls.list(
-            asession, filters, order_by, skip=(page - 1) * page_size, limit=page_size, joins=joins
+            asession,
+            filters,
+            order_by,
+            skip=(page - 1) * page_size,
+            limit=page_size,
+            joins=joins,
+            include_deleted=include_deleted,
         )
-        total = await cls.count(asession, filters) if with_count else None
+        total = (
+            await cls.count(asession, filters, include_deleted=include_deleted)
+            if with_count
+            else None
+        )
         return Page(items=items, total=total, page=page, page_size=page_size)
 
     @classmethod
@@ -400,6 +540,8 @@ class CrudRepository(Generic[ModelT]):
         after: str | None = None,
         limit: int = 50,
         joins: Iterable[str] | None = None,
+        *,
+        include_deleted: bool = False,
     ) -> KeysetPage[ModelT]:
         """Keyset (cursor) pagination: stable and O(limit) however deep the page.
 
@@ -415,7 +557,11 @@ class CrudRepository(Generic[ModelT]):
                 order_by_clauses(info.model, name)  # raises OrderByFieldError
         keys += [(pk, False) for pk in info.primary_key if pk not in {k for k, _ in keys}]
         stmt = cls._select(
-            info, filters, order_by=[("-" if d else "") + k for k, d in keys], joins=joins
+            info,
+            filters,
+            scope=cls._scope(asession, info, include_deleted=include_deleted),
+            order_by=[("-" if d else "") + k for k, d in keys],
+            joins=joins,
         )
         if after is not None:
             values = _decode_cursor(info, after, [k for k, _ in keys])
@@ -434,7 +580,8 @@ class CrudRepository(Generic[ModelT]):
         """Set attributes of ``obj`` from ``data``; written at the next flush or commit.
 
         Synchronous (no I/O). Inside a UnitOfWork the flush records ``<entity>_updated``
-        with only the columns whose value changed.
+        with only the columns whose value changed. An object of another tenant, or
+        ``data`` moving it to another tenant, raises TenantMismatchError.
         """
         info = cls._info()
         if not isinstance(obj, info.model):
@@ -442,6 +589,13 @@ class CrudRepository(Generic[ModelT]):
                 f"{cls.__name__}.update expects a {info.name}, got {type(obj).__name__}"
             )
         cls._check_data(info, data)
+        if info.tenant_column is not None:
+            state = inspect(obj)
+            tenant = _required_tenant(info, state.session)
+            _check_row_tenant(info, state, tenant)
+            given = data.get(info.tenant_column, tenant)
+            if given != tenant:
+                raise TenantMismatchError(info.name, _pk_of(info, state), tenant, given)
         for pk in info.primary_key:
             if pk in data and inspect(obj).has_identity and data[pk] != getattr(obj, pk):
                 raise DataValidationError(
@@ -455,18 +609,32 @@ class CrudRepository(Generic[ModelT]):
 
     @classmethod
     async def update_where(
-        cls, asession: AsyncSession, filters: FilterSpec, data: Mapping[str, Any]
+        cls,
+        asession: AsyncSession,
+        filters: FilterSpec,
+        data: Mapping[str, Any],
+        *,
+        include_deleted: bool = False,
     ) -> int:
         """``UPDATE ... SET data WHERE filters``; returns the number of rows updated.
 
         Inside a UnitOfWork, records one ``<entity>_updated`` per changed row, with the
-        old and new values (the rows are read, locked, before the update).
+        old and new values (the rows are read, locked, before the update). Soft-deleted
+        rows are left alone unless ``include_deleted``; only the current tenant's rows
+        are touched, and ``data`` cannot move them to another tenant.
         """
         info = cls._info()
         cls._check_data(info, data)
+        scope = cls._scope(asession, info, include_deleted=include_deleted)
+        if info.tenant_column is not None and data.get(info.tenant_column, scope.tenant) != (
+            scope.tenant
+        ):
+            raise TenantMismatchError(
+                info.name, filters, scope.tenant, data.get(info.tenant_column)
+            )
         if not data:
             return 0
-        where = build_where(info.model, filters)
+        where = build_where(info.model, filters, scope=scope)
         pk_cols = [info.columns[k] for k in info.primary_key]
         with db_errors(asession):
             old_rows = None
@@ -490,22 +658,82 @@ class CrudRepository(Generic[ModelT]):
 
     @classmethod
     async def delete(cls, asession: AsyncSession, obj: ModelT) -> None:
-        """Delete ``obj``, also when it was loaded in an earlier, closed unit of work.
+        """Delete ``obj`` (soft-delete it if the model has ``soft_delete_column``).
 
-        Reads the row first (``SELECT ... FOR UPDATE`` on PostgreSQL) and raises
-        NotFoundError if it no longer exists (or never did), also when another
-        transaction deleted it meanwhile; an object added to this session and not yet
-        flushed is simply discarded. The DELETE is sent at the
-        next flush or commit; inside a UnitOfWork it records ``<entity>_deleted`` with
-        the row's last column values.
+        Works also when ``obj`` was loaded in an earlier, closed unit of work. Reads the
+        row first (``SELECT ... FOR UPDATE`` on PostgreSQL) and raises NotFoundError if
+        it no longer exists (or never did, or is already soft-deleted), also when
+        another transaction deleted it meanwhile; an object added to this session and
+        not yet flushed is simply discarded. A row of another tenant raises
+        TenantMismatchError. The DELETE (or the UPDATE setting the soft-delete column
+        to now, UTC) is sent at the next flush or commit; inside a UnitOfWork it
+        records ``<entity>_deleted`` with the row's last column values, plus
+        ``"soft": true`` for a soft delete.
+        """
+        info = cls._info()
+        current = await cls._load_for_write(asession, obj, "delete", include_deleted=False)
+        if current is None:
+            return
+        if info.soft_delete_column is not None:
+            setattr(current, info.soft_delete_column, _now())
+            return
+        with db_errors(asession):
+            await asession.delete(current)
+
+    @classmethod
+    async def hard_delete(cls, asession: AsyncSession, obj: ModelT) -> None:
+        """Really DELETE ``obj``'s row, soft-deleted or not; like :meth:`delete` otherwise.
+
+        Records ``<entity>_deleted`` (without ``soft``). For a model without soft
+        delete it is the same as :meth:`delete`.
+        """
+        current = await cls._load_for_write(asession, obj, "hard_delete", include_deleted=True)
+        if current is None:
+            return
+        with db_errors(asession):
+            await asession.delete(current)
+
+    @classmethod
+    async def restore(cls, asession: AsyncSession, obj: ModelT) -> ModelT:
+        """Undo the soft delete of ``obj``; returns the object of this session.
+
+        Reads (and locks) the row like :meth:`delete`; NotFoundError if it does not
+        exist, TenantMismatchError for another tenant's row. Inside a UnitOfWork the
+        flush records ``<entity>_restored``; restoring a row that is not deleted
+        changes nothing and records nothing.
+        """
+        info = cls._info()
+        if info.soft_delete_column is None:
+            raise RepositoryUsageError(
+                f"{cls.__name__}.restore: {info.name} has no soft delete; "
+                "set soft_delete_column on its repository"
+            )
+        current = await cls._load_for_write(asession, obj, "restore", include_deleted=True)
+        if current is None:
+            current = obj
+        setattr(current, info.soft_delete_column, None)
+        return current
+
+    @classmethod
+    async def _load_for_write(
+        cls, asession: AsyncSession, obj: ModelT, action: str, *, include_deleted: bool
+    ) -> ModelT | None:
+        """``obj`` as stored now, in ``asession`` and locked, checked for tenant and version.
+
+        Returns None for an object added to this session and never flushed, after
+        discarding it from the session (there is no row to write).
         """
         info = cls._info()
         if not isinstance(obj, info.model):
             raise RepositoryUsageError(
-                f"{cls.__name__}.delete expects a {info.name}, got {type(obj).__name__}"
+                f"{cls.__name__}.{action} expects a {info.name}, got {type(obj).__name__}"
             )
         state = inspect(obj)
-        key = {k: state.dict.get(k) for k in info.primary_key}
+        pk = _pk_of(info, state)
+        tenant = None
+        if info.tenant_column is not None:
+            tenant = _required_tenant(info, asession)
+            _check_row_tenant(info, state, tenant)
         version_col = state.mapper.version_id_col
         version_prop = (
             state.mapper.get_property_by_column(version_col).key
@@ -514,66 +742,168 @@ class CrudRepository(Generic[ModelT]):
         )
         loaded_version = state.dict.get(version_prop) if version_prop is not None else None
         if state.pending and state.session_id == asession.sync_session.hash_key:
-            # Added but never flushed: nothing to delete, just cancel the INSERT.
+            # Added but never flushed: nothing to write, just cancel the INSERT.
             asession.expunge(obj)
-            return
+            return None
         try:
             if state.session_id != asession.sync_session.hash_key:
                 # Loaded elsewhere (often an earlier, closed unit of work): load the current
-                # row into this session so the DELETE and its event see its real values.
+                # row into this session so the write and its event see its real values.
                 if state.identity is None:
-                    raise NotFoundError(info.name, key)
+                    raise NotFoundError(info.name, pk)
                 current = await asession.get(info.model, state.identity, with_for_update=True)
                 if current is None:
-                    raise NotFoundError(info.name, key)
+                    raise NotFoundError(info.name, pk)
                 obj = current
             else:
                 # Another transaction may have deleted the row since it was loaded: reload
-                # it (locked on PostgreSQL, so it stays until our DELETE) to know it exists.
+                # it (locked on PostgreSQL, so it stays until our write) to know it exists.
                 try:
                     await asession.refresh(obj, with_for_update=True)
                 except sa_exc.InvalidRequestError as err:
-                    raise NotFoundError(info.name, key) from err
-            # Optimistic locking: the row was reloaded above; a newer version means
-            # another transaction changed it since the caller loaded it.
-            if (
-                version_prop is not None
-                and loaded_version is not None
-                and getattr(obj, version_prop) != loaded_version
-            ):
-                pk = key[info.primary_key[0]] if len(key) == 1 else tuple(key.values())
-                raise ConcurrencyConflictError(info.name, pk) from StaleDataError(
-                    f"DELETE of {info.name} {pk!r} expected version {loaded_version!r}, "
-                    f"the row has version {getattr(obj, version_prop)!r}"
-                )
-            await asession.delete(obj)
+                    raise NotFoundError(info.name, pk) from err
         except (NotFoundError, ConcurrencyConflictError):
             raise
         except Exception as err:  # noqa: BLE001 - re-raised, mapped
             raise_mapped(err, asession)
+        if info.tenant_column is not None:
+            _check_row_tenant(info, inspect(obj), tenant)
+        if (
+            info.soft_delete_column is not None
+            and not include_deleted
+            and getattr(obj, info.soft_delete_column) is not None
+        ):
+            raise NotFoundError(info.name, pk)
+        # Optimistic locking: the row was reloaded above; a newer version means
+        # another transaction changed it since the caller loaded it.
+        if (
+            version_prop is not None
+            and loaded_version is not None
+            and getattr(obj, version_prop) != loaded_version
+        ):
+            raise ConcurrencyConflictError(info.name, pk) from StaleDataError(
+                f"{action.upper()} of {info.name} {pk!r} expected version {loaded_version!r}, "
+                f"the row has version {getattr(obj, version_prop)!r}"
+            )
+        return obj
 
     @classmethod
-    async def delete_where(cls, asession: AsyncSession, filters: FilterSpec) -> int:
+    async def delete_where(
+        cls, asession: AsyncSession, filters: FilterSpec, *, include_deleted: bool = False
+    ) -> int:
         """``DELETE ... WHERE filters``; returns the number of rows deleted.
 
-        Inside a UnitOfWork, records one ``<entity>_deleted`` per row (via RETURNING).
+        For a soft-deleted model this is an ``UPDATE`` setting the soft-delete column
+        of the matching rows that are not deleted yet (with ``include_deleted=True``
+        it really DELETEs every matching row, deleted or not: a purge). Only the
+        current tenant's rows are touched. Inside a UnitOfWork, records one
+        ``<entity>_deleted`` per row (via RETURNING), with ``"soft": true`` when soft.
         """
         info = cls._info()
-        where = build_where(info.model, filters)
+        where = build_where(
+            info.model,
+            filters,
+            scope=cls._scope(asession, info, include_deleted=include_deleted),
+        )
+        soft = info.soft_delete_column is not None and not include_deleted
+        stmt: Any = (
+            update(info.model).where(*where).values({info.soft_delete_column: _now()})
+            if soft
+            else delete(info.model).where(*where)
+        )
         with db_errors(asession):
             if recording.wants_events(asession, info):
                 cols = [info.columns[k] for k in info.columns]
-                stmt = delete(info.model).where(*where).returning(*cols)
                 rows = (
-                    await asession.execute(stmt, execution_options={"synchronize_session": "fetch"})
+                    await asession.execute(
+                        stmt.returning(*cols), execution_options={"synchronize_session": "fetch"}
+                    )
                 ).all()
-                recording.record_bulk_deletes(asession, info, rows)
+                recording.record_bulk_deletes(asession, info, rows, soft=soft)
                 return len(rows)
             result = await asession.execute(
-                delete(info.model).where(*where),
-                execution_options={"synchronize_session": "fetch"},
+                stmt, execution_options={"synchronize_session": "fetch"}
             )
         return int(getattr(result, "rowcount", 0))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _pk_of(info: ModelInfo, state: Any) -> Any:
+    """The primary key of an object's state for messages: a value, or a tuple if composite."""
+    if state.identity is not None:
+        key = tuple(state.identity)
+    else:
+        key = tuple(state.dict.get(k) for k in info.primary_key)
+    return key[0] if len(key) == 1 else key
+
+
+def _pk_match(info: ModelInfo, pk: Any) -> list[ColumnElement[bool]]:
+    """``pk_col = value`` clauses for ``pk``: a value, a tuple or a dict of key values."""
+    if isinstance(pk, Mapping):
+        values = [pk.get(k) for k in info.primary_key]
+    elif isinstance(pk, (tuple, list)):
+        values = list(pk)
+    else:
+        values = [pk]
+    if len(values) != len(info.primary_key):
+        raise RepositoryUsageError(
+            f"{info.name} has a primary key of {len(info.primary_key)} column(s) "
+            f"({', '.join(info.primary_key)}); got {pk!r}"
+        )
+    return [info.columns[k] == value for k, value in zip(info.primary_key, values, strict=True)]
+
+
+def _required_tenant(info: ModelInfo, session: Any) -> str:
+    tenant = session_tenant(session)
+    if tenant is None:
+        raise TenantRequiredError(info.name)
+    return tenant
+
+
+def _stored_value(state: Any, key: str) -> Any:
+    """The value of attribute ``key`` as stored (before unflushed changes), or None if unknown."""
+    value = state.committed_state.get(key, state.dict.get(key))
+    return None if value is NO_VALUE else value
+
+
+def _check_row_tenant(info: ModelInfo, state: Any, tenant: str | None) -> None:
+    """Raise TenantMismatchError if the row of ``state`` is stored for another tenant."""
+    assert info.tenant_column is not None
+    stored = _stored_value(state, info.tenant_column)
+    if stored is not None and stored != tenant:
+        raise TenantMismatchError(info.name, _pk_of(info, state), tenant, stored)
+
+
+_tenant_models: set[type[Any]] = set()
+
+
+@sa_event.listens_for(Session, "before_flush")
+def _check_tenants(session: Session, _flush_context: Any, _instances: Any) -> None:
+    """Stamp new rows of tenant-scoped models; refuse to write rows of another tenant.
+
+    Covers writes that bypass the repository too (``session.add``, setting attributes
+    of a loaded object), so the only way to another tenant's row is raw SQL.
+    """
+    if not _tenant_models:
+        return
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        if type(obj) not in _tenant_models:
+            continue
+        info = model_info(type(obj))
+        column = info.tenant_column
+        assert column is not None
+        tenant = _required_tenant(info, session)
+        state = inspect(obj)
+        value = state.dict.get(column)
+        if state.pending and value is None:
+            setattr(obj, column, tenant)
+            continue
+        _check_row_tenant(info, state, tenant)
+        if value is not None and value != tenant:
+            raise TenantMismatchError(info.name, _pk_of(info, state), tenant, value)
 
 
 def _pk_first(info: ModelInfo, rows: Sequence[Any]) -> list[tuple[Any, ...]]:

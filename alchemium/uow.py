@@ -17,17 +17,21 @@ import contextlib
 import logging
 import random
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from alchemium.context import UOW_KEY, current_actor, current_tenant, current_unit_of_work
 from alchemium.errors import (
     DeadlockDetected,
     SerializationFailure,
+    TenantRequiredError,
     UnitOfWorkError,
     db_errors,
     raise_mapped,
@@ -61,7 +65,13 @@ class UnitOfWork:
     Args:
         session_factory: an ``async_sessionmaker`` (or any callable returning an AsyncSession).
         actor: who performs the work; stored in event metadata and audit rows.
-        tenant: the tenant of the work, for tenant-scoped models.
+        tenant: the tenant of the work, for tenant-scoped models (default: the one set
+            with ``alchemium.use_tenant``).
+        tenant_setting: PostgreSQL only: a setting name such as ``"app.tenant"``; each
+            transaction of this unit of work starts with ``SELECT set_config(name,
+            tenant, true)`` (transaction-local: it ends with COMMIT/ROLLBACK, never
+            leaks through the pool) for Row Level Security policies to read with
+            ``current_setting(name)``. A tenant is then required (TenantRequiredError).
         isolation_level: e.g. ``"SERIALIZABLE"``; applied to this unit of work's connection only.
         metadata: extra keys merged into every event's metadata (correlation ids, ...).
         registry: the subscriber registry to dispatch to (default: the global one).
@@ -75,6 +85,7 @@ class UnitOfWork:
         *,
         actor: str | None = None,
         tenant: str | None = None,
+        tenant_setting: str | None = None,
         isolation_level: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         registry: SubscriberRegistry | None = None,
@@ -83,6 +94,7 @@ class UnitOfWork:
         self._factory = session_factory
         self.actor = actor
         self.tenant = tenant
+        self.tenant_setting = tenant_setting
         self.isolation_level = isolation_level
         self.metadata = dict(metadata or {})
         self._registry = registry
@@ -102,6 +114,8 @@ class UnitOfWork:
             raise UnitOfWorkError(
                 "this UnitOfWork was already entered; create a new UnitOfWork for each block"
             )
+        if self.tenant_setting is not None and (self.tenant or current_tenant()) is None:
+            raise TenantRequiredError(f"UnitOfWork(tenant_setting={self.tenant_setting!r})")
         self._state = "active"
         session = self._factory()
         session.info[UOW_KEY] = self
@@ -326,6 +340,28 @@ class UnitOfWork:
         self._before_commit.append(hook)
 
 
+_SET_CONFIG = text("SELECT set_config(:name, :value, true)")
+
+
+@sa_event.listens_for(Session, "after_begin")
+def _set_tenant_setting(session: Session, _transaction: Any, connection: Any) -> None:
+    """For ``tenant_setting``: name the tenant to PostgreSQL at the start of each transaction.
+
+    ``is_local=true`` makes the setting end with the transaction, so a pooled
+    connection never carries it into the next unit of work (a session-level SET would).
+    """
+    uow = current_unit_of_work(session)
+    if uow is None or uow.tenant_setting is None:
+        return
+    if connection.dialect.name != "postgresql":
+        raise UnitOfWorkError(
+            f"UnitOfWork(tenant_setting={uow.tenant_setting!r}) needs PostgreSQL, "
+            f"not {connection.dialect.name}"
+        )
+    tenant = uow.tenant if uow.tenant is not None else current_tenant()
+    connection.execute(_SET_CONFIG, {"name": uow.tenant_setting, "value": tenant})
+
+
 async def _begin_sqlite_transaction(session: AsyncSession) -> None:
     """Make the SQLite driver send its deferred BEGIN now, before a SAVEPOINT.
 
@@ -343,25 +379,79 @@ async def _begin_sqlite_transaction(session: AsyncSession) -> None:
         await connection.exec_driver_sql("BEGIN")
 
 
-async def _uncancellable(awaitable: Awaitable[T]) -> T:
+class _Shielded:
+    """What the task waits on while ``_uncancellable`` runs: the awaited future, uncancellable.
+
+    ``Task.cancel()`` cancels the future its task waits on. This proxy refuses
+    (``cancel`` returns False), so the task instead throws CancelledError at its next
+    step, after the future has completed; ``_uncancellable`` then records it and
+    lets the awaitable go on. Everything else is the future's own.
+    """
+
+    __slots__ = ("_asyncio_future_blocking", "_future")
+
+    def __init__(self, future: Any) -> None:
+        self._future = future
+        self._asyncio_future_blocking = True
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        loop: asyncio.AbstractEventLoop = self._future.get_loop()
+        return loop
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
+        self._future.add_done_callback(fn, context=context)
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        removed: int = self._future.remove_done_callback(fn)
+        return removed
+
+    def done(self) -> bool:
+        done: bool = self._future.done()
+        return done
+
+    def result(self) -> Any:
+        return self._future.result()
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+@types.coroutine
+def _uncancellable(awaitable: Awaitable[T]) -> Generator[Any, None, T]:
     """Run ``awaitable`` to completion even if the caller is cancelled meanwhile.
 
     Used for COMMIT, ROLLBACK and close: abandoning them half-way would leave the
     connection in an unknown state or outside the pool. A cancellation received
-    meanwhile is re-raised once the awaitable has finished.
+    meanwhile is re-raised once the awaitable has finished (like ``asyncio.shield``
+    around a task, but run inline in the caller's task: no extra task, no extra
+    event loop iterations on the common, uncancelled path).
     """
-    task = asyncio.ensure_future(awaitable)
+    steps = awaitable.__await__()
     cancelled = False
-    while not task.done():
+    thrown: BaseException | None = None
+    while True:
         try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done() and task.cancelled():
-                raise
-            cancelled = True
-        except Exception:  # noqa: BLE001 - task.result() below re-raises it
+            yielded = steps.send(None) if thrown is None else steps.throw(thrown)
+        except StopIteration as stop:
+            result: T = stop.value
             break
-    result = task.result()
+        thrown = None
+        future = yielded if getattr(yielded, "_asyncio_future_blocking", False) else None
+        if future is not None:
+            future._asyncio_future_blocking = False  # as the task would have done
+            yielded = _Shielded(future)
+        try:
+            yield yielded
+        except GeneratorExit:
+            steps.close()
+            raise
+        except asyncio.CancelledError as err:
+            if future is not None and future.cancelled():
+                thrown = err  # the awaited future itself was cancelled: its caller decides
+            else:
+                cancelled = True  # our task was cancelled: finish first, raise afterwards
+        except BaseException as err:  # noqa: BLE001 - the future's error, handed back to the awaitable
+            thrown = err
     if cancelled:
         raise asyncio.CancelledError
     return result

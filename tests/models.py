@@ -13,12 +13,14 @@ from sqlalchemy import (
     Date,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     Numeric,
     String,
     Table,
     Uuid,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -179,3 +181,80 @@ class Document(Base):
 
 class DocumentRepository(CrudRepository[Document]):
     model = Document
+
+
+# -- soft delete ----------------------------------------------------------------------------
+
+
+class Project(Base):
+    """Soft-deleted; the name is unique among live projects only (partial unique index)."""
+
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    tasks: Mapped[list[Task]] = relationship(back_populates="project", lazy="raise")
+    __table_args__ = (
+        Index(
+            "uq_projects_name_live",
+            "name",
+            unique=True,
+            postgresql_where=text("deleted_at IS NULL"),
+            sqlite_where=text("deleted_at IS NULL"),
+        ),
+    )
+
+
+class Task(Base):
+    """Soft-deleted too: relationship filters from Project must not see deleted tasks."""
+
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(200))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    project: Mapped[Project] = relationship(back_populates="tasks", lazy="raise")
+
+
+class ProjectRepository(CrudRepository[Project]):
+    model = Project
+    soft_delete_column = "deleted_at"
+
+
+class TaskRepository(CrudRepository[Task]):
+    model = Task
+    soft_delete_column = "deleted_at"
+
+
+# -- tenant scoping -------------------------------------------------------------------------
+
+
+class Customer(Base):
+    """Tenant-scoped."""
+
+    __tablename__ = "customers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(50), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    tickets: Mapped[list[Ticket]] = relationship(back_populates="customer", lazy="raise")
+
+
+class Ticket(Base):
+    """Tenant-scoped; reached from Customer by relationship filters."""
+
+    __tablename__ = "tickets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(50), index=True)
+    subject: Mapped[str] = mapped_column(String(200))
+    customer_id: Mapped[int | None] = mapped_column(ForeignKey("customers.id"))
+    customer: Mapped[Customer | None] = relationship(back_populates="tickets", lazy="raise")
+
+
+class CustomerRepository(CrudRepository[Customer]):
+    model = Customer
+    tenant_column = "tenant_id"
+
+
+class TicketRepository(CrudRepository[Ticket]):
+    model = Ticket
+    tenant_column = "tenant_id"

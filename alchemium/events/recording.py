@@ -5,6 +5,8 @@ handled by a CrudRepository into an event of the unit of work that owns the
 session: ``<entity>_created`` (column values, with the generated key),
 ``<entity>_updated`` (``changes``: only the columns whose value changed, old and
 new; nothing when nothing changed) and ``<entity>_deleted`` (last column values).
+For a soft-deleted model, setting its soft-delete column records
+``<entity>_deleted`` with ``"soft": true`` and clearing it ``<entity>_restored``.
 ``after_flush`` is the one moment where generated keys are known *and* attribute
 history is still there (flush resets it), and it never touches attributes after
 commit. Bulk operations, which bypass the flush, record through ``record_rows``
@@ -70,7 +72,7 @@ def entity_config(cls: type[Any]) -> EntityConfig | None:
     return None
 
 
-CHANGE_ACTIONS = ("created", "updated", "deleted", "upserted")
+CHANGE_ACTIONS = ("created", "updated", "deleted", "upserted", "restored")
 
 
 def change_action(event: DomainEvent) -> str | None:
@@ -202,6 +204,17 @@ def _after_flush(session: Session, _flush_context: Any) -> None:
         info = _enabled(obj)
         if info is not None:
             changes = _diff(obj, info, loaded.get(inspect(obj), {}))
+            column = info.soft_delete_column
+            soft = changes.pop(column, None) if column is not None else None
+            if soft is not None and column is not None:
+                # Stamping the soft-delete column is a delete, clearing it a restore.
+                values = _columns(info, inspect(obj).dict)
+                if soft["old"] is None:
+                    _add(uow, info, "deleted", info.identity(obj), {**values, "soft": True})
+                elif soft["new"] is None:
+                    _add(uow, info, "restored", info.identity(obj), values)
+                else:
+                    changes[column] = soft
             if changes:
                 _add(uow, info, "updated", info.identity(obj), {"changes": changes})
     for obj in session.deleted:
@@ -236,15 +249,20 @@ def record_bulk_updates(
             _add(uow, info, "updated", key, {"changes": changes})
 
 
-def record_bulk_deletes(session: Any, info: ModelInfo, rows: Sequence[Any]) -> None:
-    """Record ``<entity>_deleted`` with the last values of each row a bulk delete returned."""
+def record_bulk_deletes(
+    session: Any, info: ModelInfo, rows: Sequence[Any], *, soft: bool = False
+) -> None:
+    """Record ``<entity>_deleted`` with the last values of each row a bulk delete returned.
+
+    ``soft``: the rows were soft-deleted (the payload gets ``"soft": true``).
+    """
     uow = current_unit_of_work(session)
     if uow is None:
         return
     for row in rows:
         values = dict(zip(info.columns, row, strict=True))
         key = info.key_of(values)
-        _add(uow, info, "deleted", key, values)
+        _add(uow, info, "deleted", key, {**values, "soft": True} if soft else values)
 
 
 class EventSourceMixin:

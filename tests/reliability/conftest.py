@@ -32,3 +32,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("alchemium reliability summary")
     for key in [*_ORDER, *sorted(k for k in STATS if k not in _ORDER)]:
         terminalreporter.write_line(f"{key.replace('_', ' '):<22} {STATS.get(key, 0)}")
+
+
+# Extra engines (one per relay), shared with the relay tests.
+from tests.events.relay_support import new_engine  # noqa: E402, F401
