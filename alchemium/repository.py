@@ -581,7 +581,9 @@ class CrudRepository(Generic[ModelT]):
 
         Synchronous (no I/O). Inside a UnitOfWork the flush records ``<entity>_updated``
         with only the columns whose value changed. An object of another tenant, or
-        ``data`` moving it to another tenant, raises TenantMismatchError.
+        ``data`` moving it to another tenant, raises TenantMismatchError: here when the
+        object's session or :func:`alchemium.use_tenant` names the tenant, else when the
+        object is flushed in a unit of work of another tenant.
         """
         info = cls._info()
         if not isinstance(obj, info.model):
@@ -589,9 +591,10 @@ class CrudRepository(Generic[ModelT]):
                 f"{cls.__name__}.update expects a {info.name}, got {type(obj).__name__}"
             )
         cls._check_data(info, data)
-        if info.tenant_column is not None:
-            state = inspect(obj)
-            tenant = _required_tenant(info, state.session)
+        state = inspect(obj)
+        tenant = session_tenant(state.session) if info.tenant_column is not None else None
+        if info.tenant_column is not None and tenant is not None:
+            # Without a tenant here (a detached object, no use_tenant), the flush checks.
             _check_row_tenant(info, state, tenant)
             given = data.get(info.tenant_column, tenant)
             if given != tenant:
@@ -758,6 +761,9 @@ class CrudRepository(Generic[ModelT]):
             else:
                 # Another transaction may have deleted the row since it was loaded: reload
                 # it (locked on PostgreSQL, so it stays until our write) to know it exists.
+                if state.modified:
+                    # refresh() would silently drop the caller's unflushed changes.
+                    await asession.flush()
                 try:
                     await asession.refresh(obj, with_for_update=True)
                 except sa_exc.InvalidRequestError as err:
@@ -901,9 +907,19 @@ def _check_tenants(session: Session, _flush_context: Any, _instances: Any) -> No
         if state.pending and value is None:
             setattr(obj, column, tenant)
             continue
-        _check_row_tenant(info, state, tenant)
-        if value is not None and value != tenant:
-            raise TenantMismatchError(info.name, _pk_of(info, state), tenant, value)
+        stored = _stored_value(state, column)
+        if stored is None and state.identity is not None:
+            # Expired (e.g. detached after a rollback): ask the database whose row it is,
+            # as the UPDATE/DELETE the flush sends names the primary key only.
+            pk = [info.columns[k] for k in info.primary_key]
+            stmt = select(info.columns[column]).where(
+                *(col == v for col, v in zip(pk, state.identity, strict=True))
+            )
+            with session.no_autoflush:
+                stored = session.connection().execute(stmt).scalar()
+        for found in (stored, value):
+            if found is not None and found != tenant:
+                raise TenantMismatchError(info.name, _pk_of(info, state), tenant, found)
 
 
 def _pk_first(info: ModelInfo, rows: Sequence[Any]) -> list[tuple[Any, ...]]:
