@@ -12,6 +12,7 @@ from alchemium.events.audit import (
     enable_audit,
 )
 from alchemium.events.event import DomainEvent
+from alchemium.events.inbox import Inbox, enable_inbox
 from alchemium.events.outbox import (
     Outbox,
     OutboxStatus,
@@ -41,6 +42,7 @@ __all__ = [
     "DomainEvent",
     "EventSourceMixin",
     "InProcessPublisher",
+    "Inbox",
     "Outbox",
     "OutboxRelay",
     "OutboxStatus",
@@ -60,6 +62,7 @@ __all__ = [
     "disable_audit",
     "disable_outbox",
     "enable_audit",
+    "enable_inbox",
     "enable_outbox",
     "off",
     "on",

@@ -1,0 +1,157 @@
+"""Process crashes: a writer SIGKILLed while committing loses no committed event.
+
+A writer subprocess (``tests/reliability/crash_writer.py``) commits units of work
+(a user, its ``user_created`` event and a custom ``probe`` event) three at a time,
+with an in-process subscriber ``sink`` and an external destination ``broker``. It is
+SIGKILLed at a random moment, several times, each time with some units of work
+mid-commit. Afterwards a relay drains the outbox. Then:
+
+* every event in the outbox belongs to a change that exists (no event without its
+  row, no row without its events), and every commit the writer saw acknowledged is
+  there;
+* every committed event reached both destinations at least once (lost = 0);
+  duplicates (the subscriber ran, the process died before recording it) are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from alchemium.events import DomainEvent, InProcessPublisher, OutboxRelay, SubscriberRegistry
+from alchemium.events.outbox import Outbox
+from tests.events.relay_support import REPO, Sink, by_status, eventually
+from tests.models import User
+
+KILLS = 5
+
+
+def _journal(journal: Path) -> list[tuple[str, str]]:
+    """Every ``(kind, value)`` line the writer processes wrote before they died."""
+    lines: list[tuple[str, str]] = []
+    for path in sorted(journal.parent.glob(journal.name + ".*")):
+        for line in path.read_text().splitlines():
+            kind, _, value = line.partition(" ")
+            if value:  # a line cut short by the SIGKILL has no value yet
+                lines.append((kind, value))
+    return lines
+
+
+def _writer(url: str, journal: Path, tag: str) -> subprocess.Popen[bytes]:
+    with (journal.parent / f"writer-{tag}.log").open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability.crash_writer", url, str(journal), tag],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def _kill_writers(url: str, journal: Path, rng: random.Random) -> int:
+    """Start and SIGKILL a writer ``KILLS`` times; returns the units caught mid-commit."""
+    in_flight = 0
+    for run in range(KILLS):
+        proc = _writer(url, journal, f"w{run}")
+        acked_before = sum(kind == "A" for kind, _ in _journal(journal))
+        target = acked_before + rng.randint(5, 60)
+
+        log = journal.parent / f"writer-w{run}.log"
+
+        def enough(
+            proc: subprocess.Popen[bytes] = proc, target: int = target, log: Path = log
+        ) -> bool:
+            assert proc.poll() is None, log.read_text()
+            return sum(kind == "A" for kind, _ in _journal(journal)) >= target
+
+        await eventually(enough, timeout=30, interval=0.01)
+        await asyncio.sleep(rng.uniform(0, 0.03))
+        proc.kill()
+        await asyncio.to_thread(proc.wait, 10)
+        begun = {v for k, v in _journal(journal) if k == "B" and v.startswith(f"w{run}-")}
+        acked = {v for k, v in _journal(journal) if k == "A" and v.startswith(f"w{run}-")}
+        in_flight += len(begun - acked)
+    return in_flight
+
+
+async def test_sigkilled_writer_loses_no_committed_event(
+    engine: AsyncEngine,
+    session_factory: async_sessionmaker[AsyncSession],
+    outbox: Outbox,
+    db_url: str,
+    tmp_path: Path,
+    stats: Counter[str],
+) -> None:
+    journal = tmp_path / "journal"
+    in_flight = await _kill_writers(db_url, journal, random.Random(20261125))
+
+    relayed: list[DomainEvent] = []
+    registry = SubscriberRegistry("crash-relay")
+    registry.subscribe("*", relayed.append, name="sink")  # the same subscriber name
+    broker = Sink(name="broker")
+    relay = OutboxRelay(
+        session_factory,
+        [InProcessPublisher(registry), broker],
+        batch_size=200,
+        poll_interval=0.2,
+        listen=False,
+    )
+    task = asyncio.create_task(relay.run())
+    try:
+
+        async def drained() -> bool:
+            return set(await by_status(engine, outbox)) == {"delivered"}
+
+        # The dead writers' in-process claims expire after their 1 s lease.
+        await eventually(drained, timeout=40, interval=0.2)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 15)
+
+    async with session_factory() as session:
+        users = {u.name: u.id for u in (await session.scalars(select(User))).all()}
+        rows = (
+            await session.execute(
+                select(outbox.events.c.id, outbox.events.c.name, outbox.events.c.aggregate_id)
+            )
+        ).all()
+    created = Counter(r.aggregate_id for r in rows if r.name == "user_created")
+    probes = Counter(r.aggregate_id for r in rows if r.name == "probe")
+    assert set(created) == {str(i) for i in users.values()}, "user_created iff the user exists"
+    assert set(probes) == set(users), "probe iff its unit of work committed"
+    assert set(created.values()) | set(probes.values()) == {1}
+    lines = _journal(journal)
+    acked = {v for k, v in lines if k == "A"}
+    assert acked <= set(users), "an acknowledged commit is missing"
+    committed_in_flight = len(({v for k, v in lines if k == "B"} - acked) & set(users))
+
+    committed = {str(r.id) for r in rows}
+    sink = [v for k, v in lines if k == "S"] + [str(e.id) for e in relayed]
+    broker_ids = [str(e.id) for e in broker.received]
+    lost = len(committed - set(sink)) + len(committed - set(broker_ids))
+    duplicates = len(sink) - len(set(sink)) + len(broker_ids) - len(set(broker_ids))
+    stats["units_of_work"] += len({v for k, v in lines if k == "B"})
+    stats["faults_injected"] += KILLS
+    stats["events_committed"] += len(committed)
+    stats["events_delivered"] += len(committed & set(sink) & set(broker_ids))  # to both
+    stats["events_duplicated"] += duplicates
+    stats["events_lost"] += lost
+    print(
+        f"\n{engine.dialect.name}: {KILLS} writers SIGKILLed, {len(users)} units committed "
+        f"({len(acked)} acknowledged, {in_flight} caught mid-commit of which "
+        f"{committed_in_flight} had committed), {len(committed)} events x 2 destinations, "
+        f"{len(sink) + len(broker_ids)} deliveries: {duplicates} duplicate(s), {lost} lost; "
+        f"relay {relay.stats}"
+    )
+    assert in_flight > 0  # the kills did land while units of work were committing
+    assert lost == 0
+    assert set(sink) == committed
+    assert set(broker_ids) == committed
