@@ -36,10 +36,11 @@ from alchemium.errors import (
     db_errors,
     raise_mapped,
 )
-from alchemium.events.dispatch import dispatch_events, write_events
+from alchemium.events.dispatch import dispatch_events, events_to_commit, write_events
 from alchemium.events.event import DomainEvent
 from alchemium.events.outbox import Outbox, default_outbox
 from alchemium.events.recording import (
+    RecordedChange,
     collect_object_events,
     discard_object_events,
     global_before_commit_hooks,
@@ -102,7 +103,7 @@ class UnitOfWork:
         self._seen_sources: list[Any] = []
         self._session: AsyncSession | None = None
         self._state = "new"  # new -> active -> closed
-        self._events: list[DomainEvent] = []
+        self._events: list[DomainEvent | RecordedChange] = []
         self._callbacks: list[Callback] = []
         self._before_commit: list[Hook] = []
         self._busy: asyncio.Task[Any] | None = None
@@ -222,9 +223,10 @@ class UnitOfWork:
                 for hook in [*global_before_commit_hooks(), *self._before_commit]:
                     await hook(self)
                     await session.flush()
-                events, callbacks = list(self._events), list(self._callbacks)
+                recorded, callbacks = list(self._events), list(self._callbacks)
                 self._events.clear()
                 self._callbacks.clear()
+                events = events_to_commit(self, recorded)
                 delivery = await write_events(self, session, events)
                 await _uncancellable(session.commit())
             await dispatch_events(self, session, events, delivery)
@@ -286,11 +288,19 @@ class UnitOfWork:
 
     @property
     def pending_events(self) -> tuple[DomainEvent, ...]:
-        """Events recorded so far in the current transaction, in recording order."""
-        return tuple(self._events)
+        """Events recorded so far in the current transaction, in recording order.
 
-    def add_event(self, event: DomainEvent) -> None:
-        """Append an already built event (used by the recording machinery)."""
+        Builds the change events recorded at flush that nothing needed yet, so it may
+        raise EventSerializationError for a column value JSON cannot hold.
+        """
+        events = self._events
+        for i, event in enumerate(events):
+            if isinstance(event, RecordedChange):
+                events[i] = event.build()
+        return tuple(events)  # type: ignore[arg-type] # all built above
+
+    def add_event(self, event: DomainEvent | RecordedChange) -> None:
+        """Append an event or a recorded change (used by the recording machinery)."""
         self._events.append(event)
 
     def record(

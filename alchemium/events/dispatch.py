@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from alchemium.events.event import DomainEvent
-from alchemium.events.outbox import Outbox, utcnow
+from alchemium.events.outbox import Outbox, autocommit, utcnow
+from alchemium.events.recording import RecordedChange
 from alchemium.events.subscribers import Subscriber
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
     from alchemium.uow import UnitOfWork
 
-__all__ = ["dispatch_events", "retry_at", "watch_commits", "write_events"]
+__all__ = ["dispatch_events", "events_to_commit", "retry_at", "watch_commits", "write_events"]
 
 logger = logging.getLogger("alchemium.events")
 
@@ -73,6 +74,33 @@ def watch_commits(callback: Callable[[Sequence[DomainEvent]], None]) -> Iterator
         _watchers.reset(token)
 
 
+def events_to_commit(
+    uow: UnitOfWork, recorded: Sequence[DomainEvent | RecordedChange]
+) -> list[DomainEvent]:
+    """The events this commit writes or dispatches, built from what the unit of work recorded.
+
+    With an outbox (every event is written) or a ``watch_commits`` watcher every
+    recorded change is built; otherwise only those with a subscriber. A change nobody
+    will see is dropped unbuilt, so its EventSerializationError, if any, is not raised.
+    Runs before COMMIT: a build error aborts the unit of work.
+    """
+    if uow.outbox is not None or _watchers.get():
+        return [r.build() if isinstance(r, RecordedChange) else r for r in recorded]
+    registry = uow.registry
+    seen: dict[str, bool] = {}
+    events: list[DomainEvent] = []
+    for r in recorded:
+        if not isinstance(r, RecordedChange):
+            events.append(r)
+            continue
+        wanted = seen.get(r.name)
+        if wanted is None:
+            wanted = seen[r.name] = bool(registry.subscribers_for(r.name))
+        if wanted:
+            events.append(r.build())
+    return events
+
+
 async def write_events(
     uow: UnitOfWork, session: AsyncSession, events: Sequence[DomainEvent]
 ) -> Delivery | None:
@@ -80,16 +108,23 @@ async def write_events(
     if not events:
         return None
     registry = uow.registry
-    plan = [(event, registry.subscribers_for(event.name)) for event in events]
+    by_name: dict[str, list[Subscriber]] = {}
+    for event in events:
+        if event.name not in by_name:
+            by_name[event.name] = registry.subscribers_for(event.name)
+    plan = [(event, by_name[event.name]) for event in events]
     outbox = uow.outbox
     if outbox is None:
         return Delivery(outbox=None, token=None, plan=plan)
     token = uuid.uuid4()
     rows: list[tuple[DomainEvent, str, bool]] = []
+    destinations: dict[str, list[str]] = {}
     external = False
     for event, subscribers in plan:
         rows.extend((event, s.name, True) for s in subscribers)
-        for destination in registry.destinations_for(event.name):
+        if event.name not in destinations:
+            destinations[event.name] = registry.destinations_for(event.name)
+        for destination in destinations[event.name]:
             rows.append((event, destination, False))
             external = True
     await outbox.write(
@@ -148,7 +183,9 @@ async def _record_outcomes(
                     destination=subscriber.name,
                 )
         else:
-            await outbox.mark_delivered(session, token)
+            # One UPDATE needs no transaction around it: in autocommit it is one round
+            # trip instead of three (BEGIN, UPDATE, COMMIT) after every unit of work.
+            await outbox.mark_delivered(await autocommit(session), token)
         await session.commit()
     except Exception:
         # The events are committed and still claimed by us: once the lease expires

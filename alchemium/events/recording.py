@@ -16,7 +16,10 @@ events, which the unit of work gathers before commit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import datetime as dt
+import decimal
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EventSourceMixin",
+    "RecordedChange",
     "add_before_commit_hook",
     "change_action",
     "collect_object_events",
@@ -118,18 +122,81 @@ def _columns(info: ModelInfo, values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: values[k] for k in info.columns if k in values and values[k] is not NO_VALUE}
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedChange:
+    """An entity change recorded at flush, built into a DomainEvent only if something sees it.
+
+    Most units of work in a service without subscribers, outbox or audit record
+    changes nobody reads; building (JSON conversion, freezing, a fresh uuid) is
+    deferred to :meth:`build`, which the commit path calls for the changes it will
+    write or dispatch, and ``uow.pending_events`` for all of them. The values are a
+    snapshot taken at flush (only immutable column values are deferred, see ``_add``).
+    """
+
+    name: str
+    entity: str
+    key: str
+    payload: dict[str, Any]
+    metadata: dict[str, Any]
+    occurred_at: dt.datetime
+
+    def build(self) -> DomainEvent:
+        """The DomainEvent; raises EventSerializationError for a value JSON cannot hold."""
+        return DomainEvent.create(
+            self.name,
+            aggregate_type=self.entity,
+            aggregate_id=self.key,
+            payload=self.payload,
+            metadata=self.metadata,
+            occurred_at=self.occurred_at,
+        )
+
+
+# Column values that cannot change after the flush, so a deferred build sees the
+# same thing an immediate one would. Anything else (JSON dicts and lists, arrays)
+# is converted at once.
+_IMMUTABLE = frozenset(
+    {
+        type(None),
+        str,
+        bytes,
+        int,
+        float,
+        bool,
+        decimal.Decimal,
+        uuid.UUID,
+        dt.datetime,
+        dt.date,
+        dt.time,
+    }
+)
+
+
+def _values_of(action: str, payload: Mapping[str, Any]) -> Iterator[Any]:
+    if action == "updated":
+        for change in payload["changes"].values():
+            yield change["old"]
+            yield change["new"]
+    else:
+        yield from payload.values()
+
+
 def _add(uow: UnitOfWork, info: ModelInfo, action: str, key: str, payload: dict[str, Any]) -> None:
     config = entity_config(info.model)
     assert config is not None
-    uow.add_event(
-        DomainEvent.create(
-            f"{config.entity}_{action}",
-            aggregate_type=config.entity,
-            aggregate_id=key,
-            payload=payload,
-            metadata=uow.event_metadata(),
-        )
+    change = RecordedChange(
+        f"{config.entity}_{action}",
+        config.entity,
+        key,
+        payload,
+        uow.event_metadata(),
+        dt.datetime.now(dt.timezone.utc),
     )
+    immutable = _IMMUTABLE
+    if all(type(v) in immutable for v in _values_of(action, payload)):
+        uow.add_event(change)
+    else:
+        uow.add_event(change.build())
 
 
 def _enabled(obj: object) -> ModelInfo | None:

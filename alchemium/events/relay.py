@@ -27,9 +27,10 @@ import datetime as dt
 import logging
 import os
 import socket
+import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from alchemium.errors import OutboxError
 from alchemium.events.dispatch import retry_at
-from alchemium.events.outbox import DeliveryRow, Outbox, default_outbox, utcnow
+from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox, utcnow
 from alchemium.events.publishers.base import Publisher, destinations_of
 
 __all__ = ["OutboxRelay", "RelayStats"]
@@ -51,6 +52,23 @@ SessionFactory = Callable[[], AsyncSession]
 _RECONNECT_MAX = 30.0  # seconds between LISTEN reconnection attempts, at most
 _LISTEN_CHECK = 5.0
 _RECORD_ATTEMPTS = 4  # seconds between health checks of the LISTEN connection
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(seconds: float | None, awaitable: Awaitable[None]) -> None:
+        """``await awaitable``, raising TimeoutError after ``seconds``, in this task.
+
+        ``asyncio.timeout`` only arms a timer; ``wait_for`` (before 3.12) would start
+        a task per publish, several event loop iterations for a handler that never waits.
+        """
+        async with asyncio.timeout(seconds):
+            await awaitable
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _within(seconds: float | None, awaitable: Awaitable[None]) -> None:
+        await asyncio.wait_for(awaitable, seconds)
 
 
 @dataclass(slots=True)
@@ -254,7 +272,7 @@ class OutboxRelay:
         token = uuid.uuid4()
         async with self.session_factory() as session:
             rows = await self.outbox.claim(
-                session,
+                await autocommit(session),
                 list(routes),
                 limit=self.batch_size,
                 lease=self.lease,
@@ -282,9 +300,7 @@ class OutboxRelay:
         try:
             if publisher is None:  # the publisher's names changed since the claim
                 raise OutboxError(f"no publisher for destination {row.destination!r}")
-            await asyncio.wait_for(
-                publisher.publish(row.event, row.destination), self.publish_timeout
-            )
+            await _within(self.publish_timeout, publisher.publish(row.event, row.destination))
         except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
             return _Outcome(row, err)
         return _Outcome(row, None)
@@ -330,7 +346,9 @@ class OutboxRelay:
         failed = [o for o in outcomes if o.error is not None]
         retried = dead = 0
         async with self.session_factory() as session:
-            delivered = await self.outbox.mark_delivered(session, token, ok)
+            # All delivered (the usual case) is one UPDATE: no transaction needed.
+            conn = session if failed else await autocommit(session)
+            delivered = await self.outbox.mark_delivered(conn, token, ok)
             for outcome in failed:
                 row, err = outcome.row, outcome.error
                 give_up = row.attempts >= self.max_attempts

@@ -427,7 +427,7 @@ async def test_unserializable_custom_payload_names_event_and_field(
     await assert_nothing_committed(engine, outbox, received)
 
 
-async def test_unserializable_column_value_fails_the_flush_naming_the_field(
+async def test_unserializable_column_value_fails_before_commit_naming_the_field(
     engine: AsyncEngine,
     sessions: Sessions,
     registry: SubscriberRegistry,
@@ -485,3 +485,44 @@ async def test_without_outbox_handlers_still_run_after_commit_best_effort(
             await uow.flush()
             raise ValueError
     assert got == ["Alice"]
+
+
+# -- change events nobody sees -------------------------------------------------------------
+
+
+async def test_change_events_nobody_sees_are_not_built_so_cannot_fail(
+    engine: AsyncEngine, sessions: Sessions, registry: SubscriberRegistry, outbox: Outbox
+) -> None:
+    disable_outbox()
+    async with UnitOfWork(sessions, registry=registry) as uow:
+        await AttachmentRepository.create(uow.session, {"data": b"\x00\x01"})
+    assert await count(engine, Attachment.__table__) == 1
+
+
+async def test_pending_events_builds_the_recorded_changes(
+    engine: AsyncEngine, sessions: Sessions, registry: SubscriberRegistry, outbox: Outbox
+) -> None:
+    disable_outbox()
+    async with UnitOfWork(sessions, registry=registry) as uow:
+        await UserRepository.create(uow.session, {"name": "Alice"})
+        await uow.flush()
+        first = uow.pending_events
+        assert [e.name for e in first] == ["user_created"]
+        assert uow.pending_events == first  # built once: same ids
+        await AttachmentRepository.create(uow.session, {"data": b"\x00"})
+        await uow.flush()
+        with pytest.raises(EventSerializationError):
+            uow.pending_events  # noqa: B018
+        await uow.rollback()
+
+
+async def test_capture_events_sees_changes_without_outbox_or_subscribers(
+    sessions: Sessions, outbox: Outbox
+) -> None:
+    from alchemium.events.testing import capture_events
+
+    disable_outbox()
+    with capture_events() as captured:
+        async with UnitOfWork(sessions, registry=SubscriberRegistry("nobody")) as uow:
+            await UserRepository.create(uow.session, {"name": "Alice"})
+    assert [e.name for e in captured] == ["user_created"]
