@@ -25,12 +25,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
     Column,
     DateTime,
     Index,
-    Integer,
     MetaData,
     String,
     Table,
@@ -38,7 +35,6 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
@@ -49,6 +45,7 @@ from alchemium.events.recording import (
     change_action,
     remove_before_commit_hook,
 )
+from alchemium.events.tables import BigId, JsonDocument, create_tables, existing_table
 
 if TYPE_CHECKING:
     from alchemium.uow import UnitOfWork
@@ -62,9 +59,6 @@ __all__ = [
     "disable_audit",
     "enable_audit",
 ]
-
-_BigId = BigInteger().with_variant(Integer(), "sqlite")
-_Json = JSON().with_variant(JSONB(), "postgresql")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,19 +88,19 @@ class AuditLog:
         schema: str | None = None,
     ) -> None:
         self.metadata = metadata
-        key = f"{schema}.{table_name}" if schema else table_name
-        if key in metadata.tables:
-            self.table = metadata.tables[key]
+        table = existing_table(metadata, table_name, schema)
+        if table is not None:
+            self.table = table
             return
         self.table = Table(
             table_name,
             metadata,
-            Column("id", _BigId, primary_key=True, autoincrement=True),
+            Column("id", BigId, primary_key=True, autoincrement=True),
             Column("event_id", Uuid(), nullable=False, unique=True),
             Column("entity", String(100), nullable=False),
             Column("entity_id", String(200), nullable=False),
             Column("action", String(32), nullable=False),
-            Column("changes", _Json, nullable=False),
+            Column("changes", JsonDocument, nullable=False),
             Column("actor", String(200), nullable=True),
             Column("tenant", String(200), nullable=True),
             Column("occurred_at", DateTime(timezone=True), nullable=False),
@@ -232,8 +226,7 @@ def _resolve(audit: AuditLog | None) -> AuditLog:
 async def create_audit_table(engine: AsyncEngine, audit: AuditLog | None = None) -> None:
     """Create the audit table (and its index) if it does not exist; nothing else."""
     log = _resolve(audit)
-    async with engine.begin() as conn:
-        await conn.run_sync(lambda sync: log.metadata.create_all(sync, tables=[log.table]))
+    await create_tables(engine, log.metadata, [log.table])
 
 
 async def audit_history(

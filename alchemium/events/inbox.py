@@ -53,6 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from alchemium.errors import EventError, db_errors
 from alchemium.events.event import DomainEvent
 from alchemium.events.outbox import utcnow
+from alchemium.events.tables import existing_table
 
 if TYPE_CHECKING:
     from alchemium.uow import SessionFactory, UnitOfWork
@@ -78,9 +79,9 @@ class Inbox:
         self, metadata: MetaData, *, table_name: str = "alchemium_inbox", schema: str | None = None
     ) -> None:
         self.metadata = metadata
-        key = f"{schema}.{table_name}" if schema else table_name
-        if key in metadata.tables:
-            self.table = metadata.tables[key]
+        table = existing_table(metadata, table_name, schema)
+        if table is not None:
+            self.table = table
             return
         self.table = Table(
             table_name,

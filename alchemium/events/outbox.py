@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     BigInteger,
     Column,
     DateTime,
@@ -54,12 +53,13 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from alchemium.errors import OutboxError
 from alchemium.events.event import DomainEvent
+from alchemium.events.tables import BigId, JsonDocument, create_tables, existing_table
 
 __all__ = [
     "DeliveryRow",
@@ -72,8 +72,6 @@ __all__ = [
 
 PENDING, CLAIMED, DELIVERED, DEAD = "pending", "claimed", "delivered", "dead"
 
-_BigId = BigInteger().with_variant(Integer(), "sqlite")
-_Json = JSON().with_variant(JSONB(), "postgresql")
 
 Executor = AsyncSession | AsyncConnection
 
@@ -161,28 +159,28 @@ class Outbox:
         # Built claim statements by (destinations, ordered): a relay claims with the same
         # statement every round; only its parameters change.
         self._claims: dict[tuple[tuple[str, ...], bool], Any] = {}
-        key = f"{schema}.{table_name}" if schema else table_name
-        if key in metadata.tables:
-            self.events = metadata.tables[key]
-            self.deliveries = metadata.tables[f"{key}_delivery"]
+        events = existing_table(metadata, table_name, schema)
+        deliveries = existing_table(metadata, f"{table_name}_delivery", schema)
+        if events is not None and deliveries is not None:
+            self.events, self.deliveries = events, deliveries
             return
         self.events = Table(
             table_name,
             metadata,
-            Column("sequence", _BigId, primary_key=True, autoincrement=True),
+            Column("sequence", BigId, primary_key=True, autoincrement=True),
             Column("id", Uuid(), nullable=False, unique=True),
             Column("name", String(200), nullable=False),
             Column("aggregate_type", String(100), nullable=False),
             Column("aggregate_id", String(200), nullable=False),
-            Column("payload", _Json, nullable=False),
-            Column("metadata", _Json, nullable=False),
+            Column("payload", JsonDocument, nullable=False),
+            Column("metadata", JsonDocument, nullable=False),
             Column("occurred_at", DateTime(timezone=True), nullable=False),
             schema=schema,
         )
         self.deliveries = Table(
             f"{table_name}_delivery",
             metadata,
-            Column("id", _BigId, primary_key=True, autoincrement=True),
+            Column("id", BigId, primary_key=True, autoincrement=True),
             Column(
                 "event_id",
                 Uuid(),
@@ -700,6 +698,4 @@ async def create_outbox_tables(engine: AsyncEngine, outbox: Outbox | None = None
     outbox = outbox or default_outbox()
     if outbox is None:
         raise OutboxError("no outbox enabled; call enable_outbox(metadata) first")
-    tables = [outbox.events, outbox.deliveries]
-    async with engine.begin() as conn:
-        await conn.run_sync(lambda sync: outbox.metadata.create_all(sync, tables=tables))
+    await create_tables(engine, outbox.metadata, [outbox.events, outbox.deliveries])
