@@ -62,7 +62,6 @@ from alchemium.errors import (
     RepositoryUsageError,
     TenantMismatchError,
     TenantRequiredError,
-    db_errors,
     raise_mapped,
 )
 from alchemium.events import recording
@@ -76,6 +75,7 @@ from alchemium.filters import (
     order_by_clauses,
 )
 from alchemium.modelinfo import ModelInfo, configure_model, model_info
+from alchemium.uow import session_operation
 
 __all__ = ["CrudRepository", "KeysetPage", "Page"]
 
@@ -250,7 +250,7 @@ class CrudRepository(Generic[ModelT]):
             cls._check_data(info, row)
         rows = [cls._stamp_tenant(asession, info, row) for row in rows]
         stmt = insert(info.model).returning(info.model, sort_by_parameter_order=True)
-        with db_errors(asession):
+        with session_operation(asession, "create_many()"):
             objs = list((await asession.scalars(stmt, rows)).all())
         recording.record_rows(asession, info, "created", objs)
         return objs
@@ -335,7 +335,7 @@ class CrudRepository(Generic[ModelT]):
                 ),
             )
             stmt = stmt.returning(info.model, sort_by_parameter_order=True)
-            with db_errors(asession):
+            with session_operation(asession, "upsert_many()"):
                 result = await asession.scalars(
                     stmt, batch, execution_options={"populate_existing": True}
                 )
@@ -369,11 +369,11 @@ class CrudRepository(Generic[ModelT]):
         """
         info = cls._info()
         if info.soft_delete_column is None and info.tenant_column is None:
-            with db_errors(asession):
+            with session_operation(asession, "get()"):
                 return await asession.get(info.model, pk)
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         stmt = select(info.model).where(*_pk_match(info, pk), *scope.clauses(info))
-        with db_errors(asession):
+        with session_operation(asession, "get()"):
             found: ModelT | None = (await asession.scalars(stmt)).first()
         return found
 
@@ -397,7 +397,7 @@ class CrudRepository(Generic[ModelT]):
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         stmt = cls._select(info, filters, scope=scope, order_by=order_by, joins=joins)
         stmt = stmt.limit(2 if strict else 1)
-        with db_errors(asession):
+        with session_operation(asession, "get_one()"):
             found = list((await asession.scalars(stmt)).all())
         if strict and len(found) > 1:
             raise MultipleResultsError(info.name, filters)
@@ -447,7 +447,7 @@ class CrudRepository(Generic[ModelT]):
             stmt = stmt.offset(_check_int(info, "skip", skip, 0))
         if limit is not None:
             stmt = stmt.limit(_check_int(info, "limit", limit, 0))
-        with db_errors(asession):
+        with session_operation(asession, "list()"):
             return list((await asession.scalars(stmt)).all())
 
     @classmethod
@@ -480,7 +480,7 @@ class CrudRepository(Generic[ModelT]):
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         where = build_where(info.model, filters, scope=scope)
         stmt = select(func.count()).select_from(info.model).where(*where)
-        with db_errors(asession):
+        with session_operation(asession, "count()"):
             return int((await asession.execute(stmt)).scalar_one())
 
     @classmethod
@@ -492,7 +492,7 @@ class CrudRepository(Generic[ModelT]):
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         where = build_where(info.model, filters, scope=scope)
         stmt = select(exists().where(*where).select_from(info.model))
-        with db_errors(asession):
+        with session_operation(asession, "exists()"):
             return bool((await asession.execute(stmt)).scalar_one())
 
     @classmethod
@@ -566,7 +566,7 @@ class CrudRepository(Generic[ModelT]):
         if after is not None:
             values = _decode_cursor(info, after, [k for k, _ in keys])
             stmt = stmt.where(_after(info, keys, values))
-        with db_errors(asession):
+        with session_operation(asession, "keyset()"):
             items = list((await asession.scalars(stmt.limit(limit + 1))).all())
         more = len(items) > limit
         items = items[:limit]
@@ -639,7 +639,7 @@ class CrudRepository(Generic[ModelT]):
             return 0
         where = build_where(info.model, filters, scope=scope)
         pk_cols = [info.columns[k] for k in info.primary_key]
-        with db_errors(asession):
+        with session_operation(asession, "update_where()"):
             old_rows = None
             if recording.wants_events(asession, info):
                 cols = [info.columns[k] for k in info.columns]
@@ -680,7 +680,7 @@ class CrudRepository(Generic[ModelT]):
         if info.soft_delete_column is not None:
             setattr(current, info.soft_delete_column, _now())
             return
-        with db_errors(asession):
+        with session_operation(asession, "delete()"):
             await asession.delete(current)
 
     @classmethod
@@ -693,7 +693,7 @@ class CrudRepository(Generic[ModelT]):
         current = await cls._load_for_write(asession, obj, "hard_delete", include_deleted=True)
         if current is None:
             return
-        with db_errors(asession):
+        with session_operation(asession, "hard_delete()"):
             await asession.delete(current)
 
     @classmethod
@@ -817,7 +817,7 @@ class CrudRepository(Generic[ModelT]):
             if soft
             else delete(info.model).where(*where)
         )
-        with db_errors(asession):
+        with session_operation(asession, "delete_where()"):
             if recording.wants_events(asession, info):
                 cols = [info.columns[k] for k in info.columns]
                 rows = (

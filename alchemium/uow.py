@@ -17,7 +17,7 @@ import contextlib
 import logging
 import random
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -187,14 +187,18 @@ class UnitOfWork:
             )
         return self._session
 
-    @asynccontextmanager
-    async def _exclusive(self, what: str) -> AsyncIterator[AsyncSession]:
-        """Refuse a second task using the session while an operation is in progress."""
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[AsyncSession]:
+        """Refuse a second task using the session while an operation is in progress.
+
+        Tasks may take turns; two at once would interleave statements on one
+        connection (SQLAlchemy does not always notice), so the second one raises.
+        """
         session = self.session
         current = asyncio.current_task()
         if self._busy is not None and self._busy is not current and not self._busy.done():
             raise UnitOfWorkError(
-                f"UnitOfWork.{what}() called while another task is using this unit of work; "
+                f"{what} called while another task is using this unit of work; "
                 "a UnitOfWork (like its session) belongs to one task at a time"
             )
         outer = self._busy
@@ -206,9 +210,8 @@ class UnitOfWork:
 
     async def flush(self) -> None:
         """Send pending changes to the database so generated values (ids) become visible."""
-        async with self._exclusive("flush") as session:
-            with db_errors(session):
-                await session.flush()
+        with self._exclusive("UnitOfWork.flush()") as session, db_errors(session):
+            await session.flush()
 
     async def commit(self) -> None:
         """Commit now: flush, write events to the outbox, commit, then dispatch.
@@ -216,7 +219,7 @@ class UnitOfWork:
         Normally not needed: leaving the block commits. After an explicit commit the
         unit of work stays usable and the next statement starts a new transaction.
         """
-        async with self._exclusive("commit") as session:
+        with self._exclusive("UnitOfWork.commit()") as session:
             with db_errors(session):
                 await session.flush()
                 collect_object_events(self, session)
@@ -234,7 +237,7 @@ class UnitOfWork:
 
     async def rollback(self) -> None:
         """Roll back the transaction and discard recorded events and callbacks."""
-        async with self._exclusive("rollback") as session:
+        with self._exclusive("UnitOfWork.rollback()") as session:
             self._events.clear()
             self._callbacks.clear()
             discard_object_events(self, session)
@@ -370,6 +373,21 @@ def _set_tenant_setting(session: Session, _transaction: Any, connection: Any) ->
         )
     tenant = uow.tenant if uow.tenant is not None else current_tenant()
     connection.execute(_SET_CONFIG, {"name": uow.tenant_setting, "value": tenant})
+
+
+@contextlib.contextmanager
+def session_operation(session: AsyncSession, what: str) -> Iterator[None]:
+    """Around one repository call: map database errors, and refuse concurrent tasks.
+
+    Outside a UnitOfWork only the error mapping applies.
+    """
+    uow = current_unit_of_work(session)
+    if uow is None:
+        with db_errors(session):
+            yield
+        return
+    with uow._exclusive(what), db_errors(session):
+        yield
 
 
 async def _begin_sqlite_transaction(session: AsyncSession) -> None:
