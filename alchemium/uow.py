@@ -46,6 +46,7 @@ from alchemium.events.recording import (
     global_before_commit_hooks,
 )
 from alchemium.events.subscribers import SubscriberRegistry, default_registry
+from alchemium.events.testing import intercept_on_commit
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -486,6 +487,8 @@ def _uncancellable(awaitable: Awaitable[T]) -> Generator[Any, None, T]:
 
 
 async def _run_callbacks(callbacks: list[Callback]) -> None:
+    if not callbacks or not intercept_on_commit(callbacks):
+        return
     for callback in callbacks:
         try:
             result = callback()

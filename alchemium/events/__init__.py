@@ -34,7 +34,7 @@ from alchemium.events.recording import (
 )
 from alchemium.events.relay import OutboxRelay, RelayStats
 from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry, off, on
-from alchemium.events.testing import capture_events
+from alchemium.events.testing import capture_events, capture_on_commit
 
 __all__ = [
     "AuditEntry",
@@ -55,6 +55,7 @@ __all__ = [
     "add_before_commit_hook",
     "audit_history",
     "capture_events",
+    "capture_on_commit",
     "create_audit_table",
     "create_outbox_tables",
     "default_outbox",

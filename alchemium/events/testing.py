@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 from alchemium.events.dispatch import watch_commits
 from alchemium.events.event import DomainEvent
 
-__all__ = ["capture_events"]
+__all__ = ["capture_events", "capture_on_commit"]
 
 
 @contextmanager
@@ -21,3 +23,35 @@ def capture_events() -> Iterator[list[DomainEvent]]:
     captured: list[DomainEvent] = []
     with watch_commits(captured.extend):
         yield captured
+
+
+_on_commit: ContextVar[tuple[list[Callable[[], Any]], bool] | None] = ContextVar(
+    "alchemium_on_commit_capture", default=None
+)
+
+
+@contextmanager
+def capture_on_commit(*, execute: bool = False) -> Iterator[list[Callable[[], Any]]]:
+    """Yield a list that receives the ``on_commit`` callbacks of units of work committed inside.
+
+    With ``execute=False`` (the default) they are collected instead of run, so a test
+    can look at them and call them itself (an async callback returns a coroutine to
+    await); with ``execute=True`` they also run as usual. Callbacks of units of work
+    (or savepoints) that roll back never appear.
+    """
+    captured: list[Callable[[], Any]] = []
+    token = _on_commit.set((captured, execute))
+    try:
+        yield captured
+    finally:
+        _on_commit.reset(token)
+
+
+def intercept_on_commit(callbacks: Sequence[Callable[[], Any]]) -> bool:
+    """Called by the unit of work after commit; False if a capture took the callbacks."""
+    capture = _on_commit.get()
+    if capture is None:
+        return True
+    captured, execute = capture
+    captured.extend(callbacks)
+    return execute

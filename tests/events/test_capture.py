@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from alchemium import UnitOfWork
-from alchemium.events import DomainEvent, SubscriberRegistry, capture_events
+from alchemium.events import DomainEvent, SubscriberRegistry, capture_events, capture_on_commit
 from tests.models import UserRepository
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -74,3 +74,37 @@ async def test_capture_events_without_outbox_or_subscribers(
     with capture_events() as events:
         await create(sessions, registry, "Alice")
     assert [e.name for e in events] == ["user_created"]
+
+
+async def test_capture_on_commit_collects_callbacks_instead_of_running_them(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    ran: list[str] = []
+
+    async def notify() -> None:
+        ran.append("async")
+
+    with capture_on_commit() as callbacks:
+        async with UnitOfWork(session_factory) as uow:
+            uow.on_commit(lambda: ran.append("sync"))
+            uow.on_commit(notify)
+        with pytest.raises(RuntimeError):
+            async with UnitOfWork(session_factory) as uow:
+                uow.on_commit(lambda: ran.append("rolled back"))
+                raise RuntimeError
+    assert ran == []  # collected, not run
+    assert len(callbacks) == 2
+    callbacks[0]()
+    await callbacks[1]()
+    assert ran == ["sync", "async"]
+
+
+async def test_capture_on_commit_with_execute_runs_them_too(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    ran: list[int] = []
+    with capture_on_commit(execute=True) as callbacks:
+        async with UnitOfWork(session_factory) as uow:
+            uow.on_commit(lambda: ran.append(1))
+    assert ran == [1]
+    assert len(callbacks) == 1
