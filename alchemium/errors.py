@@ -420,7 +420,7 @@ def raise_mapped(err: BaseException, session: Any = None) -> NoReturn:
     ``session`` helps name the row of an optimistic-locking conflict.
     """
     if isinstance(err, StaleDataError):
-        raise _conflict(session) from err
+        raise _stale(err, session) from err
     if isinstance(err, sa_exc.PendingRollbackError):
         raise TransactionError(
             "the transaction already failed (an earlier error was caught and ignored); "
@@ -438,25 +438,43 @@ def raise_mapped(err: BaseException, session: Any = None) -> NoReturn:
     raise mapped from err
 
 
-_VERSIONED_KEY = "alchemium.versioned_in_flush"
+_FLUSHED_KEY = "alchemium.rows_in_flush"
+_STALE_TABLE = re.compile(r"on table '([^']+)'")
 
 
 @sa_event.listens_for(Session, "before_flush")
-def _remember_versioned(session: Session, _context: Any, _instances: Any) -> None:
-    """Note the versioned rows a flush updates or deletes: a failed flush forgets them."""
+def _remember_flushed_rows(session: Session, _context: Any, _instances: Any) -> None:
+    """Note the stored rows a flush updates or deletes: a failed flush forgets them."""
     found = []
     for obj in [*session.dirty, *session.deleted]:
         state = sa_inspect(obj)
-        if state.mapper.version_id_col is not None and state.identity:
-            found.append((type(obj).__name__, state.identity))
-    if found or _VERSIONED_KEY in session.info:
-        session.info[_VERSIONED_KEY] = found
+        if state.identity:
+            mapper = state.mapper
+            found.append(
+                (
+                    type(obj).__name__,
+                    mapper.local_table.name,
+                    state.identity,
+                    mapper.version_id_col is not None,
+                )
+            )
+    if found or _FLUSHED_KEY in session.info:
+        session.info[_FLUSHED_KEY] = found
 
 
-def _conflict(session: Any) -> ConcurrencyConflictError:
-    # StaleDataError does not say which object; the versioned one being flushed is it.
-    candidates = session.info.get(_VERSIONED_KEY, []) if session is not None else []
-    if candidates:
-        name, identity = candidates[0]
-        return ConcurrencyConflictError(name, identity[0] if len(identity) == 1 else identity)
-    return ConcurrencyConflictError("row", None)
+def _stale(err: StaleDataError, session: Any) -> AlchemiumError:
+    """The row a failed UPDATE/DELETE matched no longer: changed (versioned) or gone.
+
+    StaleDataError names only the table; the row is the one of that table the flush
+    was writing. With a version column the row may still exist in a newer version
+    (ConcurrencyConflictError); without one, the row is gone (NotFoundError).
+    """
+    candidates = session.info.get(_FLUSHED_KEY, []) if session is not None else []
+    match = _STALE_TABLE.search(str(err))
+    if match:
+        candidates = [c for c in candidates if c[1] == match.group(1)] or candidates
+    if not candidates:
+        return ConcurrencyConflictError("row", None)
+    name, _table, identity, versioned = candidates[0]
+    key = identity[0] if len(identity) == 1 else identity
+    return ConcurrencyConflictError(name, key) if versioned else NotFoundError(name, key)

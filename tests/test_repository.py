@@ -785,3 +785,17 @@ async def test_delete_of_a_row_removed_by_another_transaction_meanwhile(
         with pytest.raises(NotFoundError, match="User"):
             await UserRepository.delete(uow.session, user)
             await uow.flush()
+
+
+async def test_update_of_a_row_deleted_meanwhile_raises_not_found(session_factory: Factory) -> None:
+    await seed_users(session_factory, 1)
+    with pytest.raises(NotFoundError, match="User") as info:
+        async with UnitOfWork(session_factory) as uow:
+            user = await UserRepository.get_one_or_raise(uow.session, {"name": "user0"})
+            user_id = user.id
+            async with UnitOfWork(session_factory) as other:
+                assert await UserRepository.delete_where(other.session, {"id": user_id}) == 1
+            UserRepository.update(user, {"position": "lead"})
+    assert info.value.criteria == user_id
+    assert type(info.value.__cause__).__name__ == "StaleDataError"
+    assert await user_count(session_factory) == 0
