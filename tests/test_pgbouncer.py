@@ -140,3 +140,39 @@ async def test_errors_map_the_same_behind_pgbouncer(
             await UserRepository.create(uow.session, {"name": "dup"})
     async with UnitOfWork(bouncer_factory) as uow:
         assert await UserRepository.count(uow.session, {"name": "dup"}) == 1
+
+
+async def test_relay_delivers_through_pgbouncer_even_when_listen_cannot_work(
+    bouncer_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    from alchemium.events import (
+        OutboxRelay,
+        SubscriberRegistry,
+        create_outbox_tables,
+        disable_outbox,
+        enable_outbox,
+    )
+    from tests.events.relay_support import Sink, eventually
+    from tests.models import Base
+
+    outbox = enable_outbox(Base.metadata)
+    await create_outbox_tables(bouncer_factory.kw["bind"], outbox)
+    registry = SubscriberRegistry("pgbouncer")
+    registry.add_destination("sink")
+    sink = Sink()
+    # LISTEN through transaction pooling is accepted but notifications never arrive:
+    # polling must deliver everything anyway.
+    relay = OutboxRelay(bouncer_factory, sink, outbox=outbox, poll_interval=0.2)
+    task = asyncio.create_task(relay.run())
+    try:
+        for i in range(3):
+            async with UnitOfWork(bouncer_factory, registry=registry, outbox=outbox) as uow:
+                await UserRepository.create_many(
+                    uow.session, [{"name": f"r{i}-{j}"} for j in range(10)]
+                )
+        await eventually(lambda: len(sink.received) == 30, timeout=20)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 20)
+        disable_outbox()
+    assert len(set(sink.ids())) == 30

@@ -24,8 +24,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from alchemium.errors import OutboxError
 from alchemium.events.event import DomainEvent
 from alchemium.events.outbox import Outbox, autocommit, utcnow
 from alchemium.events.recording import RecordedChange
@@ -127,9 +129,18 @@ async def write_events(
         for destination in destinations[event.name]:
             rows.append((event, destination, False))
             external = True
-    await outbox.write(
-        session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
-    )
+    try:
+        await outbox.write(
+            session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
+        )
+    except sa_exc.DBAPIError as err:
+        if session.bind is not None and not await outbox.tables_exist(session.bind):
+            raise OutboxError(
+                f"the outbox tables ({outbox.events.name}, {outbox.deliveries.name}) do not "
+                "exist: create them with metadata.create_all(...) or "
+                "await create_outbox_tables(engine)"
+            ) from err
+        raise
     return Delivery(outbox=outbox, token=token, plan=plan)
 
 

@@ -46,6 +46,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    inspect,
     literal,
     or_,
     select,
@@ -221,6 +222,17 @@ class Outbox:
         )
         Index(f"ix_{table_name}_delivery_token", self.deliveries.c.claim_token)
         Index(f"ix_{table_name}_occurred", self.events.c.occurred_at)
+
+    async def tables_exist(self, bind: AsyncEngine | AsyncConnection) -> bool:
+        """Whether both outbox tables exist (checked on a connection of its own)."""
+        engine = bind if isinstance(bind, AsyncEngine) else bind.engine
+        names = [(t.name, t.schema) for t in (self.events, self.deliveries)]
+        async with engine.connect() as conn:
+            return bool(
+                await conn.run_sync(
+                    lambda sync: all(inspect(sync).has_table(n, schema=s) for n, s in names)
+                )
+            )
 
     # -- writing (inside the committing transaction) ----------------------------------------
 

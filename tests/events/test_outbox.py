@@ -7,10 +7,10 @@ import decimal
 import uuid
 
 import pytest
-from sqlalchemy import MetaData, func, select, update
+from sqlalchemy import MetaData, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from alchemium import UnitOfWork
+from alchemium import OutboxError, UnitOfWork
 from alchemium.events import DomainEvent, SubscriberRegistry, create_outbox_tables
 from alchemium.events.outbox import Outbox, utcnow
 from tests.events.conftest import Received, count, deliveries, outbox_events
@@ -265,3 +265,17 @@ async def test_create_outbox_tables_and_a_custom_table_name(
     assert [r["name"] for r in await outbox_events(engine, custom)] == ["hello"]
     assert custom.events.name == "my_events"
     assert custom.deliveries.name == "my_events_delivery"
+
+
+async def test_missing_outbox_tables_give_a_clear_error_and_commit_nothing(
+    engine: AsyncEngine, session_factory: async_sessionmaker[AsyncSession], outbox: Outbox
+) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text(f"DROP TABLE {outbox.deliveries.name}"))
+        await conn.execute(text(f"DROP TABLE {outbox.events.name}"))
+    with pytest.raises(OutboxError, match="create_outbox_tables") as info:
+        async with UnitOfWork(session_factory) as uow:
+            await UserRepository.create(uow.session, {"name": "Alice"})
+    assert info.value.__cause__ is not None
+    async with UnitOfWork(session_factory) as uow:
+        assert await UserRepository.count(uow.session) == 0

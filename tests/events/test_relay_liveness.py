@@ -91,3 +91,32 @@ async def test_relay_reconnects_after_its_listen_connection_is_killed(
         f"\nLISTEN backend {old_pid} killed; relay listening again as {new_pid} "
         f"{reconnected_in:.1f}s later (gap covered by polling), stats {relay.stats}"
     )
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_one_notify_without_payload_per_committing_unit_of_work(
+    db_url: str,
+    session_factory: async_sessionmaker[AsyncSession],
+    outbox: Outbox,
+    registry: SubscriberRegistry,
+) -> None:
+    import asyncpg
+
+    registry.add_destination("sink")
+    received: list[str] = []
+    conn = await asyncpg.connect(db_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.add_listener(outbox.channel, lambda *args: received.append(args[3]))
+        async with UnitOfWork(session_factory, registry=registry) as uow:
+            await UserRepository.create_many(uow.session, [{"name": f"n{i}"} for i in range(25)])
+            uow.record("custom", aggregate_type="x", aggregate_id=1)
+        async with UnitOfWork(session_factory, registry=registry) as uow:
+            await UserRepository.count(uow.session)  # no events: no NOTIFY
+        async with UnitOfWork(session_factory, registry=registry) as uow:
+            await UserRepository.create(uow.session, {"name": "last"})
+        await eventually(lambda: len(received) >= 2, timeout=5)
+        await asyncio.sleep(0.3)  # would-be extra notifications arrive by now
+    finally:
+        await conn.close()
+    # 26 events in one commit, 0 in the next, 1 in the last: one NOTIFY each, empty payload.
+    assert received == ["", ""]
