@@ -1,4 +1,4 @@
-"""All-or-nothing under injected faults: the outbox holds an event iff its change committed.
+"""All-or-nothing under injected faults: outbox events and audit rows iff the change committed.
 
 Hundreds of randomized units of work each create a user, maybe update another
 and record a custom event; a fault is injected at a random point (the user's own
@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import AlchemiumError, UnitOfWork
+from alchemium.events import create_audit_table, disable_audit, enable_audit
 from alchemium.events.outbox import Outbox
-from tests.models import User, UserRepository
+from tests.models import Base, User, UserRepository
 
 FAULTS = [
     "none",
@@ -76,6 +78,23 @@ async def _run(
 ) -> None:
     rng = random.Random(seed)
     factory = async_sessionmaker(engine, expire_on_commit=False)
+    audit = enable_audit(Base.metadata)
+    await create_audit_table(engine, audit)
+    try:
+        await _faulted_units(engine, factory, outbox, audit.table, units, stats, rng)
+    finally:
+        disable_audit()
+
+
+async def _faulted_units(
+    engine: AsyncEngine,
+    factory: async_sessionmaker[AsyncSession],
+    outbox: Outbox,
+    audit: Any,
+    units: int,
+    stats: Counter[str],
+    rng: random.Random,
+) -> None:
     async with UnitOfWork(factory) as uow:
         await UserRepository.create_many(uow.session, [{"name": "seed-0"}, {"name": "seed-1"}])
     pg = engine.dialect.name == "postgresql"
@@ -121,6 +140,18 @@ async def _run(
         rows = await uow.session.execute(select(User.name, User.id))
         ids = {row.name: row.id for row in rows}
         total = (await uow.session.execute(select(func.count()).select_from(ev))).scalar_one()
+        audited = Counter(
+            (
+                await uow.session.execute(
+                    select(audit.c.entity_id).where(
+                        audit.c.entity == "user", audit.c.action == "created"
+                    )
+                )
+            ).scalars()
+        )
+        audit_total = (
+            await uow.session.execute(select(func.count()).select_from(audit))
+        ).scalar_one()
     assert users == expected_ok
     assert set(probes) == users, "a probe event exists iff its unit of work committed"
     assert all(count == 1 for count in probes.values())
@@ -128,6 +159,9 @@ async def _run(
     assert all(count == 1 for count in created.values())
     # seed rows: 2 created events; each committed unit: one user_created + one probe.
     assert total == 2 + 2 * len(users)
+    # audit rows likewise: one per committed user change, none for rolled-back work
+    assert audited == created, "an audit row exists iff the user change committed"
+    assert audit_total == len(ids)
     stats["events_committed"] += total
 
 
