@@ -14,7 +14,7 @@ import enum
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import inspect
@@ -72,6 +72,11 @@ class ModelInfo:
     primary_key: tuple[str, ...]
     soft_delete_column: str | None = None
     tenant_column: str | None = None
+    # Per column: the exact value types that pass the type check of check_value at once,
+    # and what is left to check for them (see _fast_check). Derived from the columns.
+    fast_checks: dict[str, tuple[frozenset[type], tuple[int, int] | int | None]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def column(self, key: str) -> Column[Any]:
         """The column for attribute ``key``, or FieldNotFoundError naming the valid ones."""
@@ -93,6 +98,17 @@ class ModelInfo:
         """
         if value is None:
             return
+        fast = self.fast_checks.get(key)
+        if fast is not None and type(value) in fast[0]:
+            # The common case, decided without the general checks below (same outcome).
+            bound = fast[1]
+            if bound is None:
+                return
+            if isinstance(bound, tuple):
+                if bound[0] <= value <= bound[1]:  # type: ignore[operator]
+                    return
+            elif what != "value" or len(value) <= bound:  # type: ignore[arg-type]
+                return
         expected = self.python_types.get(key)
         if expected is None:
             return
@@ -127,6 +143,15 @@ class ModelInfo:
         its identity key is used then.
         """
         state = inspect(obj)
+        primary_key = self.primary_key
+        if len(primary_key) == 1:
+            # The same result as below, without the generators, for the usual single key.
+            values = state.dict
+            key = primary_key[0]
+            if key in values:
+                return str(values[key])
+            identity = state.identity
+            return str(identity[0]) if identity is not None else "None"
         if state.identity is not None and any(k not in state.dict for k in self.primary_key):
             return ":".join(str(v) for v in state.identity)
         return self.key_of(state.dict)
@@ -148,8 +173,8 @@ def _does_not_fit(column: Column[Any], value: object, *, data: bool) -> str | No
     """Why ``value`` (already of the right Python type) does not fit ``column``, or None."""
     kind = column.type
     if isinstance(value, int) and not isinstance(value, bool) and isinstance(kind, Integer):
+        low, high = _int_range(kind)
         bits = next(b for cls, b in _INT_BITS if isinstance(kind, cls))
-        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         if not low <= value <= high:
             return f"is out of range for a {bits}-bit integer column ({low}..{high})"
         return None
@@ -172,6 +197,32 @@ def _does_not_fit(column: Column[Any], value: object, *, data: bool) -> str | No
                 f"has more than {digits} digits before the decimal point, too many for "
                 f"Numeric({kind.precision}, {kind.scale or 0})"
             )
+    return None
+
+
+def _int_range(kind: Integer) -> tuple[int, int]:
+    bits = next(b for cls, b in _INT_BITS if isinstance(kind, cls))
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _fast_check(
+    column: Column[Any], expected: type | None
+) -> tuple[frozenset[type], tuple[int, int] | int | None] | None:
+    """What ``check_value`` needs for values of the column's own exact Python type.
+
+    ``(types, bound)``: a value whose ``type()`` is in ``types`` has the right type;
+    ``bound`` is then the integer range it must lie in (a tuple), the maximum length
+    of a string (an int, checked for data only) or None (nothing more to check).
+    None: no shortcut, the general checks apply.
+    """
+    kind = column.type
+    if expected is int and isinstance(kind, Integer):
+        return frozenset({int}), _int_range(kind)
+    if expected is str:
+        length = kind.length if isinstance(kind, String) else None
+        return frozenset({str}), length
+    if expected in (dt.datetime, dt.date, uuid.UUID, bool) and not isinstance(kind, Numeric):
+        return frozenset({expected}), None
     return None
 
 
@@ -243,13 +294,20 @@ def _inspect_model(model: type[Any]) -> ModelInfo:
             if isinstance(col, Column):
                 columns[prop.key] = col
     pk_keys = tuple(mapper.get_property_by_column(col).key for col in mapper.primary_key)
+    python_types = {key: _python_type(col) for key, col in columns.items()}
+    fast_checks: dict[str, tuple[frozenset[type], tuple[int, int] | int | None]] = {}
+    for key, col in columns.items():
+        fast = _fast_check(col, python_types[key])
+        if fast is not None:
+            fast_checks[key] = fast
     return ModelInfo(
         model=model,
         name=model.__name__,
         entity=snake_case(model.__name__),
         mapper=mapper,
         columns=columns,
-        python_types={key: _python_type(col) for key, col in columns.items()},
+        python_types=python_types,
         relationships={rel.key: rel for rel in mapper.relationships},
         primary_key=pk_keys,
+        fast_checks=fast_checks,
     )

@@ -29,7 +29,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     and_,
+    bindparam,
     delete,
     exists,
     false,
@@ -67,9 +69,11 @@ from alchemium.errors import (
 from alchemium.events import recording
 from alchemium.events.event import json_safe
 from alchemium.filters import (
+    OPERATORS,
     FilterSpec,
     OrderBySpec,
     RowScope,
+    _check_operand,
     build_where,
     eager_load_options,
     order_by_clauses,
@@ -395,10 +399,15 @@ class CrudRepository(Generic[ModelT]):
         """
         info = cls._info()
         scope = cls._scope(asession, info, include_deleted=include_deleted)
-        stmt = cls._select(info, filters, scope=scope, order_by=order_by, joins=joins)
-        stmt = stmt.limit(2 if strict else 1)
+        limit = 2 if strict else 1
+        cached = _cached_select(info, filters, scope, order_by, joins, fixed_limit=limit)
+        if cached is not None:
+            stmt, params = cached
+        else:
+            stmt = cls._select(info, filters, scope=scope, order_by=order_by, joins=joins)
+            stmt, params = stmt.limit(limit), None
         with session_operation(asession, "get_one()"):
-            found = list((await asession.scalars(stmt)).all())
+            found = list((await asession.scalars(stmt, params)).all())
         if strict and len(found) > 1:
             raise MultipleResultsError(info.name, filters)
         return found[0] if found else None
@@ -442,13 +451,18 @@ class CrudRepository(Generic[ModelT]):
         """Objects matching ``filters``, ordered, from ``skip`` for at most ``limit`` rows."""
         info = cls._info()
         scope = cls._scope(asession, info, include_deleted=include_deleted)
-        stmt = cls._select(info, filters, scope=scope, order_by=order_by, joins=joins)
-        if skip is not None:
-            stmt = stmt.offset(_check_int(info, "skip", skip, 0))
-        if limit is not None:
-            stmt = stmt.limit(_check_int(info, "limit", limit, 0))
+        cached = _cached_select(info, filters, scope, order_by, joins, skip=skip, limit=limit)
+        if cached is not None:
+            stmt, params = cached
+        else:
+            stmt = cls._select(info, filters, scope=scope, order_by=order_by, joins=joins)
+            if skip is not None:
+                stmt = stmt.offset(_check_int(info, "skip", skip, 0))
+            if limit is not None:
+                stmt = stmt.limit(_check_int(info, "limit", limit, 0))
+            params = None
         with session_operation(asession, "list()"):
-            return list((await asession.scalars(stmt)).all())
+            return list((await asession.scalars(stmt, params)).all())
 
     @classmethod
     async def first(
@@ -860,6 +874,166 @@ def _pk_match(info: ModelInfo, pk: Any) -> list[ColumnElement[bool]]:
             f"({', '.join(info.primary_key)}); got {pk!r}"
         )
     return [info.columns[k] == value for k, value in zip(info.primary_key, values, strict=True)]
+
+
+# -- statement cache for flat filter dicts ----------------------------------------------------
+#
+# get_one() and list() with a plain dict of column filters build the same SELECT again
+# and again with different values. The statement is built once per shape, with bind
+# parameters for the values (and the tenant, offset and limit), and reused: SQLAlchemy
+# then also reuses its cache key (memoized on the statement object) and compiled SQL.
+# The key holds the model, its soft-delete/tenant configuration, include_deleted, the
+# filter keys in order, the order_by names and the limit/offset shape, never a value.
+# Each call still validates every value exactly as build_where does. Anything else
+# (expressions, _or/_and/_not groups, relationship paths, values that are None, empty
+# lists or not exactly of the column's Python type, order_by expressions, joins) is
+# built uncached as before.
+
+_CACHEABLE_OPS = frozenset({"eq", "ne", "lt", "lte", "gt", "gte", "in", "not_in"})
+_STMT_CACHE_SIZE = 512
+_stmt_cache: dict[tuple[Any, ...], tuple[Select[Any], tuple[tuple[str, str, str, str], ...]]] = {}
+_TENANT_PARAM = "alchemium_tenant"
+_LIMIT_PARAM = "alchemium_limit"
+_OFFSET_PARAM = "alchemium_offset"
+
+
+def _cacheable_value(op: str, value: Any, expected: type | None) -> bool:
+    """Whether ``value`` binds as the column's own type, so the cached clause is the same.
+
+    Only values of exactly the column's Python type (no None, no empty list): for
+    others SQLAlchemy may pick another bind type (``coerce_compared_value``) or
+    another clause (IS NULL, false()).
+    """
+    if expected is None:
+        return False
+    if op in ("in", "not_in"):
+        return (
+            type(value) in (list, tuple)
+            and len(value) > 0
+            and all(type(v) is expected for v in value)
+        )
+    return type(value) is expected
+
+
+def _cached_select(
+    info: ModelInfo,
+    filters: FilterSpec,
+    scope: RowScope,
+    order_by: OrderBySpec,
+    joins: Iterable[str] | None,
+    *,
+    skip: int | None = None,
+    limit: int | None = None,
+    fixed_limit: int | None = None,
+) -> tuple[Select[Any], dict[str, Any]] | None:
+    """The cached statement and its parameters for a flat filter dict, or None (build it)."""
+    if joins or type(filters) is not dict:
+        return None
+    tenant_column = info.tenant_column
+    if tenant_column is not None and not _cacheable_value(
+        "eq", scope.tenant, info.python_types.get(tenant_column)
+    ):
+        return None
+    if order_by is None or type(order_by) is str:
+        order_key: Any = order_by
+    elif type(order_by) in (list, tuple) and all(type(o) is str for o in order_by):
+        order_key = tuple(order_by)
+    else:
+        return None
+    key = (
+        info.model,
+        info.soft_delete_column,
+        info.tenant_column,
+        scope.include_deleted,
+        tuple(filters),
+        order_key,
+        fixed_limit,
+        skip is not None,
+        limit is not None,
+    )
+    entry = _stmt_cache.get(key)
+    if entry is None:
+        entry = _build_cached(
+            info, filters, scope, order_by, skip=skip, limit=limit, fixed_limit=fixed_limit
+        )
+        if entry is None:
+            return None
+        if len(_stmt_cache) >= _STMT_CACHE_SIZE:
+            _stmt_cache.clear()
+        _stmt_cache[key] = entry
+    stmt, shape = entry
+    params: dict[str, Any] = {}
+    python_types = info.python_types
+    for value, (name, key_, field, op) in zip(filters.values(), shape, strict=True):
+        if not _cacheable_value(op, value, python_types.get(field)):
+            return None
+        _check_operand(info, field, op, value, key_)
+        params[name] = list(value) if op in ("in", "not_in") else value
+    if info.tenant_column is not None:
+        params[_TENANT_PARAM] = scope.tenant
+    if skip is not None:
+        params[_OFFSET_PARAM] = _check_int(info, "skip", skip, 0)
+    if limit is not None:
+        params[_LIMIT_PARAM] = _check_int(info, "limit", limit, 0)
+    return stmt, params
+
+
+def _build_cached(
+    info: ModelInfo,
+    filters: dict[str, Any],
+    scope: RowScope,
+    order_by: OrderBySpec,
+    *,
+    skip: int | None,
+    limit: int | None,
+    fixed_limit: int | None,
+) -> tuple[Select[Any], tuple[tuple[str, str, str, str], ...]] | None:
+    """A statement with bind parameters for this shape, or None if it is not cacheable."""
+    shape: list[tuple[str, str, str, str]] = []
+    for key, value in filters.items():
+        if type(key) is not str or not key or key.startswith("_") or key.endswith("__"):
+            return None
+        parts = key.split("__")
+        op = "eq"
+        if len(parts) > 1 and parts[-1] in OPERATORS:
+            op = parts.pop()
+        if len(parts) != 1 or parts[0] not in info.columns or op not in _CACHEABLE_OPS:
+            return None
+        if not _cacheable_value(op, value, info.python_types.get(parts[0])):
+            return None
+        shape.append((f"alchemium_f{len(shape)}", key, parts[0], op))
+    # Validates the whole request (values included) and raises as the uncached path would.
+    build_where(info.model, filters, scope=scope)
+    ordering = order_by_clauses(info.model, order_by)
+    model = info.model
+    clauses: list[ColumnElement[bool]] = []
+    if info.soft_delete_column is not None and not scope.include_deleted:
+        clauses.append(getattr(model, info.soft_delete_column).is_(None))
+    if info.tenant_column is not None:
+        column = info.columns[info.tenant_column]
+        clauses.append(
+            getattr(model, info.tenant_column) == bindparam(_TENANT_PARAM, type_=column.type)
+        )
+    for name, _key, field, op in shape:
+        attr = getattr(model, field)
+        expanding = op in ("in", "not_in")
+        param = bindparam(name, type_=info.columns[field].type, expanding=expanding)
+        if op == "in":
+            clauses.append(attr.in_(param))
+        elif op == "not_in":
+            clauses.append(or_(attr.not_in(param), attr.is_(None)))
+        else:
+            clauses.append(OPERATORS[op](attr, param))
+    stmt = select(model).where(*clauses)
+    if ordering:
+        stmt = stmt.order_by(*ordering)
+    if skip is not None:
+        stmt = stmt.offset(bindparam(_OFFSET_PARAM, type_=Integer))
+    if limit is not None:
+        stmt = stmt.limit(bindparam(_LIMIT_PARAM, type_=Integer))
+    if fixed_limit is not None:
+        stmt = stmt.limit(fixed_limit)
+    return stmt, tuple(shape)
 
 
 def _required_tenant(info: ModelInfo, session: Any) -> str:

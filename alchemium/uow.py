@@ -17,7 +17,7 @@ import contextlib
 import logging
 import random
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -188,26 +188,13 @@ class UnitOfWork:
             )
         return self._session
 
-    @contextlib.contextmanager
-    def _exclusive(self, what: str) -> Iterator[AsyncSession]:
+    def _exclusive(self, what: str) -> _Exclusive:
         """Refuse a second task using the session while an operation is in progress.
 
         Tasks may take turns; two at once would interleave statements on one
         connection (SQLAlchemy does not always notice), so the second one raises.
         """
-        session = self.session
-        current = asyncio.current_task()
-        if self._busy is not None and self._busy is not current and not self._busy.done():
-            raise UnitOfWorkError(
-                f"{what} called while another task is using this unit of work; "
-                "a UnitOfWork (like its session) belongs to one task at a time"
-            )
-        outer = self._busy
-        self._busy = current
-        try:
-            yield session
-        finally:
-            self._busy = outer
+        return _Exclusive(self, what, map_errors=False)
 
     async def flush(self) -> None:
         """Send pending changes to the database so generated values (ids) become visible."""
@@ -376,19 +363,56 @@ def _set_tenant_setting(session: Session, _transaction: Any, connection: Any) ->
     connection.execute(_SET_CONFIG, {"name": uow.tenant_setting, "value": tenant})
 
 
-@contextlib.contextmanager
-def session_operation(session: AsyncSession, what: str) -> Iterator[None]:
+class _Exclusive:
+    """``UnitOfWork._exclusive`` (and, with ``map_errors``, ``db_errors`` inside it).
+
+    A plain class rather than generator-based context managers: entered on every
+    repository call, so its cost counts.
+    """
+
+    __slots__ = ("_map_errors", "_outer", "_session", "_uow", "_what")
+
+    def __init__(self, uow: UnitOfWork, what: str, *, map_errors: bool) -> None:
+        self._uow = uow
+        self._what = what
+        self._map_errors = map_errors
+        self._outer: asyncio.Task[Any] | None = None
+        self._session: AsyncSession | None = None
+
+    def __enter__(self) -> AsyncSession:
+        uow = self._uow
+        session = self._session = uow.session
+        current = asyncio.current_task()
+        busy = uow._busy
+        if busy is not None and busy is not current and not busy.done():
+            raise UnitOfWorkError(
+                f"{self._what} called while another task is using this unit of work; "
+                "a UnitOfWork (like its session) belongs to one task at a time"
+            )
+        self._outer = busy
+        uow._busy = current
+        return session
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self._uow._busy = self._outer
+        if self._map_errors and isinstance(exc, Exception):
+            raise_mapped(exc, self._session)
+
+
+def session_operation(session: AsyncSession, what: str) -> contextlib.AbstractContextManager[Any]:
     """Around one repository call: map database errors, and refuse concurrent tasks.
 
     Outside a UnitOfWork only the error mapping applies.
     """
     uow = current_unit_of_work(session)
     if uow is None:
-        with db_errors(session):
-            yield
-        return
-    with uow._exclusive(what), db_errors(session):
-        yield
+        return db_errors(session)
+    return _Exclusive(uow, what, map_errors=True)
 
 
 async def _begin_sqlite_transaction(session: AsyncSession) -> None:

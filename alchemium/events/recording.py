@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event as sa_event
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.base import NO_VALUE
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
 
 from alchemium.context import current_unit_of_work
 from alchemium.events.event import DomainEvent, json_safe
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 _OLD_KEY = "alchemium.old_values"
+_NO_KEY = object()
+_source_classes = False  # set when the first EventSourceMixin subclass is defined
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,21 +62,30 @@ class EntityConfig:
 
 
 _entities: dict[type[Any], EntityConfig] = {}
+_resolved: dict[type[Any], EntityConfig | None] = {}  # entity_config per class, by __mro__
 _hooks: list[Hook] = []
 
 
 def register_entity(model: type[Any], *, entity: str, enabled: bool = True) -> None:
     """Record change events for ``model`` under the prefix ``entity`` (or not, if disabled)."""
     _entities[model] = EntityConfig(entity=entity, enabled=enabled)
+    _resolved.clear()
 
 
 def entity_config(cls: type[Any]) -> EntityConfig | None:
     """The configuration for ``cls`` or its nearest registered base class."""
+    try:
+        return _resolved[cls]
+    except KeyError:
+        pass
+    found = None
     for klass in cls.__mro__:
         config = _entities.get(klass)
         if config is not None:
-            return config
-    return None
+            found = config
+            break
+    _resolved[cls] = found
+    return found
 
 
 CHANGE_ACTIONS = ("created", "updated", "deleted", "upserted", "restored")
@@ -207,9 +219,14 @@ def _enabled(obj: object) -> ModelInfo | None:
 
 
 def _diff(obj: object, info: ModelInfo, loaded: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    state = inspect(obj)
+    state = instance_state(obj)
+    # Only an attribute set since the load has history to report (its committed value
+    # is kept in committed_state); the others are skipped without building a History.
+    committed = state.committed_state
     changes: dict[str, dict[str, Any]] = {}
     for key in info.columns:
+        if key not in committed:
+            continue
         history = state.attrs[key].history
         if not history.added:
             continue
@@ -234,13 +251,20 @@ def _before_flush(session: Session, _flush_context: Any, _instances: Any) -> Non
     unknown: dict[Any, tuple[ModelInfo, list[str]]] = {}
     for obj in session.dirty:
         info = _enabled(obj)
-        state = inspect(obj)
+        state = instance_state(obj)
         if info is None or state.identity is None:
             continue
+        # Only an attribute set while expired has no committed value (NO_VALUE or
+        # PASSIVE_NO_RESULT in committed_state, so no "deleted" history): the others are
+        # skipped without building their History.
+        committed = state.committed_state
         keys = [
             k
             for k in info.columns
-            if (h := state.attrs[k].history).added and not h.deleted and not h.unchanged
+            if ((stored := committed.get(k, _NO_KEY)) is NO_VALUE or stored is PASSIVE_NO_RESULT)
+            and (h := state.attrs[k].history).added
+            and not h.deleted
+            and not h.unchanged
         ]
         if keys:
             unknown[state] = (info, keys)
@@ -266,16 +290,16 @@ def _after_flush(session: Session, _flush_context: Any) -> None:
     for obj in session.new:
         info = _enabled(obj)
         if info is not None:
-            _add(uow, info, "created", info.identity(obj), _columns(info, inspect(obj).dict))
+            _add(uow, info, "created", info.identity(obj), _columns(info, instance_state(obj).dict))
     for obj in session.dirty:
         info = _enabled(obj)
         if info is not None:
-            changes = _diff(obj, info, loaded.get(inspect(obj), {}))
+            changes = _diff(obj, info, loaded.get(instance_state(obj), {}))
             column = info.soft_delete_column
             soft = changes.pop(column, None) if column is not None else None
             if soft is not None and column is not None:
                 # Stamping the soft-delete column is a delete, clearing it a restore.
-                values = _columns(info, inspect(obj).dict)
+                values = _columns(info, instance_state(obj).dict)
                 if soft["old"] is None:
                     _add(uow, info, "deleted", info.identity(obj), {**values, "soft": True})
                 elif soft["new"] is None:
@@ -340,6 +364,11 @@ class EventSourceMixin:
     the order (its key known by then). The payload is checked for JSON-safety at once.
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        global _source_classes
+        _source_classes = True
+
     def record_event(
         self, name: str, payload: Mapping[str, Any] | None = None, **metadata: Any
     ) -> None:
@@ -359,6 +388,10 @@ class EventSourceMixin:
 
 
 def _sources(uow: UnitOfWork, session: Any) -> list[EventSourceMixin]:
+    if not _source_classes:
+        # No EventSourceMixin subclass exists, so no object of the session is one.
+        uow._seen_sources.clear()
+        return []
     seen = [*session.identity_map.values(), *session.new, *uow._seen_sources]
     uow._seen_sources.clear()
     unique = {id(obj): obj for obj in seen if isinstance(obj, EventSourceMixin)}
