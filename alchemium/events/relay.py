@@ -493,5 +493,19 @@ class OutboxRelay:
             finally:
                 self._listening.clear()
                 if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                    await _close_listen_connection(conn)
+
+
+async def _close_listen_connection(conn: Any) -> None:
+    """Close the LISTEN connection; if that fails or is interrupted, abort it.
+
+    A connection to a server that just restarted may never answer the goodbye; ``terminate``
+    closes the socket at once, so no connection is left for the garbage collector.
+    """
+    try:
+        await asyncio.wait_for(conn.close(), 2)
+    except BaseException as err:
+        conn.terminate()
+        if not isinstance(err, Exception):
+            raise  # cancellation and exits go on once the socket is closed
+        logger.debug("LISTEN connection did not close cleanly; aborted it", exc_info=True)
