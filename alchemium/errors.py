@@ -46,8 +46,8 @@ from typing import Any, NoReturn
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.exc import StaleDataError
 
 __all__ = [
@@ -444,20 +444,16 @@ _STALE_TABLE = re.compile(r"on table '([^']+)'")
 
 @sa_event.listens_for(Session, "before_flush")
 def _remember_flushed_rows(session: Session, _context: Any, _instances: Any) -> None:
-    """Note the stored rows a flush updates or deletes: a failed flush forgets them."""
-    found = []
-    for obj in [*session.dirty, *session.deleted]:
-        state = sa_inspect(obj)
-        if state.identity:
-            mapper = state.mapper
-            found.append(
-                (
-                    type(obj).__name__,
-                    mapper.local_table.name,
-                    state.identity,
-                    mapper.version_id_col is not None,
-                )
-            )
+    """Note the stored rows a flush updates or deletes: a failed flush forgets them.
+
+    Keeps the instance states only (a flush's hot path); ``_stale`` reads their class,
+    table and identity if the flush fails, and a state keeps those across the rollback.
+    """
+    found = [
+        state
+        for state in map(instance_state, (*session.dirty, *session.deleted))
+        if state.key is not None
+    ]
     if found or _FLUSHED_KEY in session.info:
         session.info[_FLUSHED_KEY] = found
 
@@ -472,9 +468,12 @@ def _stale(err: StaleDataError, session: Any) -> AlchemiumError:
     candidates = session.info.get(_FLUSHED_KEY, []) if session is not None else []
     match = _STALE_TABLE.search(str(err))
     if match:
-        candidates = [c for c in candidates if c[1] == match.group(1)] or candidates
+        table = match.group(1)
+        candidates = [s for s in candidates if s.mapper.local_table.name == table] or candidates
     if not candidates:
         return ConcurrencyConflictError("row", None)
-    name, _table, identity, versioned = candidates[0]
+    state = candidates[0]
+    name, identity = state.class_.__name__, state.identity
+    versioned = state.mapper.version_id_col is not None
     key = identity[0] if len(identity) == 1 else identity
     return ConcurrencyConflictError(name, key) if versioned else NotFoundError(name, key)

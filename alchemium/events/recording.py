@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event as sa_event
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_RESULT
+from sqlalchemy.orm.attributes import get_history, instance_state
+from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESULT
 
 from alchemium.context import current_unit_of_work
 from alchemium.events.event import DomainEvent, json_safe
@@ -222,12 +222,13 @@ def _diff(obj: object, info: ModelInfo, loaded: Mapping[str, Any]) -> dict[str, 
     state = instance_state(obj)
     # Only an attribute set since the load has history to report (its committed value
     # is kept in committed_state); the others are skipped without building a History.
+    # get_history rather than state.attrs, which builds an AttributeState per column.
     committed = state.committed_state
     changes: dict[str, dict[str, Any]] = {}
     for key in info.columns:
         if key not in committed:
             continue
-        history = state.attrs[key].history
+        history = get_history(obj, key, PASSIVE_NO_INITIALIZE)
         if not history.added:
             continue
         new = history.added[0]
@@ -262,12 +263,15 @@ def _before_flush(session: Session, _flush_context: Any, _instances: Any) -> Non
             k
             for k in info.columns
             if ((stored := committed.get(k, _NO_KEY)) is NO_VALUE or stored is PASSIVE_NO_RESULT)
-            and (h := state.attrs[k].history).added
+            and (h := get_history(obj, k, PASSIVE_NO_INITIALIZE)).added
             and not h.deleted
             and not h.unchanged
         ]
         if keys:
             unknown[state] = (info, keys)
+    if not unknown:
+        session.info.pop(_OLD_KEY, None)  # left by a flush that failed
+        return
     old: dict[Any, dict[str, Any]] = {}
     with session.no_autoflush:
         for state, (info, keys) in unknown.items():
