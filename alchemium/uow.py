@@ -36,7 +36,13 @@ from alchemium.errors import (
     db_errors,
     raise_mapped,
 )
-from alchemium.events.dispatch import dispatch_events, events_to_commit, write_events
+from alchemium.events.dispatch import (
+    Delivery,
+    dispatch_events,
+    events_to_commit,
+    local_delivery,
+    write_events,
+)
 from alchemium.events.event import DomainEvent
 from alchemium.events.outbox import Outbox, default_outbox
 from alchemium.events.recording import (
@@ -44,6 +50,7 @@ from alchemium.events.recording import (
     collect_object_events,
     discard_object_events,
     global_before_commit_hooks,
+    has_before_commit_hooks,
 )
 from alchemium.events.subscribers import SubscriberRegistry, default_registry
 from alchemium.events.testing import intercept_on_commit
@@ -209,19 +216,55 @@ class UnitOfWork:
         """
         with self._exclusive("UnitOfWork.commit()") as session:
             with db_errors(session):
-                await session.flush()
-                collect_object_events(self, session)
-                for hook in [*global_before_commit_hooks(), *self._before_commit]:
-                    await hook(self)
+                if self.outbox is None and not (self._before_commit or has_before_commit_hooks()):
+                    events, delivery, callbacks = await self._flush_and_commit(session)
+                else:
                     await session.flush()
-                recorded, callbacks = list(self._events), list(self._callbacks)
-                self._events.clear()
-                self._callbacks.clear()
-                events = events_to_commit(self, recorded)
-                delivery = await write_events(self, session, events)
-                await _uncancellable(session.commit())
+                    collect_object_events(self, session)
+                    for hook in [*global_before_commit_hooks(), *self._before_commit]:
+                        await hook(self)
+                        await session.flush()
+                    events, callbacks = self._take()
+                    delivery = await write_events(self, session, events)
+                    await _uncancellable(session.commit())
             await dispatch_events(self, session, events, delivery)
             await _run_callbacks(callbacks)
+
+    def _take(self) -> tuple[list[DomainEvent], list[Callback]]:
+        """Hand over what this transaction recorded, building the events something will see.
+
+        Runs before COMMIT: an event that cannot be built aborts the unit of work.
+        """
+        recorded, callbacks = list(self._events), list(self._callbacks)
+        self._events.clear()
+        self._callbacks.clear()
+        return events_to_commit(self, recorded), callbacks
+
+    async def _flush_and_commit(
+        self, session: AsyncSession
+    ) -> tuple[list[DomainEvent], Delivery | None, list[Callback]]:
+        """Flush and COMMIT in one pass through SQLAlchemy's greenlet bridge.
+
+        For a commit with no I/O to do between the last flush and COMMIT (no outbox to
+        write, no before-commit hook): the separate ``await flush()`` costs about 4% of
+        a one-row unit of work. Object events are collected and the events taken before
+        COMMIT as on the other path, and only the COMMIT is shielded: the flush stays
+        cancellable.
+        """
+        taken: tuple[list[DomainEvent], list[Callback]] = ([], [])
+        committing = False
+
+        def flush_and_commit(sync_session: Session) -> None:
+            nonlocal taken, committing
+            sync_session.flush()
+            collect_object_events(self, sync_session)
+            taken = self._take()
+            committing = True
+            sync_session.commit()
+
+        await _uncancellable(session.run_sync(flush_and_commit), shield=lambda: committing)
+        events, callbacks = taken
+        return events, local_delivery(self, events), callbacks
 
     async def rollback(self) -> None:
         """Roll back the transaction and discard recorded events and callbacks."""
@@ -470,14 +513,18 @@ class _Shielded:
 
 
 @types.coroutine
-def _uncancellable(awaitable: Awaitable[T]) -> Generator[Any, None, T]:
+def _uncancellable(
+    awaitable: Awaitable[T], *, shield: Callable[[], bool] | None = None
+) -> Generator[Any, None, T]:
     """Run ``awaitable`` to completion even if the caller is cancelled meanwhile.
 
     Used for COMMIT, ROLLBACK and close: abandoning them half-way would leave the
     connection in an unknown state or outside the pool. A cancellation received
     meanwhile is re-raised once the awaitable has finished (like ``asyncio.shield``
     around a task, but run inline in the caller's task: no extra task, no extra
-    event loop iterations on the common, uncancelled path).
+    event loop iterations on the common, uncancelled path). With ``shield``, only
+    the waits that begin while ``shield()`` is true are protected; a cancellation
+    before that interrupts the awaitable as usual.
     """
     steps = awaitable.__await__()
     cancelled = False
@@ -490,7 +537,7 @@ def _uncancellable(awaitable: Awaitable[T]) -> Generator[Any, None, T]:
             break
         thrown = None
         future = yielded if getattr(yielded, "_asyncio_future_blocking", False) else None
-        if future is not None:
+        if future is not None and (shield is None or shield()):
             future._asyncio_future_blocking = False  # as the task would have done
             yielded = _Shielded(future)
         try:

@@ -85,6 +85,19 @@ def outbox() -> Iterator[Outbox]:
     disable_outbox()
 
 
+@pytest.fixture(params=["outbox", "no_outbox"])
+def both_commit_paths(request: pytest.FixtureRequest, outbox: Outbox) -> str:
+    """Run a test on both commit paths of UnitOfWork.
+
+    ``outbox``: the default outbox is enabled, so every commit flushes, writes the
+    outbox rows and then commits. ``no_outbox``: nothing runs between the last flush
+    and COMMIT, so both go through SQLAlchemy's greenlet bridge in one pass.
+    """
+    if request.param == "no_outbox":
+        disable_outbox()
+    return str(request.param)
+
+
 @pytest.fixture
 async def engine(db_url: str, outbox: Outbox) -> AsyncIterator[AsyncEngine]:
     eng = (

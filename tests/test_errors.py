@@ -32,6 +32,7 @@ from tests.models import (
 )
 
 Factory = async_sessionmaker[AsyncSession]
+pytestmark = pytest.mark.usefixtures("both_commit_paths")
 
 
 async def rows(factory: Factory, model: type[Any]) -> int:

@@ -22,6 +22,7 @@ from tests.conftest import make_engine
 from tests.models import User, UserRepository
 
 Factory = async_sessionmaker[AsyncSession]
+pytestmark = pytest.mark.usefixtures("both_commit_paths")
 
 
 async def user_names(factory: Factory) -> list[str]:
@@ -228,6 +229,40 @@ async def test_cancellation_at_random_points_leaves_only_whole_units(
     firsts = {n[1:] for n in names if n.startswith("a")}
     seconds = {n[1:] for n in names if n.startswith("b")}
     assert firsts == seconds
+
+
+async def test_final_flush_blocked_on_a_lock_stays_cancellable(
+    session_factory: Factory, pooled: AsyncEngine
+) -> None:
+    """Only the COMMIT is shielded: a timeout fires while the exit's flush waits for a lock."""
+    async with UnitOfWork(session_factory) as uow:
+        user = await UserRepository.create(uow.session, {"name": "Alice"})
+    factory = async_sessionmaker(pooled, expire_on_commit=False)
+    is_sqlite = pooled.dialect.name == "sqlite"
+
+    async def rename() -> None:
+        async with UnitOfWork(factory) as uow:
+            found = await UserRepository.get(uow.session, user.id)
+            assert found is not None
+            UserRepository.update(found, {"name": "Bob"})  # flushed at exit, behind the lock
+
+    async with factory() as blocker:
+        await blocker.execute(
+            text("UPDATE users SET name = 'Blocker' WHERE id = :id"), {"id": user.id}
+        )
+        task = asyncio.create_task(rename())
+        await asyncio.sleep(0.5)  # the unit of work is now waiting for the row lock
+        assert not task.done()
+        task.cancel()
+        # PostgreSQL cancels the waiting statement at once; SQLite's driver thread only
+        # returns when the lock is released (the cancellation is delivered then).
+        done, _ = await asyncio.wait([task], timeout=0.5 if is_sqlite else 10)
+        assert is_sqlite or done, "the flush at exit did not react to cancellation"
+        await blocker.rollback()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await user_names(factory) == ["Alice"]
+    assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 # -- isolation level and retries ----------------------------------------------------------

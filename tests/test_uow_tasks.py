@@ -11,6 +11,7 @@ from alchemium import UnitOfWork, UnitOfWorkError
 from tests.models import UserRepository
 
 Factory = async_sessionmaker[AsyncSession]
+pytestmark = pytest.mark.usefixtures("both_commit_paths")
 
 
 async def test_two_tasks_at_once_raise_unit_of_work_error(session_factory: Factory) -> None:

@@ -38,7 +38,14 @@ if TYPE_CHECKING:
 
     from alchemium.uow import UnitOfWork
 
-__all__ = ["dispatch_events", "events_to_commit", "retry_at", "watch_commits", "write_events"]
+__all__ = [
+    "dispatch_events",
+    "events_to_commit",
+    "local_delivery",
+    "retry_at",
+    "watch_commits",
+    "write_events",
+]
 
 logger = logging.getLogger("alchemium.events")
 
@@ -103,21 +110,31 @@ def events_to_commit(
     return events
 
 
-async def write_events(
-    uow: UnitOfWork, session: AsyncSession, events: Sequence[DomainEvent]
-) -> Delivery | None:
-    """Write ``events`` to the outbox inside the current transaction (no-op without outbox)."""
-    if not events:
-        return None
+def _plan(
+    uow: UnitOfWork, events: Sequence[DomainEvent]
+) -> list[tuple[DomainEvent, list[Subscriber]]]:
     registry = uow.registry
     by_name: dict[str, list[Subscriber]] = {}
     for event in events:
         if event.name not in by_name:
             by_name[event.name] = registry.subscribers_for(event.name)
-    plan = [(event, by_name[event.name]) for event in events]
+    return [(event, by_name[event.name]) for event in events]
+
+
+def local_delivery(uow: UnitOfWork, events: Sequence[DomainEvent]) -> Delivery | None:
+    """The after-commit dispatch of a unit of work without outbox (nothing is written)."""
+    return Delivery(outbox=None, token=None, plan=_plan(uow, events)) if events else None
+
+
+async def write_events(
+    uow: UnitOfWork, session: AsyncSession, events: Sequence[DomainEvent]
+) -> Delivery | None:
+    """Write ``events`` to the outbox inside the current transaction (no-op without outbox)."""
     outbox = uow.outbox
-    if outbox is None:
-        return Delivery(outbox=None, token=None, plan=plan)
+    if outbox is None or not events:
+        return local_delivery(uow, events)
+    registry = uow.registry
+    plan = _plan(uow, events)
     token = uuid.uuid4()
     rows: list[tuple[DomainEvent, str, bool]] = []
     destinations: dict[str, list[str]] = {}

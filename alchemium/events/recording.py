@@ -44,6 +44,7 @@ __all__ = [
     "collect_object_events",
     "discard_object_events",
     "global_before_commit_hooks",
+    "has_before_commit_hooks",
     "register_entity",
     "remove_before_commit_hook",
 ]
@@ -120,6 +121,11 @@ def remove_before_commit_hook(hook: Hook) -> None:
 def global_before_commit_hooks() -> list[Hook]:
     """The hooks added with :func:`add_before_commit_hook`, in order."""
     return list(_hooks)
+
+
+def has_before_commit_hooks() -> bool:
+    """Whether a global before-commit hook was added (cheaper than copying the list)."""
+    return bool(_hooks)
 
 
 def wants_events(session: Any, info: ModelInfo) -> bool:
