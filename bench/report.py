@@ -78,6 +78,14 @@ def _cell(entry: dict[str, Any], impl: str) -> str:
     return f"{median:,.0f} ({ratio:.2f}x)" if ratio is not None else f"{median:,.0f}"
 
 
+def _cpu_cell(entry: dict[str, Any], impl: str) -> str:
+    us = entry["cpu_us"].get(impl)
+    if us is None:
+        return "—"
+    ratio = entry["cpu_ratio_to_orm"].get(impl)
+    return f"{us:,.1f} ({ratio:.3f}x)" if ratio is not None else f"{us:,.1f}"
+
+
 def _rows(report: dict[str, Any], backend: str) -> list[list[str]]:
     rows = []
     for key, entry in report["results"].get(backend, {}).items():
@@ -85,20 +93,32 @@ def _rows(report: dict[str, Any], backend: str) -> list[list[str]]:
     return rows
 
 
+def _cpu_rows(report: dict[str, Any], backend: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(k, e) for k, e in report["results"].get(backend, {}).items() if "cpu_us" in e]
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    print(f"\n{title}")
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                cell.rjust(w) if c else cell.ljust(w)
+                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+
+
 def print_tables(report: dict[str, Any]) -> None:
     """Medians with the ratio to ``orm``, one table per backend, then latency and targets."""
-    header = ["", "unit", *IMPLS]
     for backend in report["results"]:
-        rows = _rows(report, backend)
-        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-        print(f"\n{BACKEND_TITLES.get(backend, backend)} (median, ratio to orm)")
-        for row in [header, *rows]:
-            print(
-                "  ".join(
-                    cell.rjust(w) if c else cell.ljust(w)
-                    for c, (cell, w) in enumerate(zip(row, widths, strict=True))
-                )
-            )
+        title = BACKEND_TITLES.get(backend, backend)
+        _print_table(
+            f"{title} (median, ratio to orm)", ["", "unit", *IMPLS], _rows(report, backend)
+        )
+        cpu_rows = [[k, *(_cpu_cell(e, i) for i in IMPLS)] for k, e in _cpu_rows(report, backend)]
+        if cpu_rows:
+            _print_table(f"{title} client CPU per unit (us, ratio to orm)", ["", *IMPLS], cpu_rows)
     for backend, lat in report.get("latency", {}).items():
         for impl, p in lat.items():
             print(f"L1 {backend} {impl}: p50 {p['p50']:.1f} ms, p99 {p['p99']:.1f} ms (n={p['n']})")
@@ -226,6 +246,22 @@ def _markdown(report: dict[str, Any], chart: str, source: str) -> str:
             cells = " | ".join(_cell(entry, i) for i in IMPLS)
             lines.append(f"| {key} {entry['title']} | {entry['unit']} | {cells} |")
         lines.append("")
+        cpu_rows = _cpu_rows(report, backend)
+        if cpu_rows:
+            lines += [
+                f"### {BACKEND_TITLES.get(backend, backend)}: client CPU per unit "
+                "(µs, median, ratio to `orm`)",
+                "",
+                "The benchmark process's CPU time (`time.process_time`, so the aiosqlite thread "
+                "too) per operation or row: what each implementation costs on the client, "
+                "steadier than throughput on a shared machine.",
+                "",
+                "| workload | " + " | ".join(f"`{i}`" for i in IMPLS) + " |",
+                "|---|" + "---:|" * len(IMPLS),
+            ]
+            for key, entry in cpu_rows:
+                lines.append(f"| {key} | " + " | ".join(_cpu_cell(entry, i) for i in IMPLS) + " |")
+            lines.append("")
     for backend, lat in report.get("latency", {}).items():
         lines += [
             f"### {BACKEND_TITLES.get(backend, backend)}: L1 commit-to-handler latency",

@@ -74,24 +74,32 @@ class Runner:
         self._seq += 1
         return f"{impl}-{self._seq}"
 
-    async def _measure(self, workload: Workload, impl: Implementation, sizes: Sizes) -> float:
+    async def _measure(
+        self, workload: Workload, impl: Implementation, sizes: Sizes
+    ) -> tuple[float, float]:
+        """Units per second, and this process's CPU time per unit in microseconds."""
         if workload.truncate:
             await self.env.truncate(*workload.truncate)
         gc.collect()
+        cpu = time.process_time()
         started = time.perf_counter()
         units = await workload.body(impl, self.env, sizes, self._tag(impl.name))
-        return units / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        return units / elapsed, (time.process_time() - cpu) / units * 1e6
 
     async def crud(self, workload: Workload) -> None:
         names = [n for n, i in self.impls.items() if hasattr(i, workload.method)]
         samples: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
         warm = _warmup(self.sizes)
         for name in names:  # untimed: connections, statement caches, mapper configuration
             await self._measure(workload, self.impls[name], warm)
         for _ in range(self.sizes.reps):
             for name in names:
-                samples[name].append(await self._measure(workload, self.impls[name], self.sizes))
-        self._store(workload.key, workload.title, workload.unit, samples)
+                rate, cpu_us = await self._measure(workload, self.impls[name], self.sizes)
+                samples[name].append(rate)
+                cpu[name].append(cpu_us)
+        self._store(workload.key, workload.title, workload.unit, samples, cpu)
 
     async def drain(self, relays_n: int) -> None:
         drainers = {n: d for n, d in relays.DRAINERS.items() if n in self.impls}
@@ -116,7 +124,14 @@ class Runner:
             if found:
                 self.latency[name] = relays.percentiles(found)
 
-    def _store(self, key: str, title: str, unit: str, samples: dict[str, list[float]]) -> None:
+    def _store(
+        self,
+        key: str,
+        title: str,
+        unit: str,
+        samples: dict[str, list[float]],
+        cpu: dict[str, list[float]] | None = None,
+    ) -> None:
         medians = {n: _median(s) for n, s in samples.items()}
         base = medians.get("orm")
         self.results[key] = {
@@ -126,6 +141,18 @@ class Runner:
             "median": medians,
             "ratio_to_orm": {n: (m / base if base else None) for n, m in medians.items()},
         }
+        if cpu:
+            # The client's CPU per unit: steadier than throughput on a shared machine, and
+            # what a library adds on top of SQLAlchemy shows up here first.
+            cpu_medians = {n: _median(s) for n, s in cpu.items()}
+            cpu_base = cpu_medians.get("orm")
+            self.results[key].update(
+                cpu_samples=cpu,
+                cpu_us=cpu_medians,
+                cpu_ratio_to_orm={
+                    n: (m / cpu_base if cpu_base else None) for n, m in cpu_medians.items()
+                },
+            )
         shown = ", ".join(f"{n} {m:,.0f}" for n, m in medians.items())
         print(f"  {self.env.backend:<10} {key:<5} {shown}", flush=True)
 
