@@ -500,10 +500,11 @@ async def _close_listen_connection(conn: Any) -> None:
     """Close the LISTEN connection; if that fails or is interrupted, abort it.
 
     A connection to a server that just restarted may never answer the goodbye; ``terminate``
-    closes the socket at once, so no connection is left for the garbage collector.
+    closes the socket at once, so no connection is left for the garbage collector. The
+    failure is expected then (the connection is being replaced), hence only a debug log.
     """
     try:
-        await asyncio.wait_for(conn.close(), 2)
+        await conn.close(timeout=2)
     except BaseException as err:
         conn.terminate()
         if not isinstance(err, Exception):
