@@ -493,20 +493,10 @@ class OutboxRelay:
             finally:
                 self._listening.clear()
                 if conn is not None:
-                    await _close_listen_connection(conn)
-
-
-async def _close_listen_connection(conn: Any) -> None:
-    """Close the LISTEN connection; if that fails or is interrupted, abort it.
-
-    A connection to a server that just restarted may never answer the goodbye; ``terminate``
-    closes the socket at once, so no connection is left for the garbage collector. The
-    failure is expected then (the connection is being replaced), hence only a debug log.
-    """
-    try:
-        await conn.close(timeout=2)
-    except BaseException as err:
-        conn.terminate()
-        if not isinstance(err, Exception):
-            raise  # cancellation and exits go on once the socket is closed
-        logger.debug("LISTEN connection did not close cleanly; aborted it", exc_info=True)
+                    try:
+                        # asyncpg aborts the socket itself if closing fails or is interrupted.
+                        await conn.close(timeout=2)
+                    except Exception:  # expected: the connection is being replaced
+                        logger.debug(
+                            "relay %s: LISTEN connection aborted", self.relay_id, exc_info=True
+                        )
