@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from alchemium.events.event import DomainEvent
+from alchemium.domain_event import DomainEvent
 from alchemium.events.testing import capture_events, capture_on_commit
 
 __all__ = ["captured_events", "captured_on_commit"]

@@ -53,6 +53,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.sql import Select
 
 from alchemium.context import session_tenant
+from alchemium.encoding import json_safe
 from alchemium.errors import (
     ConcurrencyConflictError,
     DataValidationError,
@@ -67,7 +68,6 @@ from alchemium.errors import (
     raise_mapped,
 )
 from alchemium.events import recording
-from alchemium.events.event import json_safe
 from alchemium.filters import (
     OPERATORS,
     FilterSpec,

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from alchemium.context import UOW_KEY, current_actor, current_tenant, current_unit_of_work
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import (
     DeadlockDetected,
     SerializationFailure,
@@ -43,7 +44,6 @@ from alchemium.events.dispatch import (
     local_delivery,
     write_events,
 )
-from alchemium.events.event import DomainEvent
 from alchemium.events.outbox import Outbox, default_outbox
 from alchemium.events.recording import (
     RecordedChange,

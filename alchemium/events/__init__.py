@@ -3,6 +3,7 @@
 Import names from here; the submodules are the implementation.
 """
 
+from alchemium.domain_event import DomainEvent
 from alchemium.events.audit import (
     AuditEntry,
     AuditLog,
@@ -11,7 +12,6 @@ from alchemium.events.audit import (
     disable_audit,
     enable_audit,
 )
-from alchemium.events.event import DomainEvent
 from alchemium.events.inbox import Inbox, enable_inbox
 from alchemium.events.outbox import (
     Outbox,

@@ -38,8 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import EventError
-from alchemium.events.event import DomainEvent
 from alchemium.events.recording import (
     add_before_commit_hook,
     change_action,

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
-from alchemium.events.event import DomainEvent
 from alchemium.events.outbox import Outbox, autocommit, utcnow
 from alchemium.events.recording import RecordedChange
 from alchemium.events.subscribers import Subscriber

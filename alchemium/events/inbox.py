@@ -50,8 +50,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import EventError, db_errors
-from alchemium.events.event import DomainEvent
 from alchemium.events.outbox import utcnow
 from alchemium.events.tables import existing_table
 

@@ -58,8 +58,8 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
-from alchemium.events.event import DomainEvent
 from alchemium.events.tables import BigId, JsonDocument, create_tables, existing_table
 
 __all__ = [

@@ -30,7 +30,8 @@ from sqlalchemy.orm.attributes import get_history, instance_state
 from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESULT
 
 from alchemium.context import current_unit_of_work
-from alchemium.events.event import DomainEvent, json_safe
+from alchemium.domain_event import DomainEvent
+from alchemium.encoding import json_safe
 from alchemium.modelinfo import ModelInfo, model_info
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from blinker import Namespace
 
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import EventError
-from alchemium.events.event import DomainEvent
 
 __all__ = ["Handler", "Subscriber", "SubscriberRegistry", "default_registry", "off", "on"]
 

@@ -7,8 +7,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from alchemium.domain_event import DomainEvent
 from alchemium.events.dispatch import watch_commits
-from alchemium.events.event import DomainEvent
 
 __all__ = ["capture_events", "capture_on_commit"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from alchemium.events.event import DomainEvent
+from alchemium.domain_event import DomainEvent
 
 __all__ = ["Publisher", "destinations_of"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import EventError
-from alchemium.events.event import DomainEvent
 from alchemium.events.subscribers import SubscriberRegistry, default_registry
 
 __all__ = ["InProcessPublisher"]

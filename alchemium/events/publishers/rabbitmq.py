@@ -6,8 +6,8 @@ import asyncio
 import logging
 from typing import Any
 
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
-from alchemium.events.event import DomainEvent
 
 __all__ = ["RabbitMQPublisher"]
 

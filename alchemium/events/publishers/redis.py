@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
-from alchemium.events.event import DomainEvent
 
 __all__ = ["RedisStreamPublisher"]
 
