@@ -121,6 +121,11 @@ class PendingEvent(Protocol):
     unit of work holds these next to built events and calls :meth:`build` when asked.
     """
 
+    @property
+    def name(self) -> str:
+        """The name the event will have (to decide whether anything wants it)."""
+        ...
+
     def build(self) -> DomainEvent:
         """The DomainEvent; raises EventSerializationError for a value JSON cannot hold."""
         ...

@@ -52,7 +52,6 @@ from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.sql import Select
 
-from alchemium.context import session_tenant
 from alchemium.encoding import json_safe
 from alchemium.errors import (
     ConcurrencyConflictError,
@@ -79,7 +78,7 @@ from alchemium.filters import (
     order_by_clauses,
 )
 from alchemium.modelinfo import ModelInfo, configure_model, model_info
-from alchemium.uow import session_operation
+from alchemium.uow import session_operation, session_tenant
 
 __all__ = ["CrudRepository", "KeysetPage", "Page"]
 

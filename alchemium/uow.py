@@ -1,13 +1,17 @@
 """UnitOfWork: one session, one transaction, commit on success and rollback on anything else.
 
 ``async with UnitOfWork(async_session) as uow:`` opens a session from the factory.
-On a clean exit it flushes, gathers the domain events recorded during the
-transaction, runs before-commit hooks (audit rows), writes the events to the
-outbox in the same transaction and commits; then it dispatches the events to
-in-process subscribers and runs ``on_commit`` callbacks. On any exception,
-including ``asyncio.CancelledError``, it rolls back and discards the events.
-The session is always closed and its connection returned to the pool, even if
-the task is cancelled again while cleaning up.
+On a clean exit it flushes, runs before-commit hooks and commits; then it runs
+after-commit hooks and ``on_commit`` callbacks. On any exception, including
+``asyncio.CancelledError``, it rolls back and discards what the transaction
+recorded. The session is always closed and its connection returned to the pool,
+even if the task is cancelled again while cleaning up.
+
+The unit of work knows nothing of outboxes, subscribers or audit logs. It holds
+the events recorded in its transaction (:class:`~alchemium.domain_event.DomainEvent`
+values, dropped with a rollback) and announces its lifecycle to
+:class:`UnitOfWorkHooks`: the events package plugs in there (writing the outbox in
+the committing transaction, dispatching after commit), and so do the test captures.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import random
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event as sa_event
@@ -27,8 +32,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from alchemium.context import UOW_KEY, current_actor, current_tenant, current_unit_of_work
-from alchemium.domain_event import DomainEvent
+from alchemium.context import current_actor, current_tenant
+from alchemium.domain_event import DomainEvent, PendingEvent
 from alchemium.errors import (
     DeadlockDetected,
     SerializationFailure,
@@ -37,28 +42,22 @@ from alchemium.errors import (
     db_errors,
     raise_mapped,
 )
-from alchemium.events.dispatch import (
-    Delivery,
-    dispatch_events,
-    events_to_commit,
-    local_delivery,
-    write_events,
-)
-from alchemium.events.outbox import Outbox, default_outbox
-from alchemium.events.recording import (
-    RecordedChange,
-    collect_object_events,
-    discard_object_events,
-    global_before_commit_hooks,
-    has_before_commit_hooks,
-)
-from alchemium.events.subscribers import SubscriberRegistry, default_registry
-from alchemium.events.testing import intercept_on_commit
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["UnitOfWork", "current_unit_of_work", "run_in_transaction"]
+__all__ = [
+    "Commit",
+    "UnitOfWork",
+    "UnitOfWorkHooks",
+    "add_before_commit_hook",
+    "add_hooks",
+    "current_unit_of_work",
+    "remove_before_commit_hook",
+    "remove_hooks",
+    "run_in_transaction",
+    "session_tenant",
+]
 
 logger = logging.getLogger("alchemium.uow")
 
@@ -67,9 +66,180 @@ SessionFactory = Callable[[], AsyncSession] | async_sessionmaker[AsyncSession]
 Hook = Callable[["UnitOfWork"], Awaitable[None]]
 Callback = Callable[[], Any]
 
+UOW_KEY = "alchemium.uow"
+
+
+def current_unit_of_work(session: Any) -> UnitOfWork | None:
+    """The UnitOfWork that owns ``session`` (async or sync session), if any."""
+    info = getattr(session, "info", None)
+    return info.get(UOW_KEY) if info is not None else None
+
+
+def session_tenant(session: Any) -> str | None:
+    """The tenant ``session`` acts for: its unit of work's ``tenant=``, else :func:`use_tenant`'s.
+
+    The same resolution as the ``tenant`` of event metadata and audit rows, so the
+    rows a unit of work writes and the events it records name the same tenant.
+    """
+    uow = current_unit_of_work(session) if session is not None else None
+    if uow is not None and uow.tenant is not None:
+        return uow.tenant
+    return current_tenant()
+
+
+# -- lifecycle hooks ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, eq=False)
+class Commit:
+    """What one commit carries from its before-commit hooks to its after-commit hooks.
+
+    ``recorded``: the events recorded in the transaction, in recording order, built
+    or still pending. ``events``: the events after-commit hooks see, chosen and built
+    by a before-commit hook (the events package: every event with an outbox, else
+    the ones something subscribes to). ``callbacks``: the ``on_commit`` callbacks, run
+    after the after-commit hooks (a hook may take them, as ``capture_on_commit``
+    does). ``info``: the hooks' own data, keyed by hook.
+    """
+
+    recorded: list[DomainEvent | PendingEvent]
+    callbacks: list[Callback]
+    events: list[DomainEvent] = field(default_factory=list)
+    info: dict[object, Any] = field(default_factory=dict)
+
+    def all_events(self) -> list[DomainEvent]:
+        """Every recorded event, built once: every hook that asks sees the same objects."""
+        return _build_all(self.recorded)
+
+
+def _build_all(recorded: list[DomainEvent | PendingEvent]) -> list[DomainEvent]:
+    for i, event in enumerate(recorded):
+        if not isinstance(event, DomainEvent):
+            recorded[i] = event.build()
+    return recorded  # type: ignore[return-value] # all built above
+
+
+class UnitOfWorkHooks:
+    """How an extension plugs into every unit of work; every method here does nothing.
+
+    Subclass, override what you need and register an instance with :func:`add_hooks`.
+    The events package does (change recording, outbox and dispatch, audit), and so
+    do the test captures; the unit of work imports none of them. Every method runs
+    in the unit of work's own task, hooks in the order they were added:
+
+    ``before_flush`` / ``after_flush`` (sync)
+        Around each flush of the unit of work's session, inside SQLAlchemy's flush
+        (``session`` is the sync ``Session``); they may read but not flush.
+    ``collect`` (sync)
+        Before a savepoint begins and before commit: bring into the unit of work what
+        the application recorded outside the session (events queued on objects).
+    ``before_commit`` (sync)
+        After the last flush, just before COMMIT, in the same pass through
+        SQLAlchemy's greenlet bridge: it may run statements through the sync
+        ``session`` (outbox and audit rows). Raising aborts the unit of work.
+    ``after_commit`` (async)
+        After COMMIT and before the ``on_commit`` callbacks. The transaction is
+        committed, so nothing may undo it: an exception is logged, not raised.
+    ``after_rollback`` (sync)
+        After the transaction, or a savepoint (``savepoint=True``), rolled back.
+    """
+
+    def before_flush(self, uow: UnitOfWork, session: Session) -> None:
+        """Called at the start of each flush of ``uow``'s session."""
+
+    def after_flush(self, uow: UnitOfWork, session: Session) -> None:
+        """Called after each flush of ``uow``'s session, before its state is reset."""
+
+    def collect(self, uow: UnitOfWork, session: Session) -> None:
+        """Called before a savepoint and before commit, once the session is flushed."""
+
+    def before_commit(self, uow: UnitOfWork, session: Session, commit: Commit) -> None:
+        """Called just before COMMIT; may execute statements through ``session``."""
+
+    async def after_commit(self, uow: UnitOfWork, commit: Commit) -> None:
+        """Called after COMMIT, before the ``on_commit`` callbacks."""
+
+    def after_rollback(self, uow: UnitOfWork, session: Session, *, savepoint: bool) -> None:
+        """Called after a rollback of the transaction or (``savepoint=True``) of a savepoint."""
+
+
+_METHODS = (
+    "before_flush",
+    "after_flush",
+    "collect",
+    "before_commit",
+    "after_commit",
+    "after_rollback",
+)
+
+
+class _HookTable:
+    """The registered hooks, and per method only those that override it (cheap to call)."""
+
+    __slots__ = ("all", *_METHODS)
+
+    def __init__(self, hooks: tuple[UnitOfWorkHooks, ...]) -> None:
+        self.all = hooks
+        for method in _METHODS:
+            base = getattr(UnitOfWorkHooks, method)
+            setattr(self, method, tuple(h for h in hooks if getattr(type(h), method) is not base))
+
+    if TYPE_CHECKING:
+        all: tuple[UnitOfWorkHooks, ...]
+        before_flush: tuple[UnitOfWorkHooks, ...]
+        after_flush: tuple[UnitOfWorkHooks, ...]
+        collect: tuple[UnitOfWorkHooks, ...]
+        before_commit: tuple[UnitOfWorkHooks, ...]
+        after_commit: tuple[UnitOfWorkHooks, ...]
+        after_rollback: tuple[UnitOfWorkHooks, ...]
+
+
+_hooks = _HookTable(())
+_before_commit_hooks: list[Hook] = []
+
+
+def add_hooks(hooks: UnitOfWorkHooks) -> None:
+    """Plug ``hooks`` into every unit of work from now on (once; adding it again does nothing)."""
+    global _hooks
+    if not isinstance(hooks, UnitOfWorkHooks):
+        raise UnitOfWorkError(
+            f"add_hooks expects a UnitOfWorkHooks instance, got {type(hooks).__name__}"
+        )
+    if hooks not in _hooks.all:
+        _hooks = _HookTable((*_hooks.all, hooks))
+
+
+def remove_hooks(hooks: UnitOfWorkHooks) -> None:
+    """Undo :func:`add_hooks` (unknown hooks are ignored)."""
+    global _hooks
+    _hooks = _HookTable(tuple(h for h in _hooks.all if h is not hooks))
+
+
+def add_before_commit_hook(hook: Hook) -> None:
+    """Run ``await hook(uow)`` in every unit of work just before its commit.
+
+    Such hooks run after the last flush, before the ones added with
+    ``uow.before_commit``; each may write rows through ``uow.session`` (it is
+    flushed after each). They run before the lifecycle hooks' ``before_commit``,
+    so what they write is recorded and audited like any other change.
+    """
+    if hook not in _before_commit_hooks:
+        _before_commit_hooks.append(hook)
+
+
+def remove_before_commit_hook(hook: Hook) -> None:
+    """Undo :func:`add_before_commit_hook`."""
+    if hook in _before_commit_hooks:
+        _before_commit_hooks.remove(hook)
+
+
+def global_before_commit_hooks() -> list[Hook]:
+    """The hooks added with :func:`add_before_commit_hook`, in order."""
+    return list(_before_commit_hooks)
+
 
 class UnitOfWork:
-    """One business transaction: a session, its events and its after-commit work.
+    """One business transaction: a session, the events it records and its after-commit work.
 
     Args:
         session_factory: an ``async_sessionmaker`` (or any callable returning an AsyncSession).
@@ -83,9 +253,15 @@ class UnitOfWork:
             ``current_setting(name)``. A tenant is then required (TenantRequiredError).
         isolation_level: e.g. ``"SERIALIZABLE"``; applied to this unit of work's connection only.
         metadata: extra keys merged into every event's metadata (correlation ids, ...).
-        registry: the subscriber registry to dispatch to (default: the global one).
-        outbox: the outbox to write events to (default: the one set by ``enable_outbox``;
-            without any, events reach in-process subscribers after commit, best effort).
+        registry: the ``SubscriberRegistry`` of ``alchemium.events`` to dispatch to
+            (default: its global one).
+        outbox: the ``Outbox`` of ``alchemium.events`` to write events to (default:
+            the one set by ``enable_outbox``; without any, events reach in-process
+            subscribers after commit, best effort).
+
+    ``registry`` and ``outbox`` are read by the events package, which plugs into the
+    unit of work through :class:`UnitOfWorkHooks`; ``info`` is where such extensions
+    keep their per-unit-of-work state (like ``Session.info``).
     """
 
     def __init__(
@@ -97,8 +273,8 @@ class UnitOfWork:
         tenant_setting: str | None = None,
         isolation_level: str | None = None,
         metadata: Mapping[str, Any] | None = None,
-        registry: SubscriberRegistry | None = None,
-        outbox: Outbox | None = None,
+        registry: object | None = None,
+        outbox: object | None = None,
     ) -> None:
         self._factory = session_factory
         self.actor = actor
@@ -106,12 +282,12 @@ class UnitOfWork:
         self.tenant_setting = tenant_setting
         self.isolation_level = isolation_level
         self.metadata = dict(metadata or {})
-        self._registry = registry
-        self._outbox = outbox
-        self._seen_sources: list[Any] = []
+        self.registry = registry
+        self.outbox = outbox
+        self.info: dict[str, Any] = {}
         self._session: AsyncSession | None = None
         self._state = "new"  # new -> active -> closed
-        self._events: list[DomainEvent | RecordedChange] = []
+        self._events: list[DomainEvent | PendingEvent] = []
         self._callbacks: list[Callback] = []
         self._before_commit: list[Hook] = []
         self._busy: asyncio.Task[Any] | None = None
@@ -166,7 +342,7 @@ class UnitOfWork:
         if session is None:
             return
         if rollback:
-            discard_object_events(self, session)
+            self._rolled_back(session, savepoint=False)
         self._session = None
 
         async def close() -> None:
@@ -181,6 +357,10 @@ class UnitOfWork:
             await _uncancellable(close())
         except Exception:
             logger.warning("error while closing the unit of work's session", exc_info=True)
+
+    def _rolled_back(self, session: AsyncSession, *, savepoint: bool) -> None:
+        for hook in _hooks.after_rollback:
+            hook.after_rollback(self, session.sync_session, savepoint=savepoint)
 
     # -- the session -----------------------------------------------------------------------
 
@@ -209,69 +389,75 @@ class UnitOfWork:
             await session.flush()
 
     async def commit(self) -> None:
-        """Commit now: flush, write events to the outbox, commit, then dispatch.
+        """Commit now: flush, run before-commit hooks, COMMIT, then the after-commit work.
 
         Normally not needed: leaving the block commits. After an explicit commit the
         unit of work stays usable and the next statement starts a new transaction.
         """
         with self._exclusive("UnitOfWork.commit()") as session:
             with db_errors(session):
-                if self.outbox is None and not (self._before_commit or has_before_commit_hooks()):
-                    events, delivery, callbacks = await self._flush_and_commit(session)
-                else:
-                    await session.flush()
-                    collect_object_events(self, session)
-                    for hook in [*global_before_commit_hooks(), *self._before_commit]:
-                        await hook(self)
-                        await session.flush()
-                    events, callbacks = self._take()
-                    delivery = await write_events(self, session, events)
-                    await _uncancellable(session.commit())
-            await dispatch_events(self, session, events, delivery)
-            await _run_callbacks(callbacks)
+                commit = await self._commit(session)
+            for hook in _hooks.after_commit:
+                try:
+                    await hook.after_commit(self, commit)
+                except Exception:
+                    logger.exception("after-commit hook %r failed; the commit stands", hook)
+            await _run_callbacks(commit.callbacks)
 
-    def _take(self) -> tuple[list[DomainEvent], list[Callback]]:
-        """Hand over what this transaction recorded, building the events something will see.
+    async def _commit(self, session: AsyncSession) -> Commit:
+        """Flush, run the hooks before COMMIT, COMMIT; returns what the hooks after it get.
 
-        Runs before COMMIT: an event that cannot be built aborts the unit of work.
+        Asynchronous before-commit hooks (``uow.before_commit``, ``add_before_commit_hook``)
+        run first, each followed by a flush. Then one pass through SQLAlchemy's greenlet
+        bridge does the last flush, the lifecycle hooks' ``collect`` and
+        ``before_commit`` (outbox and audit rows) and COMMIT: a separate ``await`` per
+        step would cost a round through the bridge each. Only the COMMIT is shielded
+        from cancellation; the flush and the hooks before it stay cancellable.
         """
-        recorded, callbacks = list(self._events), list(self._callbacks)
-        self._events.clear()
-        self._callbacks.clear()
-        return events_to_commit(self, recorded), callbacks
-
-    async def _flush_and_commit(
-        self, session: AsyncSession
-    ) -> tuple[list[DomainEvent], Delivery | None, list[Callback]]:
-        """Flush and COMMIT in one pass through SQLAlchemy's greenlet bridge.
-
-        For a commit with no I/O to do between the last flush and COMMIT (no outbox to
-        write, no before-commit hook): the separate ``await flush()`` costs about 4% of
-        a one-row unit of work. Object events are collected and the events taken before
-        COMMIT as on the other path, and only the COMMIT is shielded: the flush stays
-        cancellable.
-        """
-        taken: tuple[list[DomainEvent], list[Callback]] = ([], [])
+        hooks = _hooks
+        user_hooks = (
+            [*_before_commit_hooks, *self._before_commit]
+            if _before_commit_hooks or self._before_commit
+            else None
+        )
+        if user_hooks:
+            await session.flush()
+            for hook in hooks.collect:
+                hook.collect(self, session.sync_session)
+            for user_hook in user_hooks:
+                await user_hook(self)
+                await session.flush()
+        commit: Commit | None = None
         committing = False
 
-        def flush_and_commit(sync_session: Session) -> None:
-            nonlocal taken, committing
+        def finish_transaction(sync_session: Session) -> None:
+            nonlocal commit, committing
             sync_session.flush()
-            collect_object_events(self, sync_session)
-            taken = self._take()
+            for hook in hooks.collect:
+                hook.collect(self, sync_session)
+            commit = self._take()
+            for hook in hooks.before_commit:
+                hook.before_commit(self, sync_session, commit)
             committing = True
             sync_session.commit()
 
-        await _uncancellable(session.run_sync(flush_and_commit), shield=lambda: committing)
-        events, callbacks = taken
-        return events, local_delivery(self, events), callbacks
+        await _uncancellable(session.run_sync(finish_transaction), shield=lambda: committing)
+        assert commit is not None
+        return commit
+
+    def _take(self) -> Commit:
+        """Hand over what this transaction recorded (the lists start afresh)."""
+        commit = Commit(recorded=self._events, callbacks=self._callbacks)
+        self._events = []
+        self._callbacks = []
+        return commit
 
     async def rollback(self) -> None:
         """Roll back the transaction and discard recorded events and callbacks."""
         with self._exclusive("UnitOfWork.rollback()") as session:
             self._events.clear()
             self._callbacks.clear()
-            discard_object_events(self, session)
+            self._rolled_back(session, savepoint=False)
             with db_errors(session):
                 await session.rollback()
 
@@ -283,12 +469,13 @@ class UnitOfWork:
         are discarded with it.
         """
         session = self.session
-        # Changes and object events from before the savepoint belong to the outer
-        # transaction: flush and collect them now, so the marks below exclude them
-        # (begin_nested would flush them *after* the marks were taken).
+        # Changes and events from before the savepoint belong to the outer transaction:
+        # flush and collect them now, so the marks below exclude them (begin_nested
+        # would flush them *after* the marks were taken).
         with db_errors(session):
             await session.flush()
-        collect_object_events(self, session)
+        for hook in _hooks.collect:
+            hook.collect(self, session.sync_session)
         marks = len(self._events), len(self._callbacks)
         with db_errors(session):
             await _begin_sqlite_transaction(session)
@@ -299,7 +486,7 @@ class UnitOfWork:
         except BaseException as err:
             del self._events[marks[0] :]
             del self._callbacks[marks[1] :]
-            discard_object_events(self, session)
+            self._rolled_back(session, savepoint=True)
             # Also when a failed flush deactivated it: only a rollback reactivates the
             # outer transaction. Closed means someone already rolled it back.
             with contextlib.suppress(sa_exc.ResourceClosedError):
@@ -308,17 +495,7 @@ class UnitOfWork:
                 raise_mapped(err, session)
             raise
 
-    # -- events and hooks ------------------------------------------------------------------
-
-    @property
-    def registry(self) -> SubscriberRegistry:
-        """The subscriber registry this unit of work dispatches to."""
-        return self._registry if self._registry is not None else default_registry
-
-    @property
-    def outbox(self) -> Outbox | None:
-        """The outbox events are written to, or None for best-effort in-process dispatch."""
-        return self._outbox if self._outbox is not None else default_outbox()
+    # -- events and callbacks --------------------------------------------------------------
 
     @property
     def pending_events(self) -> tuple[DomainEvent, ...]:
@@ -327,14 +504,10 @@ class UnitOfWork:
         Builds the change events recorded at flush that nothing needed yet, so it may
         raise EventSerializationError for a column value JSON cannot hold.
         """
-        events = self._events
-        for i, event in enumerate(events):
-            if isinstance(event, RecordedChange):
-                events[i] = event.build()
-        return tuple(events)  # type: ignore[arg-type] # all built above
+        return tuple(_build_all(self._events))
 
-    def add_event(self, event: DomainEvent | RecordedChange) -> None:
-        """Append an event or a recorded change (used by the recording machinery)."""
+    def add_event(self, event: DomainEvent | PendingEvent) -> None:
+        """Append an event, or one to build later (used by the recording machinery)."""
         self._events.append(event)
 
     def record(
@@ -382,6 +555,22 @@ class UnitOfWork:
     def before_commit(self, hook: Hook) -> None:
         """Run ``await hook(uow)`` inside the transaction just before commit; it may write rows."""
         self._before_commit.append(hook)
+
+
+@sa_event.listens_for(Session, "before_flush")
+def _before_flush(session: Session, _context: Any, _instances: Any) -> None:
+    uow = session.info.get(UOW_KEY)
+    if uow is not None:
+        for hook in _hooks.before_flush:
+            hook.before_flush(uow, session)
+
+
+@sa_event.listens_for(Session, "after_flush")
+def _after_flush(session: Session, _context: Any) -> None:
+    uow = session.info.get(UOW_KEY)
+    if uow is not None:
+        for hook in _hooks.after_flush:
+            hook.after_flush(uow, session)
 
 
 _SET_CONFIG = text("SELECT set_config(:name, :value, true)")
@@ -558,8 +747,6 @@ def _uncancellable(
 
 
 async def _run_callbacks(callbacks: list[Callback]) -> None:
-    if not callbacks or not intercept_on_commit(callbacks):
-        return
     for callback in callbacks:
         try:
             result = callback()

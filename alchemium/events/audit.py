@@ -2,27 +2,28 @@
 
 ``enable_audit(Base.metadata)`` is the one line that turns it on: it adds the
 ``alchemium_audit_log`` table to your metadata (so ``create_all`` and Alembic
-autogenerate include it) and registers a before-commit hook. In every unit of
-work that hook inserts one row per entity change event (``<entity>_created``,
-``_updated``, ``_deleted``, ``_upserted``) recorded so far, just before COMMIT:
-the rows exist if and only if the change was committed.
+autogenerate include it) and plugs :class:`AuditWriter` into every unit of work.
+Its ``before_commit`` hook inserts one row per entity change event
+(``<entity>_created``, ``_updated``, ``_deleted``, ``_upserted``, ``_restored``)
+of the transaction, in the same pass as COMMIT: the rows exist if and only if the
+change was committed.
 
 The actor and tenant come from the events' metadata, i.e. from
 ``UnitOfWork(actor=..., tenant=...)`` or, failing that, from
 :func:`alchemium.use_actor` / :func:`alchemium.use_tenant` (set by web middleware).
 
-Pitfall: the hook sees the events recorded when it runs. Global hooks run in the
-order they were added, before per-unit-of-work ``uow.before_commit`` hooks, so
-rows written through the ORM by those later hooks are not audited.
+It runs after the last flush and after every asynchronous before-commit hook
+(``uow.before_commit``, ``add_before_commit_hook``), so rows those hooks write
+through the ORM are audited too.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -37,22 +38,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import EventError
-from alchemium.events.recording import (
-    add_before_commit_hook,
-    change_action,
-    remove_before_commit_hook,
-)
+from alchemium.events.recording import change_action
 from alchemium.events.tables import BigId, JsonDocument, create_tables, existing_table
-
-if TYPE_CHECKING:
-    from alchemium.uow import UnitOfWork
+from alchemium.uow import Commit, UnitOfWork, UnitOfWorkHooks, add_hooks, remove_hooks
 
 __all__ = [
     "AuditEntry",
     "AuditLog",
+    "AuditWriter",
     "audit_history",
     "create_audit_table",
     "default_audit_log",
@@ -113,7 +110,7 @@ class AuditLog:
             self.table.c.occurred_at,
         )
 
-    def rows_for(self, events: list[DomainEvent]) -> list[dict[str, Any]]:
+    def rows_for(self, events: Sequence[DomainEvent]) -> list[dict[str, Any]]:
         """The audit rows for the entity change events among ``events`` (others are skipped)."""
         rows = []
         for event in events:
@@ -136,11 +133,15 @@ class AuditLog:
             )
         return rows
 
-    async def write(self, uow: UnitOfWork) -> int:
-        """Before-commit hook: insert the rows for ``uow``'s pending change events (one INSERT)."""
-        rows = self.rows_for(list(uow.pending_events))
+    def write(self, session: Session, events: Sequence[DomainEvent]) -> int:
+        """Insert the rows for the change events among ``events`` (one INSERT); returns how many.
+
+        Synchronous: it runs in the unit of work's commit pass (see :class:`AuditWriter`),
+        or through ``AsyncSession.run_sync``.
+        """
+        rows = self.rows_for(events)
         if rows:
-            await uow.session.execute(insert(self.table), rows)
+            session.execute(insert(self.table), rows)
         return len(rows)
 
     async def history(
@@ -188,9 +189,16 @@ def _entry(row: RowMapping) -> AuditEntry:
 _default: list[AuditLog] = []
 
 
-async def _write_audit(uow: UnitOfWork) -> None:
-    if _default:
-        await _default[0].write(uow)
+class AuditWriter(UnitOfWorkHooks):
+    """The unit of work hook that writes the default audit log's rows before COMMIT."""
+
+    def before_commit(self, uow: UnitOfWork, session: Session, commit: Commit) -> None:
+        """Insert one audit row per change event of the committing transaction."""
+        if _default:
+            _default[0].write(session, commit.all_events())
+
+
+_writer = AuditWriter()
 
 
 def enable_audit(metadata: MetaData, **options: Any) -> AuditLog:
@@ -201,14 +209,14 @@ def enable_audit(metadata: MetaData, **options: Any) -> AuditLog:
     """
     log = AuditLog(metadata, **options)
     _default[:] = [log]
-    add_before_commit_hook(_write_audit)
+    add_hooks(_writer)
     return log
 
 
 def disable_audit() -> None:
     """Stop auditing (the table stays in the metadata and the database)."""
     _default.clear()
-    remove_before_commit_hook(_write_audit)
+    remove_hooks(_writer)
 
 
 def default_audit_log() -> AuditLog | None:

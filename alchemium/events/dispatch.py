@@ -1,20 +1,23 @@
 """The commit path of events: outbox rows before commit, in-process handlers after it.
 
-``write_events`` runs inside the committing transaction: it writes the events and
-one delivery row per (event, destination). Rows for in-process subscribers are
-inserted already claimed under a token of this commit, so the after-commit
-dispatch needs no extra claim round trip and the relay leaves them alone until
-their lease expires (which only happens if this process dies first).
+:class:`EventDelivery` plugs into every unit of work (``UnitOfWorkHooks``). Before
+COMMIT, in the committing transaction, it picks the events the commit will write
+or dispatch and writes them with one delivery row per (event, destination). Rows
+for in-process subscribers are inserted already claimed under a token of this
+commit, so the after-commit dispatch needs no extra claim round trip and the
+relay leaves them alone until their lease expires (which only happens if this
+process dies first).
 
-``dispatch_events`` runs after the commit: it calls each subscriber in its own
-try/except (blinker's ``send`` would stop at the first failure), then records
-the outcomes in one short transaction, fenced by the claim token. A failed
-handler's row goes back to pending with a backoff, for the relay to retry.
-Without an outbox, dispatch is best effort: failures are logged, nothing retried.
+After COMMIT it calls each subscriber in its own try/except (blinker's ``send``
+would stop at the first failure), then records the outcomes in one short
+transaction, fenced by the claim token. A failed handler's row goes back to
+pending with a backoff, for the relay to retry. Without an outbox, dispatch is
+best effort: failures are logged, nothing retried.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import random
 import uuid
@@ -22,26 +25,23 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from alchemium.domain_event import DomainEvent
-from alchemium.errors import OutboxError
-from alchemium.events.outbox import Outbox, autocommit, utcnow
-from alchemium.events.recording import RecordedChange
-from alchemium.events.subscribers import Subscriber
-
-if TYPE_CHECKING:
-    import datetime as dt
-
-    from alchemium.uow import UnitOfWork
+from alchemium.errors import OutboxError, UnitOfWorkError
+from alchemium.events.outbox import Outbox, autocommit, default_outbox, utcnow
+from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry
+from alchemium.uow import Commit, UnitOfWork, UnitOfWorkHooks, add_hooks
 
 __all__ = [
+    "EventDelivery",
     "dispatch_events",
     "events_to_commit",
-    "local_delivery",
+    "outbox_of",
+    "registry_of",
     "retry_at",
     "watch_commits",
     "write_events",
@@ -56,6 +56,30 @@ _watchers: ContextVar[tuple[Callable[[Sequence[DomainEvent]], None], ...]] = Con
 )
 
 
+def registry_of(uow: UnitOfWork) -> SubscriberRegistry:
+    """The subscriber registry ``uow`` dispatches to: its ``registry=``, else the default one."""
+    registry = uow.registry
+    if registry is None:
+        return default_registry
+    if not isinstance(registry, SubscriberRegistry):
+        raise UnitOfWorkError(
+            f"UnitOfWork(registry=...) expects a SubscriberRegistry, got {type(registry).__name__}"
+        )
+    return registry
+
+
+def outbox_of(uow: UnitOfWork) -> Outbox | None:
+    """The outbox ``uow`` writes to: its ``outbox=``, else ``enable_outbox``'s, or None."""
+    outbox = uow.outbox
+    if outbox is None:
+        return default_outbox()
+    if not isinstance(outbox, Outbox):
+        raise UnitOfWorkError(
+            f"UnitOfWork(outbox=...) expects an Outbox, got {type(outbox).__name__}"
+        )
+    return outbox
+
+
 @dataclass(slots=True)
 class Delivery:
     """What one commit handed to the after-commit dispatch."""
@@ -67,8 +91,6 @@ class Delivery:
 
 def retry_at(attempts: int, *, base: float = 1.0, cap: float = 300.0) -> dt.datetime:
     """When to try again after ``attempts`` failures: exponential backoff with full jitter."""
-    import datetime as dt
-
     delay = min(cap, base * 2 ** max(0, attempts - 1))
     return utcnow() + dt.timedelta(seconds=random.uniform(delay / 2, delay))
 
@@ -83,9 +105,7 @@ def watch_commits(callback: Callable[[Sequence[DomainEvent]], None]) -> Iterator
         _watchers.reset(token)
 
 
-def events_to_commit(
-    uow: UnitOfWork, recorded: Sequence[DomainEvent | RecordedChange]
-) -> list[DomainEvent]:
+def events_to_commit(uow: UnitOfWork, commit: Commit) -> list[DomainEvent]:
     """The events this commit writes or dispatches, built from what the unit of work recorded.
 
     With an outbox (every event is written) or a ``watch_commits`` watcher every
@@ -93,27 +113,29 @@ def events_to_commit(
     will see is dropped unbuilt, so its EventSerializationError, if any, is not raised.
     Runs before COMMIT: a build error aborts the unit of work.
     """
-    if uow.outbox is not None or _watchers.get():
-        return [r.build() if isinstance(r, RecordedChange) else r for r in recorded]
-    registry = uow.registry
+    if outbox_of(uow) is not None or _watchers.get():
+        return commit.all_events()
+    registry = registry_of(uow)
     seen: dict[str, bool] = {}
     events: list[DomainEvent] = []
-    for r in recorded:
-        if not isinstance(r, RecordedChange):
+    recorded = commit.recorded
+    for i, r in enumerate(recorded):
+        if isinstance(r, DomainEvent):
             events.append(r)
             continue
         wanted = seen.get(r.name)
         if wanted is None:
             wanted = seen[r.name] = bool(registry.subscribers_for(r.name))
         if wanted:
-            events.append(r.build())
+            built = recorded[i] = r.build()
+            events.append(built)
     return events
 
 
 def _plan(
     uow: UnitOfWork, events: Sequence[DomainEvent]
 ) -> list[tuple[DomainEvent, list[Subscriber]]]:
-    registry = uow.registry
+    registry = registry_of(uow)
     by_name: dict[str, list[Subscriber]] = {}
     for event in events:
         if event.name not in by_name:
@@ -126,14 +148,17 @@ def local_delivery(uow: UnitOfWork, events: Sequence[DomainEvent]) -> Delivery |
     return Delivery(outbox=None, token=None, plan=_plan(uow, events)) if events else None
 
 
-async def write_events(
-    uow: UnitOfWork, session: AsyncSession, events: Sequence[DomainEvent]
+def write_events(
+    uow: UnitOfWork, session: Session, events: Sequence[DomainEvent]
 ) -> Delivery | None:
-    """Write ``events`` to the outbox inside the current transaction (no-op without outbox)."""
-    outbox = uow.outbox
+    """Write ``events`` to the outbox in the committing transaction (no-op without outbox).
+
+    Synchronous: it runs in the unit of work's commit pass, through the sync session.
+    """
+    outbox = outbox_of(uow)
     if outbox is None or not events:
         return local_delivery(uow, events)
-    registry = uow.registry
+    registry = registry_of(uow)
     plan = _plan(uow, events)
     token = uuid.uuid4()
     rows: list[tuple[DomainEvent, str, bool]] = []
@@ -147,11 +172,11 @@ async def write_events(
             rows.append((event, destination, False))
             external = True
     try:
-        await outbox.write(
+        outbox.write(
             session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
         )
     except sa_exc.DBAPIError as err:
-        if session.bind is not None and not await outbox.tables_exist(session.bind):
+        if not outbox.tables_exist(session.get_bind()):
             raise OutboxError(
                 f"the outbox tables ({outbox.events.name}, {outbox.deliveries.name}) do not "
                 "exist: create them with metadata.create_all(...) or "
@@ -162,7 +187,7 @@ async def write_events(
 
 
 async def dispatch_events(
-    uow: UnitOfWork, session: AsyncSession, events: Sequence[DomainEvent], delivery: Delivery | None
+    session: AsyncSession, events: Sequence[DomainEvent], delivery: Delivery | None
 ) -> None:
     """After commit: call subscribers, never raising into the caller; record the outcomes."""
     for watcher in _watchers.get():
@@ -224,3 +249,21 @@ async def _record_outcomes(
             exc_info=True,
         )
         await session.rollback()
+
+
+class EventDelivery(UnitOfWorkHooks):
+    """The unit of work hooks that write the outbox before COMMIT and dispatch after it."""
+
+    def before_commit(self, uow: UnitOfWork, session: Session, commit: Commit) -> None:
+        """Choose and build the commit's events and write them to the outbox, if any."""
+        events = events_to_commit(uow, commit)
+        commit.events = events
+        commit.info[self] = write_events(uow, session, events)
+
+    async def after_commit(self, uow: UnitOfWork, commit: Commit) -> None:
+        """Tell ``watch_commits`` watchers, call the subscribers, record the outcomes."""
+        delivery: Delivery | None = commit.info.get(self)
+        await dispatch_events(uow.session, commit.events, delivery)
+
+
+add_hooks(EventDelivery())

@@ -55,8 +55,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
@@ -223,22 +224,23 @@ class Outbox:
         Index(f"ix_{table_name}_delivery_token", self.deliveries.c.claim_token)
         Index(f"ix_{table_name}_occurred", self.events.c.occurred_at)
 
-    async def tables_exist(self, bind: AsyncEngine | AsyncConnection) -> bool:
-        """Whether both outbox tables exist (checked on a connection of its own)."""
-        engine = bind if isinstance(bind, AsyncEngine) else bind.engine
-        names = [(t.name, t.schema) for t in (self.events, self.deliveries)]
-        async with engine.connect() as conn:
-            return bool(
-                await conn.run_sync(
-                    lambda sync: all(inspect(sync).has_table(n, schema=s) for n, s in names)
-                )
+    def tables_exist(self, bind: Engine | Connection) -> bool:
+        """Whether both outbox tables exist (asked on a connection of its own).
+
+        Synchronous: call it inside ``run_sync`` (or through ``AsyncConnection.run_sync``).
+        """
+        engine = bind if isinstance(bind, Engine) else bind.engine
+        with engine.connect() as conn:
+            inspector = inspect(conn)
+            return all(
+                inspector.has_table(t.name, schema=t.schema) for t in (self.events, self.deliveries)
             )
 
     # -- writing (inside the committing transaction) ----------------------------------------
 
-    async def write(
+    def write(
         self,
-        session: AsyncSession,
+        session: Session,
         events: Sequence[DomainEvent],
         deliveries: Iterable[tuple[DomainEvent, str, bool]],
         *,
@@ -252,9 +254,12 @@ class Outbox:
         are inserted already claimed under ``claim_token`` for the after-commit dispatch
         (no extra round trip); the rest are pending for the relay. ``notify`` issues one
         ``pg_notify`` on PostgreSQL, last, so a listening relay wakes at commit.
+
+        Synchronous: it runs inside the unit of work's commit pass (see
+        ``UnitOfWorkHooks.before_commit``), or through ``AsyncSession.run_sync``.
         """
         now = utcnow()
-        await session.execute(
+        session.execute(
             insert(self.events),
             [
                 {
@@ -285,14 +290,9 @@ class Outbox:
             for e, destination, claim_now in deliveries
         ]
         if rows:
-            await session.execute(insert(self.deliveries), rows)
-        if (
-            notify
-            and rows
-            and session.bind is not None
-            and session.bind.dialect.name == "postgresql"
-        ):
-            await session.execute(select(func.pg_notify(self.channel, "")))
+            session.execute(insert(self.deliveries), rows)
+        if notify and rows and session.get_bind().dialect.name == "postgresql":
+            session.execute(select(func.pg_notify(self.channel, "")))
         return len(rows)
 
     # -- claiming and completing ------------------------------------------------------------

@@ -1,8 +1,9 @@
 """How entity changes become domain events.
 
-A session-level ``after_flush`` hook turns every flushed change of a model
-handled by a CrudRepository into an event of the unit of work that owns the
-session: ``<entity>_created`` (column values, with the generated key),
+The unit of work's ``after_flush`` hook (:class:`ChangeRecorder`, plugged into
+every unit of work) turns every flushed change of a model handled by a
+CrudRepository into an event of the unit of work that owns the session:
+``<entity>_created`` (column values, with the generated key),
 ``<entity>_updated`` (``changes``: only the columns whose value changed, old and
 new; nothing when nothing changed) and ``<entity>_deleted`` (last column values).
 For a soft-deleted model, setting its soft-delete column records
@@ -21,36 +22,39 @@ import decimal
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sqlalchemy import event as sa_event
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import get_history, instance_state
 from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESULT
 
-from alchemium.context import current_unit_of_work
 from alchemium.domain_event import DomainEvent
 from alchemium.encoding import json_safe
 from alchemium.modelinfo import ModelInfo, model_info
-
-if TYPE_CHECKING:
-    from alchemium.uow import Hook, UnitOfWork
+from alchemium.uow import (
+    UnitOfWork,
+    UnitOfWorkHooks,
+    add_before_commit_hook,
+    add_hooks,
+    current_unit_of_work,
+    global_before_commit_hooks,
+    remove_before_commit_hook,
+)
 
 __all__ = [
+    "ChangeRecorder",
     "EventSourceMixin",
     "RecordedChange",
     "add_before_commit_hook",
     "change_action",
-    "collect_object_events",
-    "discard_object_events",
     "global_before_commit_hooks",
-    "has_before_commit_hooks",
     "register_entity",
     "remove_before_commit_hook",
 ]
 
 _OLD_KEY = "alchemium.old_values"
+_SOURCES_KEY = "alchemium.event_sources"  # in uow.info: deleted EventSourceMixin objects
 _NO_KEY = object()
 _source_classes = False  # set when the first EventSourceMixin subclass is defined
 
@@ -65,7 +69,6 @@ class EntityConfig:
 
 _entities: dict[type[Any], EntityConfig] = {}
 _resolved: dict[type[Any], EntityConfig | None] = {}  # entity_config per class, by __mro__
-_hooks: list[Hook] = []
 
 
 def register_entity(model: type[Any], *, entity: str, enabled: bool = True) -> None:
@@ -105,28 +108,6 @@ def change_action(event: DomainEvent) -> str | None:
     if not any(c.entity == prefix for c in _entities.values()):
         return None
     return action
-
-
-def add_before_commit_hook(hook: Hook) -> None:
-    """Run ``await hook(uow)`` in every unit of work just before its commit (e.g. audit)."""
-    if hook not in _hooks:
-        _hooks.append(hook)
-
-
-def remove_before_commit_hook(hook: Hook) -> None:
-    """Undo :func:`add_before_commit_hook`."""
-    if hook in _hooks:
-        _hooks.remove(hook)
-
-
-def global_before_commit_hooks() -> list[Hook]:
-    """The hooks added with :func:`add_before_commit_hook`, in order."""
-    return list(_hooks)
-
-
-def has_before_commit_hooks() -> bool:
-    """Whether a global before-commit hook was added (cheaper than copying the list)."""
-    return bool(_hooks)
 
 
 def wants_events(session: Any, info: ModelInfo) -> bool:
@@ -246,16 +227,13 @@ def _diff(obj: object, info: ModelInfo, loaded: Mapping[str, Any]) -> dict[str, 
     return changes
 
 
-@sa_event.listens_for(Session, "before_flush")
-def _before_flush(session: Session, _flush_context: Any, _instances: Any) -> None:
+def _read_old_values(session: Session) -> None:
     """Read the stored values of columns changed while expired, before the UPDATE hides them.
 
     Setting an expired attribute (after a commit with ``expire_on_commit=True``) does
     not load its old value, so the attribute history has none; one SELECT per such
     object, only then, keeps ``<entity>_updated`` exact.
     """
-    if current_unit_of_work(session) is None:
-        return
     unknown: dict[Any, tuple[ModelInfo, list[str]]] = {}
     for obj in session.dirty:
         info = _enabled(obj)
@@ -292,12 +270,9 @@ def _before_flush(session: Session, _flush_context: Any, _instances: Any) -> Non
     session.info[_OLD_KEY] = old
 
 
-@sa_event.listens_for(Session, "after_flush")
-def _after_flush(session: Session, _flush_context: Any) -> None:
-    uow = current_unit_of_work(session)
+def _record_flushed_changes(uow: UnitOfWork, session: Session) -> None:
+    """Record an event for each change of an entity this flush writes."""
     loaded: dict[Any, dict[str, Any]] = session.info.pop(_OLD_KEY, None) or {}
-    if uow is None:
-        return
     for obj in session.new:
         info = _enabled(obj)
         if info is not None:
@@ -324,7 +299,8 @@ def _after_flush(session: Session, _flush_context: Any) -> None:
         if info is not None:
             _add(uow, info, "deleted", info.identity(obj), _columns(info, inspect(obj).dict))
         if isinstance(obj, EventSourceMixin):
-            uow._seen_sources.append(obj)
+            # Gone from the session after the flush: remember it for collect().
+            uow.info.setdefault(_SOURCES_KEY, []).append(obj)
 
 
 def record_rows(session: Any, info: ModelInfo, action: str, objs: Iterable[object]) -> None:
@@ -399,17 +375,16 @@ class EventSourceMixin:
 
 
 def _sources(uow: UnitOfWork, session: Any) -> list[EventSourceMixin]:
+    seen_deleted: list[Any] = uow.info.pop(_SOURCES_KEY, [])
     if not _source_classes:
         # No EventSourceMixin subclass exists, so no object of the session is one.
-        uow._seen_sources.clear()
         return []
-    seen = [*session.identity_map.values(), *session.new, *uow._seen_sources]
-    uow._seen_sources.clear()
+    seen = [*session.identity_map.values(), *session.new, *seen_deleted]
     unique = {id(obj): obj for obj in seen if isinstance(obj, EventSourceMixin)}
     return list(unique.values())
 
 
-def collect_object_events(uow: UnitOfWork, session: Any) -> None:
+def _collect_object_events(uow: UnitOfWork, session: Any) -> None:
     """Turn events queued on EventSourceMixin objects the session saw into uow events."""
     for obj in _sources(uow, session):
         queued = obj.pop_recorded_events()
@@ -428,11 +403,31 @@ def collect_object_events(uow: UnitOfWork, session: Any) -> None:
             )
 
 
-def discard_object_events(uow: UnitOfWork, session: Any) -> None:
-    """Drop the events still queued on objects the session saw (their transaction rolled back).
+class ChangeRecorder(UnitOfWorkHooks):
+    """The unit of work hooks that record entity changes and EventSourceMixin events.
 
-    Without this, an object kept after a rollback would carry its events into the
-    next unit of work that touches it.
+    ``before_flush`` reads old values only an expired attribute hides, ``after_flush``
+    records the flushed changes, ``collect`` gathers the events queued on objects and
+    ``after_rollback`` drops the ones still queued: without that, an object kept after a
+    rollback would carry its events into the next unit of work that touches it.
     """
-    for obj in _sources(uow, session):
-        obj.pop_recorded_events()
+
+    def before_flush(self, uow: UnitOfWork, session: Session) -> None:
+        """Remember the stored values of columns set while expired (see ``_read_old_values``)."""
+        _read_old_values(session)
+
+    def after_flush(self, uow: UnitOfWork, session: Session) -> None:
+        """Record ``<entity>_created/_updated/_deleted/_restored`` for this flush's changes."""
+        _record_flushed_changes(uow, session)
+
+    def collect(self, uow: UnitOfWork, session: Session) -> None:
+        """Record the events queued on EventSourceMixin objects the session saw."""
+        _collect_object_events(uow, session)
+
+    def after_rollback(self, uow: UnitOfWork, session: Session, *, savepoint: bool) -> None:
+        """Drop the events still queued on objects the session saw."""
+        for obj in _sources(uow, session):
+            obj.pop_recorded_events()
+
+
+add_hooks(ChangeRecorder())

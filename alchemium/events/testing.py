@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 from alchemium.domain_event import DomainEvent
 from alchemium.events.dispatch import watch_commits
+from alchemium.uow import Commit, UnitOfWork, UnitOfWorkHooks, add_hooks
 
 __all__ = ["capture_events", "capture_on_commit"]
 
@@ -47,11 +48,21 @@ def capture_on_commit(*, execute: bool = False) -> Iterator[list[Callable[[], An
         _on_commit.reset(token)
 
 
-def intercept_on_commit(callbacks: Sequence[Callable[[], Any]]) -> bool:
-    """Called by the unit of work after commit; False if a capture took the callbacks."""
-    capture = _on_commit.get()
-    if capture is None:
-        return True
-    captured, execute = capture
-    captured.extend(callbacks)
-    return execute
+class _OnCommitCapture(UnitOfWorkHooks):
+    """Hands a committed unit of work's ``on_commit`` callbacks to the active capture.
+
+    Its ``after_commit`` runs before the unit of work runs the callbacks; with
+    ``execute=False`` it takes them, so they do not run.
+    """
+
+    async def after_commit(self, uow: UnitOfWork, commit: Commit) -> None:
+        capture = _on_commit.get()
+        if capture is None or not commit.callbacks:
+            return
+        captured, execute = capture
+        captured.extend(commit.callbacks)
+        if not execute:
+            commit.callbacks.clear()
+
+
+add_hooks(_OnCommitCapture())

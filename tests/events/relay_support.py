@@ -56,13 +56,15 @@ async def write_pending(
     destinations: Sequence[str],
 ) -> None:
     """Write ``events`` with one pending delivery row per destination (no commit)."""
-    await outbox.write(
-        session,
-        events,
-        [(e, d, False) for e in events for d in destinations],
-        claim_token=uuid.uuid4(),
-        lease=0,
-        notify=True,
+    await session.run_sync(
+        lambda sync: outbox.write(
+            sync,
+            events,
+            [(e, d, False) for e in events for d in destinations],
+            claim_token=uuid.uuid4(),
+            lease=0,
+            notify=True,
+        )
     )
 
 
