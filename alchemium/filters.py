@@ -51,8 +51,10 @@ __all__ = [
     "OrderBySpec",
     "RowScope",
     "build_where",
+    "check_operand",
     "eager_load_options",
     "order_by_clauses",
+    "split_key",
 ]
 
 FilterSpec = Mapping[str, Any] | ColumnElement[bool] | Sequence[Any] | None
@@ -174,8 +176,20 @@ OPERATORS: dict[str, Callable[[Any, Any], ColumnElement[bool]]] = {
 }
 
 
-def _check_operand(info: ModelInfo, field: str, op: str, value: Any, key: str) -> None:
-    """Validate the value's shape for ``op`` and each scalar's type for the column."""
+def split_key(key: str) -> tuple[list[str], str]:
+    """``"books__title__startswith"`` -> ``(["books", "title"], "startswith")`` (default ``eq``)."""
+    parts = key.split("__")
+    op = "eq"
+    if len(parts) > 1 and parts[-1] in OPERATORS:
+        op = parts.pop()
+    return parts, op
+
+
+def check_operand(info: ModelInfo, field: str, op: str, value: Any, key: str) -> None:
+    """Validate the value's shape for ``op`` and each scalar's type for the column.
+
+    Raises InvalidFilterError naming the model, the filter key and what was expected.
+    """
     scalars: Iterable[Any]
     if op in ("in", "not_in"):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
@@ -221,10 +235,7 @@ def _is_scalar(value: Any) -> bool:
 def _entry(info: ModelInfo, key: str, value: Any, scope: RowScope | None) -> ColumnElement[bool]:
     if not key or key.startswith("__") or key.endswith("__"):
         raise InvalidFilterError(info.name, key, "empty field name")
-    parts = key.split("__")
-    op = "eq"
-    if len(parts) > 1 and parts[-1] in OPERATORS:
-        op = parts.pop()
+    parts, op = split_key(key)
     return _path(info, parts, op, value, key, scope)
 
 
@@ -254,7 +265,7 @@ def _path(
         raise InvalidFilterError(
             info.name, key, f"unknown operator {'__'.join(rest)!r}; valid: {', '.join(OPERATORS)}"
         )
-    _check_operand(info, head, op, value, key)
+    check_operand(info, head, op, value, key)
     column = getattr(info.model, head)
     return OPERATORS[op](column, value)
 

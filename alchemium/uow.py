@@ -12,6 +12,11 @@ the events recorded in its transaction (:class:`~alchemium.domain_event.DomainEv
 values, dropped with a rollback) and announces its lifecycle to
 :class:`UnitOfWorkHooks`: the events package plugs in there (writing the outbox in
 the committing transaction, dispatching after commit), and so do the test captures.
+
+Why this module is long (about 700 lines): it is the UnitOfWork and the hook
+interface through which it announces its lifecycle, one contract read together.
+What stands alone lives elsewhere: ``shielding`` (awaiting COMMIT and close through
+a cancellation), ``tenancy`` (the tenant setting of each transaction).
 """
 
 from __future__ import annotations
@@ -21,14 +26,13 @@ import contextlib
 import logging
 import random
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
@@ -42,6 +46,7 @@ from alchemium.errors import (
     db_errors,
     raise_mapped,
 )
+from alchemium.shielding import uncancellable
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -354,7 +359,7 @@ class UnitOfWork:
                 await session.close()
 
         try:
-            await _uncancellable(close())
+            await uncancellable(close())
         except Exception:
             logger.warning("error while closing the unit of work's session", exc_info=True)
 
@@ -441,7 +446,7 @@ class UnitOfWork:
             committing = True
             sync_session.commit()
 
-        await _uncancellable(session.run_sync(finish_transaction), shield=lambda: committing)
+        await uncancellable(session.run_sync(finish_transaction), shield=lambda: committing)
         assert commit is not None
         return commit
 
@@ -490,7 +495,7 @@ class UnitOfWork:
             # Also when a failed flush deactivated it: only a rollback reactivates the
             # outer transaction. Closed means someone already rolled it back.
             with contextlib.suppress(sa_exc.ResourceClosedError):
-                await _uncancellable(nested.rollback())
+                await uncancellable(nested.rollback())
             if isinstance(err, Exception):
                 raise_mapped(err, session)
             raise
@@ -573,28 +578,6 @@ def _after_flush(session: Session, _context: Any) -> None:
             hook.after_flush(uow, session)
 
 
-_SET_CONFIG = text("SELECT set_config(:name, :value, true)")
-
-
-@sa_event.listens_for(Session, "after_begin")
-def _set_tenant_setting(session: Session, _transaction: Any, connection: Any) -> None:
-    """For ``tenant_setting``: name the tenant to PostgreSQL at the start of each transaction.
-
-    ``is_local=true`` makes the setting end with the transaction, so a pooled
-    connection never carries it into the next unit of work (a session-level SET would).
-    """
-    uow = current_unit_of_work(session)
-    if uow is None or uow.tenant_setting is None:
-        return
-    if connection.dialect.name != "postgresql":
-        raise UnitOfWorkError(
-            f"UnitOfWork(tenant_setting={uow.tenant_setting!r}) needs PostgreSQL, "
-            f"not {connection.dialect.name}"
-        )
-    tenant = uow.tenant if uow.tenant is not None else current_tenant()
-    connection.execute(_SET_CONFIG, {"name": uow.tenant_setting, "value": tenant})
-
-
 class _Exclusive:
     """``UnitOfWork._exclusive`` (and, with ``map_errors``, ``db_errors`` inside it).
 
@@ -662,88 +645,6 @@ async def _begin_sqlite_transaction(session: AsyncSession) -> None:
     driver = raw.driver_connection
     if driver is not None and not getattr(driver, "in_transaction", True):
         await connection.exec_driver_sql("BEGIN")
-
-
-class _Shielded:
-    """What the task waits on while ``_uncancellable`` runs: the awaited future, uncancellable.
-
-    ``Task.cancel()`` cancels the future its task waits on. This proxy refuses
-    (``cancel`` returns False), so the task instead throws CancelledError at its next
-    step, after the future has completed; ``_uncancellable`` then records it and
-    lets the awaitable go on. Everything else is the future's own.
-    """
-
-    __slots__ = ("_asyncio_future_blocking", "_future")
-
-    def __init__(self, future: Any) -> None:
-        self._future = future
-        self._asyncio_future_blocking = True
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        loop: asyncio.AbstractEventLoop = self._future.get_loop()
-        return loop
-
-    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
-        self._future.add_done_callback(fn, context=context)
-
-    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        removed: int = self._future.remove_done_callback(fn)
-        return removed
-
-    def done(self) -> bool:
-        done: bool = self._future.done()
-        return done
-
-    def result(self) -> Any:
-        return self._future.result()
-
-    def cancel(self, msg: Any = None) -> bool:
-        return False
-
-
-@types.coroutine
-def _uncancellable(
-    awaitable: Awaitable[T], *, shield: Callable[[], bool] | None = None
-) -> Generator[Any, None, T]:
-    """Run ``awaitable`` to completion even if the caller is cancelled meanwhile.
-
-    Used for COMMIT, ROLLBACK and close: abandoning them half-way would leave the
-    connection in an unknown state or outside the pool. A cancellation received
-    meanwhile is re-raised once the awaitable has finished (like ``asyncio.shield``
-    around a task, but run inline in the caller's task: no extra task, no extra
-    event loop iterations on the common, uncancelled path). With ``shield``, only
-    the waits that begin while ``shield()`` is true are protected; a cancellation
-    before that interrupts the awaitable as usual.
-    """
-    steps = awaitable.__await__()
-    cancelled = False
-    thrown: BaseException | None = None
-    while True:
-        try:
-            yielded = steps.send(None) if thrown is None else steps.throw(thrown)
-        except StopIteration as stop:
-            result: T = stop.value
-            break
-        thrown = None
-        future = yielded if getattr(yielded, "_asyncio_future_blocking", False) else None
-        if future is not None and (shield is None or shield()):
-            future._asyncio_future_blocking = False  # as the task would have done
-            yielded = _Shielded(future)
-        try:
-            yield yielded
-        except GeneratorExit:
-            steps.close()
-            raise
-        except asyncio.CancelledError as err:
-            if future is not None and future.cancelled():
-                thrown = err  # the awaited future itself was cancelled: its caller decides
-            else:
-                cancelled = True  # our task was cancelled: finish first, raise afterwards
-        except BaseException as err:  # noqa: BLE001 - the future's error, handed back to the awaitable
-            thrown = err
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
 
 
 async def _run_callbacks(callbacks: list[Callback]) -> None:

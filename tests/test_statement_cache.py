@@ -54,7 +54,7 @@ async def test_cached_statements_match_uncached(
     people: Factory, first: dict[str, Any], second: dict[str, Any], monkeypatch: Any
 ) -> None:
     cached = [await _read(people, first), await _read(people, second)]
-    monkeypatch.setattr(repository, "_cached_select", lambda *a, **k: None)
+    monkeypatch.setattr(repository, "cached_select", lambda *a, **k: None)
     assert cached == [await _read(people, first), await _read(people, second)]
 
 

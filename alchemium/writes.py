@@ -1,0 +1,185 @@
+"""The write side of CrudRepository: checking data, tenant stamps, upserts, reloading rows.
+
+What ``create``, ``upsert_many``, ``delete``, ``hard_delete`` and ``restore`` need
+besides the session calls they make: validation of column data, stamping the
+current tenant, the ON CONFLICT statement of an upsert, and loading the stored row
+of an object (locked, checked for tenant and version) before it is deleted or
+restored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import inspect
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
+
+from alchemium.errors import (
+    ConcurrencyConflictError,
+    DataValidationError,
+    FieldNotFoundError,
+    NotFoundError,
+    RepositoryUsageError,
+    TenantMismatchError,
+    raise_mapped,
+)
+from alchemium.modelinfo import ModelInfo
+from alchemium.query import pk_of
+from alchemium.tenancy import check_row_tenant, required_tenant
+
+__all__ = ["check_data", "load_for_write", "stamp_tenant", "upsert_statement", "utcnow"]
+
+T = TypeVar("T")
+
+
+def utcnow() -> dt.datetime:
+    """Now, in UTC: the value a soft delete stamps."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def check_data(info: ModelInfo, data: Mapping[str, Any]) -> None:
+    """Refuse ``data`` that is not a dict of known columns with values that fit them."""
+    if not isinstance(data, Mapping):
+        raise DataValidationError(
+            f"{info.name}: data must be a dict of column values, got {type(data).__name__}",
+            model=info.name,
+        )
+    for key, value in data.items():
+        if key not in info.columns:
+            raise FieldNotFoundError(info.name, key, info.columns)
+        info.check_value(key, value)
+
+
+def stamp_tenant(
+    asession: AsyncSession, info: ModelInfo, data: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """``data`` with the current tenant in the tenant column; another tenant raises."""
+    if info.tenant_column is None:
+        return data
+    tenant = required_tenant(info, asession)
+    given = data.get(info.tenant_column)
+    if given is None:
+        return {**data, info.tenant_column: tenant}
+    if given != tenant:
+        raise TenantMismatchError(info.name, info.key_of(data), tenant, given)
+    return data
+
+
+def upsert_statement(
+    info: ModelInfo,
+    dialect: str,
+    batch: Sequence[Mapping[str, Any]],
+    conflict: Sequence[str],
+    update: Sequence[str] | None,
+) -> Any:
+    """``INSERT ... ON CONFLICT (conflict) DO UPDATE ... RETURNING`` for rows with the same keys.
+
+    The SET list holds the ``update`` columns the rows give (default: every given
+    column but the conflict ones): a row never overwrites a column it does not give.
+    With nothing to set it is a no-op update (DO NOTHING would return no row for a
+    conflict). A tenant-scoped model only updates a row of the batch's tenant, so no
+    row comes back for another tenant's.
+    """
+    module = sqlite if dialect == "sqlite" else postgresql
+    given = list(batch[0])
+    targets = (
+        [k for k in update if k in given]
+        if update is not None
+        else [k for k in given if k not in conflict]
+    )
+    stmt: Any = module.insert(info.model)
+    set_: dict[str, Any] = {
+        info.columns[key].name: getattr(stmt.excluded, info.columns[key].name) for key in targets
+    }
+    if not set_:
+        # DO NOTHING would return no row for a conflict; a no-op update returns it.
+        column = info.columns[conflict[0]]
+        set_ = {column.name: column}
+    tenant_column = info.tenant_column
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[info.columns[k].name for k in conflict],
+        set_=set_,
+        # Another tenant's row is never overwritten: no row comes back for it.
+        where=(
+            info.columns[tenant_column] == batch[0][tenant_column]
+            if tenant_column is not None
+            else None
+        ),
+    )
+    return stmt.returning(info.model, sort_by_parameter_order=True)
+
+
+async def load_for_write(
+    asession: AsyncSession, info: ModelInfo, obj: T, action: str, *, include_deleted: bool
+) -> T | None:
+    """``obj`` as stored now, in ``asession`` and locked, checked for tenant and version.
+
+    Returns None for an object added to this session and never flushed, after
+    discarding it from the session (there is no row to write).
+    """
+    if not isinstance(obj, info.model):
+        raise RepositoryUsageError(f"{action} expects a {info.name}, got {type(obj).__name__}")
+    state = inspect(obj)
+    pk = pk_of(info, state)
+    tenant = None
+    if info.tenant_column is not None:
+        tenant = required_tenant(info, asession)
+        check_row_tenant(info, state, tenant)
+    version_col = state.mapper.version_id_col
+    version_prop = (
+        state.mapper.get_property_by_column(version_col).key if version_col is not None else None
+    )
+    loaded_version = state.dict.get(version_prop) if version_prop is not None else None
+    if state.pending and state.session_id == asession.sync_session.hash_key:
+        # Added but never flushed: nothing to write, just cancel the INSERT.
+        asession.expunge(obj)
+        return None
+    try:
+        if state.session_id != asession.sync_session.hash_key:
+            # Loaded elsewhere (often an earlier, closed unit of work): load the current
+            # row into this session so the write and its event see its real values.
+            if state.identity is None:
+                raise NotFoundError(info.name, pk)
+            current = await asession.get(info.model, state.identity, with_for_update=True)
+            if current is None:
+                raise NotFoundError(info.name, pk)
+            obj = current
+        else:
+            # Another transaction may have deleted the row since it was loaded: reload
+            # it (locked on PostgreSQL, so it stays until our write) to know it exists.
+            if state.modified:
+                # refresh() would silently drop the caller's unflushed changes.
+                await asession.flush()
+            try:
+                await asession.refresh(obj, with_for_update=True)
+            except sa_exc.InvalidRequestError as err:
+                raise NotFoundError(info.name, pk) from err
+    except (NotFoundError, ConcurrencyConflictError):
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised, mapped
+        raise_mapped(err, asession)
+    if info.tenant_column is not None:
+        check_row_tenant(info, inspect(obj), tenant)
+    if (
+        info.soft_delete_column is not None
+        and not include_deleted
+        and getattr(obj, info.soft_delete_column) is not None
+    ):
+        raise NotFoundError(info.name, pk)
+    # Optimistic locking: the row was reloaded above; a newer version means
+    # another transaction changed it since the caller loaded it.
+    if (
+        version_prop is not None
+        and loaded_version is not None
+        and getattr(obj, version_prop) != loaded_version
+    ):
+        raise ConcurrencyConflictError(info.name, pk) from StaleDataError(
+            f"{action} of {info.name} {pk!r} expected version {loaded_version!r}, "
+            f"the row has version {getattr(obj, version_prop)!r}"
+        )
+    return obj
