@@ -8,4 +8,5 @@ ensure_venv "dev,postgres,redis,rabbitmq,bench"
 echo "== ruff check";        .venv/bin/ruff check alchemium tests examples bench
 echo "== ruff format";       .venv/bin/ruff format --check alchemium tests examples bench
 echo "== mypy --strict";     .venv/bin/mypy --strict alchemium
+echo "== import contracts";  .venv/bin/lint-imports --no-logo --no-cache
 echo "== pytest";            .venv/bin/python -m pytest -m "not soak" "$@"
