@@ -30,13 +30,22 @@ from alchemium.errors import (
     UnitOfWorkError,
 )
 from alchemium.repository import CrudRepository, KeysetPage, Page
-from alchemium.uow import UnitOfWork, current_unit_of_work, run_in_transaction
+from alchemium.uow import (
+    Commit,
+    UnitOfWork,
+    UnitOfWorkHooks,
+    add_hooks,
+    current_unit_of_work,
+    remove_hooks,
+    run_in_transaction,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlchemiumError",
     "CheckViolation",
+    "Commit",
     "ConcurrencyConflictError",
     "CrudRepository",
     "DataValidationError",
@@ -65,10 +74,13 @@ __all__ = [
     "UniqueViolation",
     "UnitOfWork",
     "UnitOfWorkError",
+    "UnitOfWorkHooks",
     "__version__",
+    "add_hooks",
     "current_actor",
     "current_tenant",
     "current_unit_of_work",
+    "remove_hooks",
     "run_in_transaction",
     "use_actor",
     "use_tenant",
