@@ -24,12 +24,22 @@ kept as ``__cause__``::
     │   ├── NotNullViolation
     │   └── CheckViolation
     ├── DataValidationError           a value has the wrong type / shape for its column
+    ├── DatabaseProgrammingError      the database refused the statement itself: a missing
+    │                                 table or column, bad SQL, no unique constraint for an
+    │                                 ON CONFLICT target (a bug or an old schema: not retried)
     ├── TransactionError              the transaction could not complete (connection lost, ...)
     │   ├── SerializationFailure      SQLSTATE 40001, safe to retry
-    │   └── DeadlockDetected          SQLSTATE 40P01, safe to retry
+    │   ├── DeadlockDetected          SQLSTATE 40P01, safe to retry
+    │   └── CommitOutcomeUnknownError the connection was lost while COMMIT was in flight
     └── EventError
         ├── EventSerializationError   an event payload is not JSON-serializable
         └── OutboxError               the outbox is misconfigured or unreachable
+
+Every error has a ``transient`` attribute: True when the same work, run again in a new
+unit of work, may succeed and nothing of the failed attempt was committed (a
+serialization failure, a deadlock, a lost connection before COMMIT, a busy SQLite
+database). ``run_in_transaction`` retries exactly those. Bugs (a missing column,
+invalid data) are never transient, and neither is a commit whose outcome is unknown.
 
 PostgreSQL errors are mapped by SQLSTATE, SQLite errors by their extended error
 code (``sqlite_errorcode``), never by searching the message text. The only text
@@ -48,13 +58,15 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.exc import StaleDataError
+from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 
 __all__ = [
     "AlchemiumError",
     "CheckViolation",
+    "CommitOutcomeUnknownError",
     "ConcurrencyConflictError",
     "DataValidationError",
+    "DatabaseProgrammingError",
     "DeadlockDetected",
     "EventError",
     "EventSerializationError",
@@ -78,6 +90,7 @@ __all__ = [
     "UniqueViolation",
     "UnitOfWorkError",
     "db_errors",
+    "is_disconnect",
     "map_db_error",
     "raise_mapped",
 ]
@@ -88,7 +101,14 @@ def _choices(valid: Iterable[str]) -> str:
 
 
 class AlchemiumError(Exception):
-    """Base class of every error raised by alchemium."""
+    """Base class of every error raised by alchemium.
+
+    ``transient``: whether running the same work again, in a new unit of work, may
+    succeed, nothing of this attempt having been committed. False unless a subclass
+    (or the instance) says otherwise; ``run_in_transaction`` retries transient errors.
+    """
+
+    transient: bool = False
 
 
 class RepositoryUsageError(AlchemiumError):
@@ -261,7 +281,39 @@ class DataValidationError(AlchemiumError):
 
 
 class TransactionError(AlchemiumError):
-    """The transaction could not complete; nothing of it was committed unless stated."""
+    """The transaction could not complete; nothing of it was committed unless stated.
+
+    Transient (the connection was lost before COMMIT, the database is busy or
+    restarting) unless ``transient=False`` says otherwise, as for an error the
+    mapping does not know.
+    """
+
+    transient = True
+
+    def __init__(self, message: str = "", *, transient: bool | None = None) -> None:
+        super().__init__(message)
+        if transient is not None:
+            self.transient = transient
+
+
+class CommitOutcomeUnknownError(TransactionError):
+    """The connection was lost while COMMIT was in flight: it may or may not have committed.
+
+    Never transient: retrying could apply the work twice. Check whether the work is
+    there (by a key you chose) before doing it again.
+    """
+
+    transient = False
+
+
+class DatabaseProgrammingError(AlchemiumError):
+    """The database refused the statement itself: a bug or a schema out of date, not an outage.
+
+    A table or column that does not exist (migrations not run?), an ON CONFLICT target
+    with no matching unique constraint, SQL the database cannot parse, a permission
+    missing. PostgreSQL SQLSTATE class 42 and ``0A000``; SQLite's ``SQLITE_ERROR``.
+    Retrying cannot help (``transient`` is False).
+    """
 
 
 class SerializationFailure(TransactionError):
@@ -299,7 +351,13 @@ _PG_SQLSTATE: dict[str, type[AlchemiumError]] = {
     "23514": CheckViolation,
     "40001": SerializationFailure,
     "40P01": DeadlockDetected,
+    "40003": CommitOutcomeUnknownError,  # statement_completion_unknown
+    "0A000": DatabaseProgrammingError,  # feature_not_supported
 }
+
+# SQLSTATE classes and codes of a transaction that may succeed when run again.
+_PG_TRANSIENT_CLASSES = ("08", "53")  # connection exception, insufficient resources
+_PG_TRANSIENT = frozenset({"55P03", "57P01", "57P02", "57P03", "57014", "40000"})
 
 # SQLite extended result codes (https://www.sqlite.org/rescode.html).
 _SQLITE_CODES: dict[int, type[AlchemiumError]] = {
@@ -311,6 +369,7 @@ _SQLITE_CODES: dict[int, type[AlchemiumError]] = {
     5: TransactionError,  # SQLITE_BUSY
     6: TransactionError,  # SQLITE_LOCKED
     517: SerializationFailure,  # SQLITE_BUSY_SNAPSHOT: a WAL snapshot went stale, retry
+    1: DatabaseProgrammingError,  # SQLITE_ERROR: no such table/column, syntax, ON CONFLICT
 }
 
 # Python < 3.11 has no sqlite_errorcode; the message prefix is then the only signal.
@@ -319,6 +378,9 @@ _SQLITE_PREFIXES: tuple[tuple[str, type[AlchemiumError]], ...] = (
     ("FOREIGN KEY constraint failed", ForeignKeyViolation),
     ("NOT NULL constraint failed", NotNullViolation),
     ("CHECK constraint failed", CheckViolation),
+    ("no such table", DatabaseProgrammingError),
+    ("no such column", DatabaseProgrammingError),
+    ("ON CONFLICT clause does not match", DatabaseProgrammingError),
 )
 
 _SQLITE_TARGET = re.compile(r"constraint failed: ([\w.]+)")
@@ -371,6 +433,9 @@ def map_db_error(err: BaseException) -> AlchemiumError | None:
         # SQLAlchemy does not wrap errors raised while connecting: a refused or timed-out
         # connection (the server is down or restarting) arrives as the socket error itself.
         return TransactionError(f"could not reach the database: {type(err).__name__}: {err}")
+    if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
+        driver = _driver_error(err)
+        return TransactionError(f"the connection was lost: {type(driver).__name__}: {driver}")
     if not isinstance(err, sa_exc.DBAPIError):
         if isinstance(err, sa_exc.StatementError):
             # A parameter that SQLAlchemy could not bind (wrong type for the column type).
@@ -386,6 +451,14 @@ def map_db_error(err: BaseException) -> AlchemiumError | None:
             return DataValidationError(f"invalid data (SQLSTATE {sqlstate}): {driver}")
         if cls is None and sqlstate.startswith("23"):
             cls = IntegrityViolation
+        if cls is None and sqlstate.startswith("42"):
+            cls = DatabaseProgrammingError
+        if cls is None:
+            transient = sqlstate in _PG_TRANSIENT or sqlstate.startswith(_PG_TRANSIENT_CLASSES)
+            return TransactionError(
+                f"database error (SQLSTATE {sqlstate}): {type(driver).__name__}: {driver}",
+                transient=transient,
+            )
     else:
         code = getattr(orig, "sqlite_errorcode", None)
         if isinstance(code, int):
@@ -398,10 +471,23 @@ def map_db_error(err: BaseException) -> AlchemiumError | None:
     if cls is not None and issubclass(cls, IntegrityViolation):
         return _integrity(cls, driver)
     if cls is not None:
-        return cls(f"{cls.__doc__ or cls.__name__}: {driver}".strip())
+        summary = (cls.__doc__ or cls.__name__).split("\n", 1)[0]
+        return cls(f"{summary}: {driver}".strip())
     if type(driver).__name__ == "DataError" or isinstance(err, sa_exc.DataError):
         return DataValidationError(f"invalid data: {driver}")
-    return TransactionError(f"database error: {type(driver).__name__}: {driver}")
+    if isinstance(err, sa_exc.ProgrammingError):
+        return DatabaseProgrammingError(f"the database refused the statement: {driver}")
+    return TransactionError(f"database error: {type(driver).__name__}: {driver}", transient=False)
+
+
+def is_disconnect(err: BaseException) -> bool:
+    """Whether ``err`` (or its cause chain) is a lost or refused connection."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) or getattr(seen, "connection_invalidated", False):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 @contextmanager
@@ -421,6 +507,9 @@ def raise_mapped(err: BaseException, session: Any = None) -> NoReturn:
     """
     if isinstance(err, StaleDataError):
         raise _stale(err, session) from err
+    if isinstance(err, ObjectDeletedError):
+        # An expired attribute was loaded for a row that no longer exists.
+        raise _vanished(session) from err
     if isinstance(err, sa_exc.PendingRollbackError):
         raise TransactionError(
             "the transaction already failed (an earlier error was caught and ignored); "
@@ -456,6 +545,16 @@ def _remember_flushed_rows(session: Session, _context: Any, _instances: Any) -> 
     ]
     if found or _FLUSHED_KEY in session.info:
         session.info[_FLUSHED_KEY] = found
+
+
+def _vanished(session: Any) -> AlchemiumError:
+    """NotFoundError for the row a flush was writing when an expired attribute found it gone."""
+    candidates = session.info.get(_FLUSHED_KEY, []) if session is not None else []
+    if not candidates:
+        return NotFoundError("row", None)
+    state = candidates[0]
+    identity = state.identity
+    return NotFoundError(state.class_.__name__, identity[0] if len(identity) == 1 else identity)
 
 
 def _stale(err: StaleDataError, session: Any) -> AlchemiumError:

@@ -28,10 +28,13 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.elements import UnaryExpression
+from sqlalchemy.sql.operators import asc_op, desc_op
 
 from alchemium.encoding import json_safe
 from alchemium.errors import (
     DataValidationError,
+    OrderByFieldError,
     PaginationParameterError,
     RepositoryUsageError,
 )
@@ -54,10 +57,12 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "keyset_after",
+    "keyset_keys",
     "pk_first",
     "pk_in",
     "pk_match",
     "pk_of",
+    "pk_values",
     "select_rows",
 ]
 
@@ -97,20 +102,89 @@ def pk_of(info: ModelInfo, state: Any) -> Any:
     return key[0] if len(key) == 1 else key
 
 
+def pk_values(info: ModelInfo, pk: Any) -> tuple[Any, ...]:
+    """The primary key values in ``pk`` (a value, a tuple/list, or a dict by key name), checked.
+
+    Every database gets the same answer for the same mistake: a value of the wrong
+    type raises DataValidationError (PostgreSQL would refuse it, SQLite would look it up
+    and find nothing), a wrong number of values or a dict naming other columns
+    RepositoryUsageError, before anything is sent.
+    """
+    names = info.primary_key
+    if isinstance(pk, Mapping):
+        if set(pk) != set(names):
+            raise RepositoryUsageError(
+                f"{info.name} has the primary key ({', '.join(names)}); got a dict with "
+                f"{', '.join(map(repr, pk)) or 'no keys'}: to look up by other columns, "
+                "use get_one({...})"
+            )
+        values = tuple(pk[k] for k in names)
+    elif isinstance(pk, (tuple, list)):
+        values = tuple(pk)
+    else:
+        values = (pk,)
+    if len(values) != len(names):
+        raise RepositoryUsageError(
+            f"{info.name} has a primary key of {len(names)} column(s) "
+            f"({', '.join(names)}); got {pk!r}"
+        )
+    for name, value in zip(names, values, strict=True):
+        if value is None:
+            raise DataValidationError(
+                f"{info.name}.{name}: a primary key value cannot be None",
+                model=info.name,
+                field=name,
+            )
+        info.check_value(name, value, what="primary key")
+    return values
+
+
 def pk_match(info: ModelInfo, pk: Any) -> list[ColumnElement[bool]]:
     """``pk_col = value`` clauses for ``pk``: a value, a tuple or a dict of key values."""
-    if isinstance(pk, Mapping):
-        values = [pk.get(k) for k in info.primary_key]
-    elif isinstance(pk, (tuple, list)):
-        values = list(pk)
-    else:
-        values = [pk]
-    if len(values) != len(info.primary_key):
-        raise RepositoryUsageError(
-            f"{info.name} has a primary key of {len(info.primary_key)} column(s) "
-            f"({', '.join(info.primary_key)}); got {pk!r}"
-        )
+    values = pk_values(info, pk)
     return [info.columns[k] == value for k, value in zip(info.primary_key, values, strict=True)]
+
+
+def keyset_keys(info: ModelInfo, order_by: Any) -> list[tuple[str, bool]]:
+    """``(column name, descending)`` pairs for keyset pagination's ``order_by``.
+
+    Takes column names (``"-created_at"``), model columns (``User.name``) and their
+    ``.asc()``/``.desc()``, alone or in a list. Other expressions raise
+    OrderByFieldError: a cursor must hold the value of each ordering column.
+    """
+    items = list(order_by) if isinstance(order_by, (list, tuple)) else [order_by]
+    keys: list[tuple[str, bool]] = []
+    for item in items:
+        descending = False
+        target = item
+        if isinstance(item, UnaryExpression) and item.modifier in (desc_op, asc_op):
+            descending = item.modifier is desc_op
+            target = item.element
+        name: str | None
+        if isinstance(item, str):
+            name, descending = item.lstrip("+-"), item.startswith("-")
+        else:
+            name = _column_name(info, target)
+        if name is None or name not in info.columns:
+            raise OrderByFieldError(
+                info.name,
+                item if isinstance(item, str) else str(item),
+                info.columns,
+            )
+        keys.append((name, descending))
+    return keys
+
+
+def _column_name(info: ModelInfo, target: Any) -> str | None:
+    """The attribute name of ``target`` if it is one of ``info``'s columns (``User.name``)."""
+    column = getattr(target, "expression", target)
+    compare = getattr(column, "compare", None)
+    if compare is None:
+        return None
+    for name, candidate in info.columns.items():
+        if compare(candidate):
+            return name
+    return None
 
 
 # -- statement cache for flat filter dicts ----------------------------------------------------

@@ -43,7 +43,7 @@ from alchemium.errors import (
     TenantRequiredError,
 )
 from alchemium.events import recording
-from alchemium.filters import FilterSpec, OrderBySpec, RowScope, build_where, order_by_clauses
+from alchemium.filters import FilterSpec, OrderBySpec, RowScope, build_where
 from alchemium.modelinfo import ModelInfo, configure_model, model_info
 from alchemium.query import (
     cached_select,
@@ -51,15 +51,24 @@ from alchemium.query import (
     decode_cursor,
     encode_cursor,
     keyset_after,
+    keyset_keys,
     pk_first,
     pk_in,
     pk_match,
     pk_of,
+    pk_values,
     select_rows,
 )
 from alchemium.tenancy import check_row_tenant, register_tenant_model
-from alchemium.uow import session_operation, session_tenant
-from alchemium.writes import check_data, load_for_write, stamp_tenant, upsert_statement, utcnow
+from alchemium.uow import check_session, session_operation, session_tenant
+from alchemium.writes import (
+    attach_for_update,
+    check_data,
+    load_for_write,
+    stamp_tenant,
+    upsert_statement,
+    utcnow,
+)
 
 __all__ = ["CrudRepository", "KeysetPage", "Page"]
 
@@ -142,6 +151,13 @@ class CrudRepository(Generic[ModelT]):
         return model_info(model)
 
     @classmethod
+    def _begin(cls, asession: Any, method: str) -> ModelInfo:
+        """The model's info, once ``asession`` is checked to be an AsyncSession."""
+        if type(asession) is not AsyncSession:
+            check_session(asession, f"{cls.__name__}.{method}")
+        return cls._info()
+
+    @classmethod
     def _scope(
         cls, asession: AsyncSession, info: ModelInfo, *, include_deleted: bool = False
     ) -> RowScope:
@@ -159,7 +175,7 @@ class CrudRepository(Generic[ModelT]):
 
         A tenant-scoped model is stamped with the current tenant.
         """
-        info = cls._info()
+        info = cls._begin(asession, "create")
         check_data(info, data)
         data = stamp_tenant(asession, info, data)
         obj: ModelT = info.model(**data)
@@ -174,7 +190,7 @@ class CrudRepository(Generic[ModelT]):
 
         Records one ``<entity>_created`` event per row.
         """
-        info = cls._info()
+        info = cls._begin(asession, "create_many")
         rows = list(rows)
         if not rows:
             return []
@@ -219,7 +235,7 @@ class CrudRepository(Generic[ModelT]):
         detected by the database's unique constraints, so a soft-deleted row conflicts
         too (and stays soft-deleted); see docs/soft-delete.md for partial unique indexes.
         """
-        info = cls._info()
+        info = cls._begin(asession, "upsert_many")
         rows = list(rows)
         if not rows:
             return []
@@ -273,10 +289,11 @@ class CrudRepository(Generic[ModelT]):
         of another tenant. Plain models use ``Session.get`` (no SQL when the object is
         already in the session); soft-deleted and tenant-scoped ones always SELECT.
         """
-        info = cls._info()
+        info = cls._begin(asession, "get")
+        values = pk_values(info, pk)
         if info.soft_delete_column is None and info.tenant_column is None:
             with session_operation(asession, "get()"):
-                return await asession.get(info.model, pk)
+                return await asession.get(info.model, values)
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         stmt = select(info.model).where(*pk_match(info, pk), *scope.clauses(info))
         with session_operation(asession, "get()"):
@@ -299,7 +316,7 @@ class CrudRepository(Generic[ModelT]):
         Without ``order_by`` "first" is whatever the database returns first. With
         ``strict=True`` more than one match raises MultipleResultsError.
         """
-        info = cls._info()
+        info = cls._begin(asession, "get_one")
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         limit = 2 if strict else 1
         cached = cached_select(info, filters, scope, order_by, joins, fixed_limit=limit)
@@ -351,7 +368,7 @@ class CrudRepository(Generic[ModelT]):
         include_deleted: bool = False,
     ) -> list[ModelT]:
         """Objects matching ``filters``, ordered, from ``skip`` for at most ``limit`` rows."""
-        info = cls._info()
+        info = cls._begin(asession, "list")
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         cached = cached_select(info, filters, scope, order_by, joins, skip=skip, limit=limit)
         if cached is not None:
@@ -392,7 +409,7 @@ class CrudRepository(Generic[ModelT]):
         cls, asession: AsyncSession, filters: FilterSpec = None, *, include_deleted: bool = False
     ) -> int:
         """Number of rows matching ``filters`` (one ``SELECT count(*)``)."""
-        info = cls._info()
+        info = cls._begin(asession, "count")
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         where = build_where(info.model, filters, scope=scope)
         stmt = select(func.count()).select_from(info.model).where(*where)
@@ -404,7 +421,7 @@ class CrudRepository(Generic[ModelT]):
         cls, asession: AsyncSession, filters: FilterSpec = None, *, include_deleted: bool = False
     ) -> bool:
         """Whether at least one row matches ``filters`` (``SELECT EXISTS``)."""
-        info = cls._info()
+        info = cls._begin(asession, "exists")
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         where = build_where(info.model, filters, scope=scope)
         stmt = select(exists().where(*where).select_from(info.model))
@@ -428,7 +445,7 @@ class CrudRepository(Generic[ModelT]):
 
         The total is one ``SELECT count(*)`` with the same WHERE and no ORDER BY/LIMIT.
         """
-        info = cls._info()
+        info = cls._begin(asession, "paginate")
         check_int(info, "page", page, 1)
         check_int(info, "page_size", page_size, 1)
         items = await cls.list(
@@ -452,7 +469,7 @@ class CrudRepository(Generic[ModelT]):
         cls,
         asession: AsyncSession,
         filters: FilterSpec = None,
-        order_by: str | Sequence[str] = "id",
+        order_by: str | Any | Sequence[Any] = "id",
         after: str | None = None,
         limit: int = 50,
         joins: Iterable[str] | None = None,
@@ -461,16 +478,14 @@ class CrudRepository(Generic[ModelT]):
     ) -> KeysetPage[ModelT]:
         """Keyset (cursor) pagination: stable and O(limit) however deep the page.
 
-        ``order_by`` takes column names (``"-created_at"``); the primary key is added as
-        a tie-breaker. Pass the returned ``next_cursor`` as ``after`` to get the next page.
+        ``order_by`` takes column names (``"-created_at"``) or model columns
+        (``User.name``, ``User.name.desc()``); other expressions raise OrderByFieldError.
+        The primary key is added as a tie-breaker. Pass the returned ``next_cursor`` as
+        ``after`` to get the next page.
         """
-        info = cls._info()
+        info = cls._begin(asession, "keyset")
         check_int(info, "limit", limit, 1)
-        names = [order_by] if isinstance(order_by, str) else list(order_by)
-        keys = [(n.lstrip("+-"), n.startswith("-")) for n in names]
-        for name, _ in keys:
-            if name not in info.columns:
-                order_by_clauses(info.model, name)  # raises OrderByFieldError
+        keys = keyset_keys(info, order_by)
         keys += [(pk, False) for pk in info.primary_key if pk not in {k for k, _ in keys}]
         stmt = select_rows(
             info,
@@ -496,10 +511,17 @@ class CrudRepository(Generic[ModelT]):
         """Set attributes of ``obj`` from ``data``; written at the next flush or commit.
 
         Synchronous (no I/O). Inside a UnitOfWork the flush records ``<entity>_updated``
-        with only the columns whose value changed. An object of another tenant, or
-        ``data`` moving it to another tenant, raises TenantMismatchError: here when the
-        object's session or :func:`alchemium.use_tenant` names the tenant, else when the
-        object is flushed in a unit of work of another tenant.
+        with only the columns whose value changed. Returns the object that will be written.
+
+        An object in no session (loaded by a unit of work that has ended) is written by
+        the unit of work the caller is in, with the stored values as the event's old
+        values; if that unit of work's session already holds the row, its instance is
+        updated and returned. With no unit of work current, or for an object that was
+        never saved, RepositoryUsageError says what to do: the change is never dropped.
+
+        An object of another tenant, or ``data`` moving it to another tenant, raises
+        TenantMismatchError: here when the session or :func:`alchemium.use_tenant` names
+        the tenant, else when the object is flushed in a unit of work of another tenant.
         """
         info = cls._info()
         if not isinstance(obj, info.model):
@@ -508,6 +530,9 @@ class CrudRepository(Generic[ModelT]):
             )
         check_data(info, data)
         state = inspect(obj)
+        if state.session is None:
+            obj = attach_for_update(info, obj, data, f"{cls.__name__}.update")
+            state = inspect(obj)
         tenant = session_tenant(state.session) if info.tenant_column is not None else None
         if info.tenant_column is not None and tenant is not None:
             # Without a tenant here (a detached object, no use_tenant), the flush checks.
@@ -542,7 +567,7 @@ class CrudRepository(Generic[ModelT]):
         rows are left alone unless ``include_deleted``; only the current tenant's rows
         are touched, and ``data`` cannot move them to another tenant.
         """
-        info = cls._info()
+        info = cls._begin(asession, "update_where")
         check_data(info, data)
         scope = cls._scope(asession, info, include_deleted=include_deleted)
         if info.tenant_column is not None and data.get(info.tenant_column, scope.tenant) != (
@@ -589,9 +614,9 @@ class CrudRepository(Generic[ModelT]):
         records ``<entity>_deleted`` with the row's last column values, plus
         ``"soft": true`` for a soft delete.
         """
-        info = cls._info()
+        info = cls._begin(asession, "delete")
         current = await load_for_write(
-            asession, cls._info(), obj, f"{cls.__name__}.delete", include_deleted=False
+            asession, info, obj, f"{cls.__name__}.delete", include_deleted=False
         )
         if current is None:
             return
@@ -609,7 +634,11 @@ class CrudRepository(Generic[ModelT]):
         delete it is the same as :meth:`delete`.
         """
         current = await load_for_write(
-            asession, cls._info(), obj, f"{cls.__name__}.hard_delete", include_deleted=True
+            asession,
+            cls._begin(asession, "hard_delete"),
+            obj,
+            f"{cls.__name__}.hard_delete",
+            include_deleted=True,
         )
         if current is None:
             return
@@ -625,17 +654,21 @@ class CrudRepository(Generic[ModelT]):
         flush records ``<entity>_restored``; restoring a row that is not deleted
         changes nothing and records nothing.
         """
-        info = cls._info()
+        info = cls._begin(asession, "restore")
         if info.soft_delete_column is None:
             raise RepositoryUsageError(
                 f"{cls.__name__}.restore: {info.name} has no soft delete; "
                 "set soft_delete_column on its repository"
             )
         current = await load_for_write(
-            asession, cls._info(), obj, f"{cls.__name__}.restore", include_deleted=True
+            asession,
+            info,
+            obj,
+            f"{cls.__name__}.restore",
+            include_deleted=True,
+            discard_pending=False,
         )
-        if current is None:
-            current = obj
+        assert current is not None  # a pending object is returned as it is
         setattr(current, info.soft_delete_column, None)
         return current
 
@@ -651,7 +684,7 @@ class CrudRepository(Generic[ModelT]):
         current tenant's rows are touched. Inside a UnitOfWork, records one
         ``<entity>_deleted`` per row (via RETURNING), with ``"soft": true`` when soft.
         """
-        info = cls._info()
+        info = cls._begin(asession, "delete_where")
         where = build_where(
             info.model,
             filters,

@@ -28,22 +28,26 @@ import random
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from alchemium.context import current_actor, current_tenant
 from alchemium.domain_event import DomainEvent, PendingEvent
 from alchemium.errors import (
-    DeadlockDetected,
-    SerializationFailure,
+    AlchemiumError,
+    CommitOutcomeUnknownError,
+    RepositoryUsageError,
     TenantRequiredError,
     UnitOfWorkError,
     db_errors,
+    is_disconnect,
     raise_mapped,
 )
 from alchemium.shielding import uncancellable
@@ -57,6 +61,8 @@ __all__ = [
     "UnitOfWorkHooks",
     "add_before_commit_hook",
     "add_hooks",
+    "check_session",
+    "check_session_factory",
     "current_unit_of_work",
     "remove_before_commit_hook",
     "remove_hooks",
@@ -74,8 +80,18 @@ Callback = Callable[[], Any]
 UOW_KEY = "alchemium.uow"
 
 
-def current_unit_of_work(session: Any) -> UnitOfWork | None:
-    """The UnitOfWork that owns ``session`` (async or sync session), if any."""
+_active: ContextVar[UnitOfWork | None] = ContextVar("alchemium_unit_of_work", default=None)
+
+
+def current_unit_of_work(session: Any = None) -> UnitOfWork | None:
+    """The UnitOfWork that owns ``session`` (async or sync session), if any.
+
+    Without ``session``: the unit of work whose ``async with`` block the caller is in
+    (the innermost one; tasks started inside the block see it too), or None.
+    """
+    if session is None:
+        uow = _active.get()
+        return uow if uow is not None and uow._state == "active" else None
     info = getattr(session, "info", None)
     return info.get(UOW_KEY) if info is not None else None
 
@@ -281,7 +297,7 @@ class UnitOfWork:
         registry: object | None = None,
         outbox: object | None = None,
     ) -> None:
-        self._factory = session_factory
+        self._factory = check_session_factory(session_factory, "UnitOfWork")
         self.actor = actor
         self.tenant = tenant
         self.tenant_setting = tenant_setting
@@ -296,6 +312,7 @@ class UnitOfWork:
         self._callbacks: list[Callback] = []
         self._before_commit: list[Hook] = []
         self._busy: asyncio.Task[Any] | None = None
+        self._active_token: Token[UnitOfWork | None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -306,10 +323,16 @@ class UnitOfWork:
             )
         if self.tenant_setting is not None and (self.tenant or current_tenant()) is None:
             raise TenantRequiredError(f"UnitOfWork(tenant_setting={self.tenant_setting!r})")
-        self._state = "active"
         session = self._factory()
+        if not isinstance(session, AsyncSession):
+            raise UnitOfWorkError(
+                f"UnitOfWork: the session factory returned {_what(session)}, not an "
+                "AsyncSession; pass an async_sessionmaker (sqlalchemy.ext.asyncio)"
+            )
+        self._state = "active"
         session.info[UOW_KEY] = self
         self._session = session
+        self._active_token = _active.set(self)
         if self.isolation_level is not None:
             try:
                 await session.connection(
@@ -344,6 +367,12 @@ class UnitOfWork:
         self._state = "closed"
         self._events.clear()
         self._callbacks.clear()
+        token, self._active_token = self._active_token, None
+        if token is not None:
+            # Left in another context than entered (unusual): there, current_unit_of_work()
+            # sees this closed unit of work and answers None.
+            with contextlib.suppress(ValueError):
+                _active.reset(token)
         if session is None:
             return
         if rollback:
@@ -446,7 +475,15 @@ class UnitOfWork:
             committing = True
             sync_session.commit()
 
-        await uncancellable(session.run_sync(finish_transaction), shield=lambda: committing)
+        try:
+            await uncancellable(session.run_sync(finish_transaction), shield=lambda: committing)
+        except Exception as err:
+            if committing and is_disconnect(err):
+                raise CommitOutcomeUnknownError(
+                    "the connection was lost while COMMIT was in flight: the transaction may "
+                    "or may not have committed; check before doing the work again"
+                ) from err
+            raise
         assert commit is not None
         return commit
 
@@ -619,6 +656,62 @@ class _Exclusive:
             raise_mapped(exc, self._session)
 
 
+def _what(value: object) -> str:
+    """How an error message names a wrong argument: ``None``, ``a Session``, ..."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"an {name}" if name[0] in "AEIOU" else f"a {name}"
+
+
+def _misuse_hint(value: object) -> str | None:
+    """What to do instead, for the objects users mistake for a session or a factory."""
+    if isinstance(value, UnitOfWork):
+        return "pass uow.session for a session, or the async_sessionmaker for a factory"
+    if isinstance(value, AsyncEngine):
+        return "wrap the engine: async_sessionmaker(engine)"
+    if isinstance(value, (Session, sessionmaker, Engine)):
+        return (
+            "alchemium is async: use create_async_engine(...) and async_sessionmaker(engine) "
+            "from sqlalchemy.ext.asyncio"
+        )
+    return None
+
+
+def check_session_factory(factory: Any, where: str) -> SessionFactory:
+    """``factory`` if it can be a session factory, else UnitOfWorkError saying what to pass.
+
+    Catches, before any I/O, the objects most often passed instead: a session, an
+    engine, a sync sessionmaker, a unit of work, None. A callable that returns
+    something else is caught when the unit of work starts.
+    """
+    if isinstance(factory, async_sessionmaker):
+        return factory
+    hint = _misuse_hint(factory)
+    if isinstance(factory, AsyncSession):
+        hint = "pass the async_sessionmaker the session came from: a unit of work opens its own"
+    if hint is None and not callable(factory):
+        hint = "pass an async_sessionmaker, or a callable returning an AsyncSession"
+    if hint is not None:
+        raise UnitOfWorkError(
+            f"{where} expects a session factory (async_sessionmaker), got {_what(factory)}: {hint}"
+        )
+    return factory  # type: ignore[no-any-return]
+
+
+def check_session(session: Any, where: str) -> AsyncSession:
+    """``session`` if it is an AsyncSession, else RepositoryUsageError saying what to pass."""
+    if isinstance(session, AsyncSession):
+        return session
+    hint = _misuse_hint(session)
+    if isinstance(session, async_sessionmaker):
+        hint = "open a session: async with UnitOfWork(factory) as uow, then pass uow.session"
+    raise RepositoryUsageError(
+        f"{where} expects an AsyncSession (uow.session), got {_what(session)}"
+        + (f": {hint}" if hint else "")
+    )
+
+
 def session_operation(session: AsyncSession, what: str) -> contextlib.AbstractContextManager[Any]:
     """Around one repository call: map database errors, and refuse concurrent tasks.
 
@@ -666,12 +759,14 @@ async def run_in_transaction(
     backoff: float = 0.02,
     **uow_options: Any,
 ) -> T:
-    """Run ``await work(uow)`` in a new UnitOfWork, retrying serialization failures and deadlocks.
+    """Run ``await work(uow)`` in a new UnitOfWork, retrying it after a transient failure.
 
-    Each attempt is a fresh unit of work (``isolation_level`` applies to each), so
-    ``work`` must be safe to run again: do all reads inside it. Between attempts it
-    sleeps ``backoff * 2**n`` seconds with full jitter. After ``attempts`` tries the
-    last SerializationFailure/DeadlockDetected is raised.
+    Transient (``AlchemiumError.transient``): serialization failures, deadlocks, a
+    connection lost before COMMIT, a busy database. Bugs are never retried, and neither
+    is a CommitOutcomeUnknownError (the work may have committed). Each attempt is a
+    fresh unit of work (``isolation_level`` applies to each), so ``work`` must be safe
+    to run again: do all reads inside it. Between attempts it sleeps ``backoff * 2**n``
+    seconds with full jitter. After ``attempts`` tries the last error is raised.
     """
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
@@ -681,10 +776,15 @@ async def run_in_transaction(
                 session_factory, isolation_level=isolation_level, **uow_options
             ) as uow:
                 return await work(uow)
-        except (SerializationFailure, DeadlockDetected):
-            if attempt == attempts:
+        except AlchemiumError as err:
+            if not err.transient or attempt == attempts:
                 raise
             delay = random.uniform(0, backoff * 2 ** (attempt - 1))
-            logger.info("retrying unit of work after conflict (attempt %d)", attempt)
+            logger.info(
+                "retrying unit of work after %s (attempt %d of %d)",
+                type(err).__name__,
+                attempt,
+                attempts,
+            )
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from alchemium.errors import (
@@ -31,8 +32,16 @@ from alchemium.errors import (
 from alchemium.modelinfo import ModelInfo
 from alchemium.query import pk_of
 from alchemium.tenancy import check_row_tenant, required_tenant
+from alchemium.uow import current_unit_of_work
 
-__all__ = ["check_data", "load_for_write", "stamp_tenant", "upsert_statement", "utcnow"]
+__all__ = [
+    "attach_for_update",
+    "check_data",
+    "load_for_write",
+    "stamp_tenant",
+    "upsert_statement",
+    "utcnow",
+]
 
 T = TypeVar("T")
 
@@ -114,13 +123,73 @@ def upsert_statement(
     return stmt.returning(info.model, sort_by_parameter_order=True)
 
 
+def attach_for_update(info: ModelInfo, obj: T, data: Mapping[str, Any], where: str) -> T:
+    """The object an ``update()`` of ``obj``, which is in no session, must change.
+
+    An object loaded by a unit of work that has ended is written by the unit of work
+    the caller is in now: it joins that session (or, if the session already holds the
+    same row, that instance is updated instead), and the columns ``data`` sets are
+    expired so the change event's old values are the stored ones, read at flush, not
+    the ones the object was loaded with. Without a current unit of work nothing would
+    ever write the change, and a transient object (never saved) has no row to update:
+    both raise RepositoryUsageError saying what to do instead.
+    """
+    state = inspect(obj)
+    if state.key is None:
+        raise RepositoryUsageError(
+            f"{where}: this {info.name} was never saved (it is transient, "
+            f"{_describe(info, state)}), so there is no row to update. Create it with "
+            "create(), or load the row (get(), get_one()) and update that object; to "
+            "change a row by key without loading it, use update_where()"
+        )
+    uow = current_unit_of_work()
+    if uow is None:
+        raise RepositoryUsageError(
+            f"{where}: {info.name} {pk_of(info, state)!r} is in no session (its unit of "
+            "work has ended) and no unit of work is current, so nothing would write the "
+            "change. Call update() inside 'async with UnitOfWork(...)': that unit of "
+            "work writes it"
+        )
+    session = uow.session.sync_session
+    existing = session.identity_map.get(state.key)
+    if existing is not None:
+        return existing  # type: ignore[no-any-return]
+    session.add(obj)
+    for key, value in zip(info.primary_key, state.key[1], strict=True):
+        if key not in state.dict:
+            # Expired with its unit of work (expire_on_commit): the key is known, and the
+            # UPDATE needs no SELECT for it (a vanished row then fails as NotFoundError).
+            set_committed_value(obj, key, value)
+    primary_key = set(info.primary_key)
+    version = state.mapper.version_id_col
+    keep = {state.mapper.get_property_by_column(version).key} if version is not None else set()
+    expire = [k for k in data if k not in primary_key and k not in keep]
+    if expire:
+        session.expire(obj, expire)
+    return obj
+
+
+def _describe(info: ModelInfo, state: Any) -> str:
+    values = ", ".join(f"{k}={state.dict[k]!r}" for k in info.primary_key if k in state.dict)
+    return f"{info.name}({values})" if values else f"{info.name} with no primary key set"
+
+
 async def load_for_write(
-    asession: AsyncSession, info: ModelInfo, obj: T, action: str, *, include_deleted: bool
+    asession: AsyncSession,
+    info: ModelInfo,
+    obj: T,
+    action: str,
+    *,
+    include_deleted: bool,
+    discard_pending: bool = True,
 ) -> T | None:
     """``obj`` as stored now, in ``asession`` and locked, checked for tenant and version.
 
-    Returns None for an object added to this session and never flushed, after
-    discarding it from the session (there is no row to write).
+    An object added to this session and never flushed has no row: with
+    ``discard_pending`` it is taken out of the session (its INSERT cancelled) and None
+    returned; otherwise it is returned as it is. An object that was never saved
+    anywhere (transient) raises RepositoryUsageError; a row that no longer exists,
+    NotFoundError.
     """
     if not isinstance(obj, info.model):
         raise RepositoryUsageError(f"{action} expects a {info.name}, got {type(obj).__name__}")
@@ -136,15 +205,21 @@ async def load_for_write(
     )
     loaded_version = state.dict.get(version_prop) if version_prop is not None else None
     if state.pending and state.session_id == asession.sync_session.hash_key:
+        if not discard_pending:
+            return obj
         # Added but never flushed: nothing to write, just cancel the INSERT.
         asession.expunge(obj)
         return None
+    if state.key is None:
+        raise RepositoryUsageError(
+            f"{action}: this {info.name} was never saved (it is transient, "
+            f"{_describe(info, state)}), so there is no row to write. Load the row (get(), "
+            "get_one()) and pass that object, or use delete_where() with its key"
+        )
     try:
         if state.session_id != asession.sync_session.hash_key:
             # Loaded elsewhere (often an earlier, closed unit of work): load the current
             # row into this session so the write and its event see its real values.
-            if state.identity is None:
-                raise NotFoundError(info.name, pk)
             current = await asession.get(info.model, state.identity, with_for_update=True)
             if current is None:
                 raise NotFoundError(info.name, pk)

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import decimal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import String, func, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from alchemium import (
     AlchemiumError,
     CheckViolation,
+    CommitOutcomeUnknownError,
+    CrudRepository,
+    DatabaseProgrammingError,
     DataValidationError,
+    DeadlockDetected,
     ForeignKeyViolation,
     IntegrityViolation,
     NotNullViolation,
+    SerializationFailure,
     TransactionError,
     UniqueViolation,
     UnitOfWork,
+    run_in_transaction,
 )
+from tests.conftest import make_engine
 from tests.models import (
     AuthorRepository,
     Book,
@@ -278,3 +288,170 @@ async def test_values_at_the_limits_are_stored(session_factory: Factory) -> None
     async with UnitOfWork(session_factory) as uow:
         user = await UserRepository.get_one_or_raise(uow.session, {"age": 2**31 - 1})
     assert user.balance == decimal.Decimal("9999999999.99")
+
+
+# -- bugs are not outages: the class of an error says whether to retry ------------------------
+
+
+class Ghost(DeclarativeBase):
+    """Tables that exist in the code but not in the database (migrations not run)."""
+
+
+class Phantom(Ghost):
+    __tablename__ = "phantoms"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class UserWithNickname(Ghost):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    nickname: Mapped[str | None] = mapped_column(String(100))
+
+
+class PhantomRepository(CrudRepository[Phantom]):
+    model = Phantom
+
+
+class NicknameRepository(CrudRepository[UserWithNickname]):
+    model = UserWithNickname
+
+
+async def missing_table(s: AsyncSession) -> Any:
+    return await PhantomRepository.create(s, {"id": 1})
+
+
+async def missing_column(s: AsyncSession) -> Any:
+    return await NicknameRepository.create(s, {"name": "Nick", "nickname": "n"})
+
+
+async def conflict_target_without_unique_constraint(s: AsyncSession) -> Any:
+    return await UserRepository.upsert(s, {"name": "Bob", "position": "x"}, conflict=["position"])
+
+
+@pytest.mark.parametrize(
+    "write",
+    [missing_table, missing_column, conflict_target_without_unique_constraint],
+    ids=["missing_table", "missing_column", "on_conflict_without_unique_constraint"],
+)
+async def test_a_statement_the_database_refuses_is_a_programming_error_never_retried(
+    session_factory: Factory, write: Write
+) -> None:
+    attempts = 0
+
+    async def work(uow: UnitOfWork) -> None:
+        nonlocal attempts
+        attempts += 1
+        await write(uow.session)
+
+    with pytest.raises(DatabaseProgrammingError) as info:
+        await run_in_transaction(session_factory, work, attempts=5)
+    assert attempts == 1
+    assert info.value.transient is False
+    assert not isinstance(info.value, TransactionError)
+    assert_chained(info.value)
+
+
+def test_transient_is_documented_on_every_error_class() -> None:
+    assert SerializationFailure("x").transient
+    assert DeadlockDetected("x").transient
+    assert TransactionError("connection lost").transient
+    assert not TransactionError("unknown", transient=False).transient
+    assert not CommitOutcomeUnknownError("x").transient
+    for cls in (DataValidationError, UniqueViolation, DatabaseProgrammingError):
+        assert cls.transient is False
+    assert AlchemiumError.transient is False
+
+
+async def test_a_lost_connection_before_commit_is_retried(
+    session_factory: Factory, engine: AsyncEngine, backend: str, tmp_path: Path
+) -> None:
+    """The first attempt loses its connection (PostgreSQL) or finds the database busy (SQLite)."""
+    attempts = 0
+    if backend == "postgresql":
+
+        async def break_first_attempt(uow: UnitOfWork) -> None:
+            pid = await uow.session.scalar(text("SELECT pg_backend_pid()"))
+            async with engine.connect() as other:
+                await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            await UserRepository.count(uow.session)
+
+        factory = session_factory
+    else:
+        # A second connection holds SQLite's write lock; the unit of work waits 50 ms at most.
+        busy = make_engine(str(engine.url), connect_args={"timeout": 0.05})
+        factory = async_sessionmaker(busy, expire_on_commit=False)
+        holder = await engine.connect()
+
+        async def break_first_attempt(uow: UnitOfWork) -> None:
+            await holder.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                await UserRepository.create(uow.session, {"name": "Busy"})
+                await uow.flush()
+            finally:
+                await holder.rollback()
+
+    async def work(uow: UnitOfWork) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await break_first_attempt(uow)
+        await UserRepository.create(uow.session, {"name": "Retried"})
+
+    try:
+        await run_in_transaction(factory, work, attempts=3, backoff=0.01)
+    finally:
+        if backend != "postgresql":
+            await holder.close()
+            await busy.dispose()
+    assert attempts == 2
+    async with UnitOfWork(session_factory) as uow:
+        names = [u.name for u in await UserRepository.list(uow.session)]
+    assert names == ["Retried"]
+
+
+async def test_a_connection_lost_during_commit_is_an_unknown_outcome_never_retried(
+    session_factory: Factory, engine: AsyncEngine, backend: str
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("needs a COMMIT that waits on the server (a deferred trigger) to kill it")
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON users "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+            )
+        )
+    attempts = 0
+
+    async def work(uow: UnitOfWork) -> None:
+        nonlocal attempts
+        attempts += 1
+        pid = await uow.session.scalar(text("SELECT pg_backend_pid()"))
+
+        async def kill_during_commit() -> None:
+            async with engine.connect() as other:
+                for _ in range(100):  # until the backend sits in the deferred trigger
+                    waiting = await other.scalar(
+                        text("SELECT wait_event FROM pg_stat_activity WHERE pid = :pid"),
+                        {"pid": pid},
+                    )
+                    if waiting == "PgSleep":
+                        break
+                    await asyncio.sleep(0.05)
+                await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+        uow.session.info["killer"] = asyncio.create_task(kill_during_commit())
+        await UserRepository.create(uow.session, {"name": "Maybe"})
+
+    with pytest.raises(CommitOutcomeUnknownError) as info:
+        await run_in_transaction(session_factory, work, attempts=5)
+    assert attempts == 1
+    assert info.value.transient is False
+    assert "may or may not have committed" in str(info.value)

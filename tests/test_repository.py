@@ -765,9 +765,11 @@ async def test_delete_after_close_with_expire_on_commit(
         assert [u.name for u in await UserRepository.list(uow.session)] == ["user1"]
 
 
-async def test_delete_of_a_never_saved_object_raises_not_found(session_factory: Factory) -> None:
+async def test_delete_of_a_never_saved_object_raises_a_usage_error(
+    session_factory: Factory,
+) -> None:
     async with UnitOfWork(session_factory) as uow:
-        with pytest.raises(NotFoundError, match="User"):
+        with pytest.raises(RepositoryUsageError, match="User was never saved"):
             await UserRepository.delete(uow.session, User(name="ghost"))
         pending = await UserRepository.create(uow.session, {"name": "pending"})
         await UserRepository.delete(uow.session, pending)  # never flushed: just discarded

@@ -48,7 +48,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     ) from err
 
 from alchemium.context import use_actor
-from alchemium.uow import SessionFactory, UnitOfWork
+from alchemium.uow import SessionFactory, UnitOfWork, check_session_factory
 
 __all__ = ["ActorHook", "actor_from_header", "request_unit_of_work"]
 
@@ -62,7 +62,11 @@ def request_unit_of_work(
     actor: ActorHook | None = None,
     **uow_options: Any,
 ) -> params.Depends:
-    """A FastAPI dependency that opens a UnitOfWork per request (use it in ``Annotated``).
+    """The ``Depends(...)`` marker of a UnitOfWork per request: put it in ``Annotated`` as is.
+
+    ``Annotated[UnitOfWork, request_unit_of_work(async_session)]`` is the whole of it:
+    the result already is a ``Depends``, so wrapping it again
+    (``Depends(request_unit_of_work(...))``) fails when the route is defined.
 
     Args:
         session_factory: the ``async_sessionmaker`` every request's UnitOfWork uses.
@@ -79,6 +83,8 @@ def request_unit_of_work(
     The unit of work commits when the endpoint returns and rolls back when it raises;
     the commit happens before the response is sent (FastAPI ``scope="function"``).
     """
+
+    check_session_factory(session_factory, "request_unit_of_work")
 
     async def unit_of_work(request: Request) -> AsyncIterator[UnitOfWork]:
         who = actor(request) if actor is not None else None
