@@ -13,6 +13,7 @@ warns about, and that the package builds without deprecation warnings.
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import os
 import re
@@ -126,6 +127,13 @@ def test_transactions_page_lists_every_unit_of_work_option() -> None:
     for name in options:
         assert f"{name}=" in section, f"the signature on transactions.md lacks {name}="
         assert f"\n- `{name}` —" in section, f"transactions.md has no bullet for `{name}`"
+
+
+def test_alembic_page_says_to_install_alembic_which_alchemium_does_not_require() -> None:
+    requirements = importlib.metadata.requires("alchemium") or []
+    runtime = [r for r in requirements if "extra ==" not in r]
+    assert not [r for r in runtime if r.lower().startswith("alembic")]
+    assert "pip install alembic" in fenced_blocks("alembic.md", "bash")[0].splitlines()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
