@@ -24,6 +24,7 @@ import uuid
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 from sqlalchemy import text
@@ -202,6 +203,14 @@ def test_fastapi_page_wrong_form_fails_when_the_route_is_defined() -> None:
         @app.post("/users")
         async def create_user(uow: UnitOfWork = wrong) -> None:
             pass
+
+    async def create_member(uow: UnitOfWork) -> None:
+        pass
+
+    # Set at runtime: this module's annotations are strings FastAPI resolves in its globals.
+    create_member.__annotations__["uow"] = Annotated[UnitOfWork, wrong]
+    with pytest.raises(TypeError, match="is not a callable object"):
+        app.post("/members")(create_member)
 
 
 def test_package_builds_without_deprecation_warnings(tmp_path: Path) -> None:
