@@ -2,7 +2,8 @@
 
 New example files are picked up automatically. Each runs in a subprocess from the
 repository root with the suite's interpreter and without ``DATABASE_URL``, so it uses
-its embedded SQLite default, exactly as on a fresh clone.
+its embedded SQLite default, exactly as on a fresh clone. ``typed_quickstart.py`` is
+also checked with ``mypy --strict``, as the note after the README's quick start says.
 """
 
 from __future__ import annotations
@@ -83,3 +84,48 @@ def test_fastapi_example_serves_with_one_uvicorn_command(tmp_path: Path) -> None
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it handled.
     assert server.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
+
+
+TYPED_QUICKSTART = ROOT / "examples" / "typed_quickstart.py"
+HONEST_LOOKUP = "found_user = await UserRepository.get_one("
+ANNOTATED_LOOKUP = "found_user: User = await UserRepository.get_one("
+
+
+@pytest.fixture(scope="module")
+def mypy_on_the_typed_quickstart(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """mypy --strict on the example and on a copy annotated as the quick start suggests.
+
+    Returns each file's error lines (one mypy run for both, from the repository root so
+    its configuration applies).
+    """
+    source = TYPED_QUICKSTART.read_text(encoding="utf-8")
+    assert source.count(HONEST_LOOKUP) == 1
+    annotated = (tmp_path_factory.mktemp("mypy") / "annotated_quickstart.py").resolve()
+    annotated.write_text(source.replace(HONEST_LOOKUP, ANNOTATED_LOOKUP), encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", str(TYPED_QUICKSTART), str(annotated)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert "error:" in result.stdout or result.returncode == 0, result.stdout + result.stderr
+    errors: dict[Path, list[str]] = {TYPED_QUICKSTART: [], annotated: []}
+    for line in result.stdout.splitlines():
+        if ": error:" in line:  # "path:line: error: ...", path as mypy prints it
+            errors[(ROOT / line.split(":", 1)[0]).resolve()].append(line)
+    return {"typed": "\n".join(errors[TYPED_QUICKSTART]), "annotated": "\n".join(errors[annotated])}
+
+
+def test_typed_quickstart_passes_mypy_strict(mypy_on_the_typed_quickstart: dict[str, str]) -> None:
+    assert mypy_on_the_typed_quickstart["typed"] == ""
+
+
+def test_annotating_get_one_as_the_model_fails_mypy_strict(
+    mypy_on_the_typed_quickstart: dict[str, str],
+) -> None:
+    """Why the README's note exists: ``get_one`` returns ``User | None``."""
+    errors = mypy_on_the_typed_quickstart["annotated"]
+    assert '"User | None"' in errors, errors
+    assert "[assignment]" in errors, errors
