@@ -60,7 +60,7 @@ from alchemium.query import (
     select_rows,
 )
 from alchemium.tenancy import check_row_tenant, register_tenant_model
-from alchemium.uow import check_session, session_operation, session_tenant
+from alchemium.uow import check_session, current_unit_of_work, session_operation, session_tenant
 from alchemium.writes import (
     attach_for_update,
     check_data,
@@ -530,16 +530,19 @@ class CrudRepository(Generic[ModelT]):
             )
         check_data(info, data)
         state = inspect(obj)
-        if state.session is None:
+        detached = state.session is None
+        if info.tenant_column is not None:
+            current = current_unit_of_work() if detached else None
+            tenant = session_tenant(current.session if current is not None else state.session)
+            if tenant is not None:
+                # Without a tenant here (no unit of work, no use_tenant), the flush checks.
+                check_row_tenant(info, state, tenant)
+                given = data.get(info.tenant_column, tenant)
+                if given != tenant:
+                    raise TenantMismatchError(info.name, pk_of(info, state), tenant, given)
+        if detached:
             obj = attach_for_update(info, obj, data, f"{cls.__name__}.update")
             state = inspect(obj)
-        tenant = session_tenant(state.session) if info.tenant_column is not None else None
-        if info.tenant_column is not None and tenant is not None:
-            # Without a tenant here (a detached object, no use_tenant), the flush checks.
-            check_row_tenant(info, state, tenant)
-            given = data.get(info.tenant_column, tenant)
-            if given != tenant:
-                raise TenantMismatchError(info.name, pk_of(info, state), tenant, given)
         for pk in info.primary_key:
             if pk in data and inspect(obj).has_identity and data[pk] != getattr(obj, pk):
                 raise DataValidationError(
