@@ -1,12 +1,15 @@
 """alchemium: async CRUD repositories, a Unit of Work and a transactional outbox on SQLAlchemy."""
 
 from alchemium.context import current_actor, current_tenant, use_actor, use_tenant
+from alchemium.encoding import decode_value, register_encoder, unregister_encoder
 from alchemium.errors import (
     AlchemiumError,
     CheckViolation,
     ConcurrencyConflictError,
     DataValidationError,
     DeadlockDetected,
+    EventConfigurationError,
+    EventDecodeError,
     EventError,
     EventSerializationError,
     FieldNotFoundError,
@@ -41,6 +44,8 @@ __all__ = [
     "CrudRepository",
     "DataValidationError",
     "DeadlockDetected",
+    "EventConfigurationError",
+    "EventDecodeError",
     "EventError",
     "EventSerializationError",
     "FieldNotFoundError",
@@ -69,7 +74,10 @@ __all__ = [
     "current_actor",
     "current_tenant",
     "current_unit_of_work",
+    "decode_value",
+    "register_encoder",
     "run_in_transaction",
+    "unregister_encoder",
     "use_actor",
     "use_tenant",
 ]

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import decimal
 import json
-import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, ClassVar, Generic, TypeVar
@@ -53,10 +51,11 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.sql import Select
 
 from alchemium.context import session_tenant
-from alchemium.encoding import json_safe
+from alchemium.encoding import decode_value, json_safe
 from alchemium.errors import (
     ConcurrencyConflictError,
     DataValidationError,
+    EventDecodeError,
     FieldNotFoundError,
     InvalidFilterError,
     MultipleResultsError,
@@ -125,6 +124,12 @@ class CrudRepository(Generic[ModelT]):
         entity_name: event prefix (default: snake_case of the class name, ``OrderLine`` ->
             ``order_line``, so events are ``order_line_created`` ...).
         record_events: set False to record no change events for this model.
+        event_exclude: columns left out of the model's change events (``("password_hash",)``).
+        event_transform: ``{column: function}``; the events carry ``function(value)``
+            instead of the value (``{"avatar": len}``); None stays None. Both options
+            are per model and checked when the class is defined, with every column the
+            events carry: one whose type no encoder knows raises EventConfigurationError
+            there. See docs/events.md.
         soft_delete_column: a nullable datetime column (``"deleted_at"``); when set,
             ``delete`` stamps it instead of deleting, every read hides stamped rows
             unless ``include_deleted=True``, ``restore`` clears it and ``hard_delete``
@@ -141,6 +146,8 @@ class CrudRepository(Generic[ModelT]):
     model: type[ModelT]
     entity_name: ClassVar[str | None] = None
     record_events: ClassVar[bool] = True
+    event_exclude: ClassVar[Collection[str] | None] = None
+    event_transform: ClassVar[Mapping[str, Callable[[Any], Any]] | None] = None
     soft_delete_column: ClassVar[str | None] = None
     tenant_column: ClassVar[str | None] = None
 
@@ -152,7 +159,11 @@ class CrudRepository(Generic[ModelT]):
                 model, soft_delete_column=cls.soft_delete_column, tenant_column=cls.tenant_column
             )
             recording.register_entity(
-                model, entity=cls.entity_name or info.entity, enabled=cls.record_events
+                model,
+                entity=cls.entity_name or info.entity,
+                enabled=cls.record_events,
+                exclude=cls.event_exclude,
+                transform=cls.event_transform,
             )
             if info.tenant_column is not None:
                 _tenant_models.add(model)
@@ -1153,18 +1164,10 @@ def _decode_cursor(info: ModelInfo, cursor: str, names: list[str]) -> list[Any]:
         ) from err
     decoded = []
     for name, value in zip(names, values, strict=True):
-        kind = info.python_types.get(name)
         try:
-            if value is not None and kind is dt.datetime:
-                value = dt.datetime.fromisoformat(value)
-            elif value is not None and kind is dt.date:
-                value = dt.date.fromisoformat(value)
-            elif value is not None and kind is decimal.Decimal:
-                value = decimal.Decimal(value)
-            elif value is not None and kind is uuid.UUID:
-                value = uuid.UUID(value)
+            value = decode_value(info.columns[name].type, value, field=f"{info.name}.{name}")
             info.check_value(name, value)
-        except (ValueError, TypeError, decimal.InvalidOperation, DataValidationError) as err:
+        except (EventDecodeError, DataValidationError) as err:
             raise PaginationParameterError(
                 info.name, "after", cursor, "a cursor from next_cursor"
             ) from err

@@ -6,6 +6,7 @@ import datetime as dt
 import decimal
 import enum
 import uuid
+from typing import Any
 
 from sqlalchemy import (
     CheckConstraint,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Numeric,
+    PickleType,
     String,
     Table,
     Uuid,
@@ -141,11 +143,29 @@ class Membership(Base):
 
 
 class Attachment(Base):
-    """Bytes are not JSON-serializable: creating one inside a unit of work must fail."""
+    """Bytes: its events carry them in base64."""
 
     __tablename__ = "attachments"
     id: Mapped[int] = mapped_column(primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Opaque:
+    """A value of a type no encoder knows (picklable, so a PickleType column can hold it)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Opaque)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class Keepsake(Base):
+    """PickleType: the type of its values is known only when an event is built."""
+
+    __tablename__ = "keepsakes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    thing: Mapped[Any] = mapped_column(PickleType)
 
 
 class MemoRepository(CrudRepository[Memo]):
@@ -164,6 +184,10 @@ class MembershipRepository(CrudRepository[Membership]):
 
 class AttachmentRepository(CrudRepository[Attachment]):
     model = Attachment
+
+
+class KeepsakeRepository(CrudRepository[Keepsake]):
+    model = Keepsake
 
 
 # -- optimistic locking ---------------------------------------------------------------------
