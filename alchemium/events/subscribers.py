@@ -34,7 +34,7 @@ from typing import TypeVar
 from blinker import Namespace
 
 from alchemium.domain_event import DomainEvent
-from alchemium.errors import EventError
+from alchemium.errors import EventConfigurationError, EventError
 
 __all__ = ["Handler", "Subscriber", "SubscriberRegistry", "default_registry", "off", "on"]
 
@@ -50,13 +50,15 @@ _ROUTES_CACHED = 4096  # event names whose routes are kept; dropped all at once 
 def event_pattern(pattern: str, *, what: str) -> re.Pattern[str] | None:
     """The compiled matcher of ``pattern``, None for an exact event name.
 
-    Raises EventError for something that is not a non-empty string or uses ``[``/``]``
-    (``what`` says which registration is refused: ``"subscriber 'x'"``).
+    Raises EventConfigurationError for something that is not a non-empty string or uses
+    ``[``/``]`` (``what`` says which registration is refused: ``"subscriber 'x'"``).
     """
     if not isinstance(pattern, str) or not pattern:
-        raise EventError(f"{what}: the event name or pattern must be a non-empty string")
+        raise EventConfigurationError(
+            f"{what}: the event name or pattern must be a non-empty string"
+        )
     if "[" in pattern or "]" in pattern:
-        raise EventError(
+        raise EventConfigurationError(
             f"{what}: {pattern!r} uses [ or ], which event patterns do not support; "
             "use * (any characters) and ? (one character)"
         )
@@ -99,8 +101,9 @@ class SubscriberRegistry:
     def subscribe(self, event: str, handler: Handler, *, name: str | None = None) -> Subscriber:
         """Subscribe ``handler`` to ``event``, a name or a pattern (``"user_*"``, ``"*"``).
 
-        ``name`` defaults to ``module.qualname``. Raises EventError for a pattern with
-        ``[``/``]``, a handler that is not callable, or a name already taken.
+        ``name`` defaults to ``module.qualname``. Raises EventError for a handler that
+        is not callable or a name already taken, EventConfigurationError for a pattern
+        with ``[``/``]``.
         """
         if not callable(handler):
             raise EventError(f"subscriber for {event!r} must be callable, got {handler!r}")
@@ -180,7 +183,8 @@ class SubscriberRegistry:
         With the outbox enabled, each such event gets a delivery row for ``name`` that
         a relay with a publisher of that name drains. Calling it again for the same
         destination adds a pattern (``"user_*"`` then ``"order_*"``: both go there).
-        Raises EventError for a pattern with ``[``/``]`` or a name that is a subscriber.
+        Raises EventConfigurationError for a pattern with ``[``/``]``, EventError for a
+        name that is a subscriber.
         """
         if name in self._by_name:
             raise EventError(f"{name!r} is already a subscriber in registry {self.name!r}")

@@ -7,7 +7,7 @@ import json
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from alchemium import EventError, UnitOfWork
+from alchemium import EventConfigurationError, UnitOfWork
 from alchemium.events import (
     DomainEvent,
     OutboxRelay,
@@ -84,9 +84,9 @@ def test_routes_are_recomputed_when_subscriptions_change() -> None:
 @pytest.mark.parametrize("pattern", ["user_[cd]*", "user_[!x]", "]", ""])
 def test_unsupported_patterns_are_refused_when_registered(pattern: str) -> None:
     registry = SubscriberRegistry("r")
-    with pytest.raises(EventError, match="destination 'kafka'"):
+    with pytest.raises(EventConfigurationError, match="destination 'kafka'"):
         registry.add_destination("kafka", pattern)
-    with pytest.raises(EventError, match="subscriber 'handler'"):
+    with pytest.raises(EventConfigurationError, match="subscriber 'handler'"):
         registry.subscribe(pattern, noop, name="handler")
     assert registry.subscribers == []
     assert registry.destinations_for("user_created") == []
