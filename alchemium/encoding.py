@@ -14,6 +14,11 @@ value came from; JSON alone cannot tell a base64 string from a text. A value no
 encoder knows raises EventSerializationError naming the event and the field, inside
 the unit of work and before commit; :func:`unencodable_type` lets a model be checked
 for such columns when it is configured, long before.
+
+The module is over 500 lines because it owns the JSON forms both ways: they are a
+public contract (consumers in other languages decode them), so the encoders, the
+decoders and the registry they share stay in one place where a change to one side
+is seen next to the other.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from sqlalchemy.sql.type_api import TypeDecorator, TypeEngine, to_instance
 from alchemium.errors import EventConfigurationError, EventDecodeError, EventSerializationError
 
 __all__ = [
+    "ADDRESS_TYPES",
     "decode_value",
     "json_safe",
     "plain_json",
@@ -56,7 +62,8 @@ _Convert = Callable[[Any, str, str], Any]  # (value, event, field) -> its JSON f
 
 _PLAIN = frozenset({str, int, bool, type(None)})
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_ADDRESS_TYPES = (
+# Addresses, interfaces and networks (PostgreSQL INET, CIDR): immutable, sent as text.
+ADDRESS_TYPES = (
     ipaddress.IPv4Address,
     ipaddress.IPv6Address,
     ipaddress.IPv4Network,
@@ -188,7 +195,7 @@ _BUILTIN: dict[type, _Convert] = {
     bytes: _base64,
     bytearray: _base64,
     memoryview: _base64,
-    **dict.fromkeys(_ADDRESS_TYPES, _text),
+    **dict.fromkeys(ADDRESS_TYPES, _text),
     enum.Enum: _enum,
     list: _sequence,
     tuple: _sequence,
@@ -398,20 +405,13 @@ def _name(kind: TypeEngine[Any] | type) -> str:
 # What SQLAlchemy returns for a multirange column (a list subclass since 2.0.26, a list before).
 _MULTIRANGE: type[list[Any]] = getattr(pg, "MultiRange", list)
 
-_RANGE_ELEMENTS: tuple[tuple[type[TypeEngine[Any]], type], ...] = (
-    (pg.INT4RANGE, int),
-    (pg.INT8RANGE, int),
-    (pg.NUMRANGE, decimal.Decimal),
-    (pg.DATERANGE, dt.date),
-    (pg.TSRANGE, dt.datetime),
-    (pg.TSTZRANGE, dt.datetime),
-    (pg.INT4MULTIRANGE, int),
-    (pg.INT8MULTIRANGE, int),
-    (pg.NUMMULTIRANGE, decimal.Decimal),
-    (pg.DATEMULTIRANGE, dt.date),
-    (pg.TSMULTIRANGE, dt.datetime),
-    (pg.TSTZMULTIRANGE, dt.datetime),
-)
+# The Python type of the bounds of each range and multirange column type.
+_RANGE_ELEMENTS: dict[type, tuple[type[TypeEngine[Any]], ...]] = {
+    int: (pg.INT4RANGE, pg.INT8RANGE, pg.INT4MULTIRANGE, pg.INT8MULTIRANGE),
+    decimal.Decimal: (pg.NUMRANGE, pg.NUMMULTIRANGE),
+    dt.date: (pg.DATERANGE, pg.DATEMULTIRANGE),
+    dt.datetime: (pg.TSRANGE, pg.TSTZRANGE, pg.TSMULTIRANGE, pg.TSTZMULTIRANGE),
+}
 
 
 def _decode_column(kind: TypeEngine[Any], value: Any, field: str) -> Any:
@@ -419,7 +419,7 @@ def _decode_column(kind: TypeEngine[Any], value: Any, field: str) -> Any:
     if isinstance(kind, sqltypes.ARRAY):
         return _decode_array(kind.item_type, value, field)
     if isinstance(kind, AbstractRange):
-        element = next((py for cls, py in _RANGE_ELEMENTS if isinstance(kind, cls)), None)
+        element = next((py for py, cls in _RANGE_ELEMENTS.items() if isinstance(kind, cls)), None)
         if isinstance(kind, AbstractMultiRange):
             return _MULTIRANGE(_decode_range(element, r, field) for r in _json_array(value))
         return _decode_range(element, value, field)
@@ -525,21 +525,19 @@ def _decode_bytes(value: Any) -> bytes:
     return base64.b64decode(_expect(value, str), validate=True)
 
 
+def _from_text(parse: Callable[[str], Any]) -> Decode:
+    return lambda value: parse(_expect(value, str))
+
+
 _DECODERS: dict[type, Decode] = {
-    uuid.UUID: lambda v: uuid.UUID(_expect(v, str)),
-    dt.datetime: lambda v: dt.datetime.fromisoformat(_expect(v, str)),
-    dt.date: lambda v: dt.date.fromisoformat(_expect(v, str)),
-    dt.time: lambda v: dt.time.fromisoformat(_expect(v, str)),
+    **{kind: _from_text(kind) for kind in (uuid.UUID, *ADDRESS_TYPES)},
+    dt.datetime: _from_text(dt.datetime.fromisoformat),
+    dt.date: _from_text(dt.date.fromisoformat),
+    dt.time: _from_text(dt.time.fromisoformat),
     dt.timedelta: _decode_duration,
     bytes: _decode_bytes,
     bytearray: lambda v: bytearray(_decode_bytes(v)),
     memoryview: lambda v: memoryview(_decode_bytes(v)),
-    ipaddress.IPv4Address: lambda v: ipaddress.IPv4Address(_expect(v, str)),
-    ipaddress.IPv6Address: lambda v: ipaddress.IPv6Address(_expect(v, str)),
-    ipaddress.IPv4Network: lambda v: ipaddress.IPv4Network(_expect(v, str)),
-    ipaddress.IPv6Network: lambda v: ipaddress.IPv6Network(_expect(v, str)),
-    ipaddress.IPv4Interface: lambda v: ipaddress.IPv4Interface(_expect(v, str)),
-    ipaddress.IPv6Interface: lambda v: ipaddress.IPv6Interface(_expect(v, str)),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import enum
@@ -21,6 +22,7 @@ from sqlalchemy import (
     PickleType,
     String,
     Table,
+    TypeDecorator,
     Uuid,
     text,
 )
@@ -282,3 +284,39 @@ class CustomerRepository(CrudRepository[Customer]):
 class TicketRepository(CrudRepository[Ticket]):
     model = Ticket
     tenant_column = "tenant_id"
+
+
+# -- a value type of the application (register_encoder) -------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Money:
+    cents: int
+    currency: str
+
+
+class MoneyType(TypeDecorator[Money]):
+    """Stored as sortable text; declares its Python type, so models using it are checked."""
+
+    impl = String(40)
+    cache_ok = True
+
+    @property
+    def python_type(self) -> type[Money]:
+        return Money
+
+    def process_bind_param(self, value: Money | None, dialect: Any) -> str | None:
+        return None if value is None else f"{value.cents:012d} {value.currency}"
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Money | None:
+        return None if value is None else parse_money(value)
+
+
+def money_text(value: Money) -> str:
+    """The JSON form an application would register for Money: ``"1250 EUR"``."""
+    return f"{value.cents} {value.currency}"
+
+
+def parse_money(text: str) -> Money:
+    cents, currency = text.split()
+    return Money(int(cents), currency)

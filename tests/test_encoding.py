@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import decimal
 import enum
@@ -10,7 +9,6 @@ import ipaddress
 import json
 import math
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,6 +36,7 @@ from alchemium import (
     unregister_encoder,
 )
 from alchemium.encoding import json_safe, python_type_of, unencodable_type
+from tests.models import Money, MoneyType, money_text, parse_money
 
 
 class Color(enum.Enum):
@@ -154,28 +153,6 @@ def test_a_value_that_is_not_the_json_form_of_its_type_names_the_field() -> None
         decode_value(Integer(), "12")
 
 
-@dataclasses.dataclass(frozen=True)
-class Money:
-    cents: int
-    currency: str
-
-
-def money_text(value: Money) -> str:
-    return f"{value.cents} {value.currency}"
-
-
-def parse_money(text: str) -> Money:
-    cents, currency = text.split()
-    return Money(int(cents), currency)
-
-
-@pytest.fixture
-def money_encoder() -> Iterator[None]:
-    register_encoder(Money, money_text, parse_money)
-    yield
-    unregister_encoder(Money)
-
-
 def test_a_registered_encoder_is_used_everywhere_json_is_needed(money_encoder: None) -> None:
     price = Money(1250, "EUR")
     assert encode({"price": price, "history": [price]}) == {
@@ -183,11 +160,11 @@ def test_a_registered_encoder_is_used_everywhere_json_is_needed(money_encoder: N
         "history": ["1250 EUR"],
     }
     assert decode_value(Money, "1250 EUR") == price
-    assert unencodable_type(_money_column()) is None
+    assert unencodable_type(MoneyType()) is None
 
 
 def test_without_its_encoder_a_custom_type_is_reported_with_what_to_do() -> None:
-    assert unencodable_type(_money_column()) is Money
+    assert unencodable_type(MoneyType()) is Money
     with pytest.raises(EventSerializationError) as info:
         encode({"lines": [{"price": Money(1, "EUR")}]})
     assert info.value.field == "lines[0].price"
@@ -231,15 +208,3 @@ def test_unknown_python_types_are_known_only_at_runtime() -> None:
     # A TypeDecorator without python_type is taken to return what its impl returns.
     assert python_type_of(UTCDateTime()) is dt.datetime
     assert python_type_of(JSON()) is None
-
-
-def _money_column() -> TypeEngine[Any]:
-    class MoneyType(TypeDecorator[Money]):
-        impl = String(40)
-        cache_ok = True
-
-        @property
-        def python_type(self) -> type[Money]:
-            return Money
-
-    return MoneyType()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import ipaddress
 import uuid
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESU
 
 from alchemium.context import current_unit_of_work
 from alchemium.domain_event import DomainEvent
-from alchemium.encoding import json_safe
+from alchemium.encoding import ADDRESS_TYPES, json_safe
 from alchemium.events.payloads import PayloadPolicy, Transform, configure_payload
 from alchemium.modelinfo import ModelInfo, model_info
 
@@ -207,12 +206,7 @@ _IMMUTABLE = frozenset(
         dt.date,
         dt.time,
         dt.timedelta,
-        ipaddress.IPv4Address,
-        ipaddress.IPv6Address,
-        ipaddress.IPv4Network,
-        ipaddress.IPv6Network,
-        ipaddress.IPv4Interface,
-        ipaddress.IPv6Interface,
+        *ADDRESS_TYPES,
         Range,  # a frozen dataclass of scalar bounds
     }
 )

@@ -116,8 +116,6 @@ async def test_destination_pattern_gets_delivery_rows_and_the_relay_publishes_to
     outbox: Outbox,
     redis_server: RedisServer,
 ) -> None:
-    import redis.asyncio as redis_asyncio
-
     registry.add_destination("kafka", "user_*")
     async with UnitOfWork(session_factory, registry=registry) as uow:
         await UserRepository.create(uow.session, {"name": "Alice"})
@@ -133,11 +131,7 @@ async def test_destination_pattern_gets_delivery_rows_and_the_relay_publishes_to
         assert await relay.run_once() == 1
     finally:
         await publisher.close()
-    consumer = redis_asyncio.from_url(redis_server.url, decode_responses=True)
-    try:
-        entries = await consumer.xrange("kafka")
-    finally:
-        await consumer.aclose()
+    entries = await redis_server.entries("kafka")
     assert [fields["name"] for _id, fields in entries] == ["user_created"]
     event = DomainEvent.from_dict(json.loads(entries[0][1]["event"]))
     assert event.payload["name"] == "Alice"

@@ -17,7 +17,7 @@ import ipaddress
 import json
 import math
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -52,8 +52,6 @@ from alchemium import (
     CrudRepository,
     EventConfigurationError,
     UnitOfWork,
-    register_encoder,
-    unregister_encoder,
 )
 from alchemium.events import (
     DomainEvent,
@@ -64,6 +62,7 @@ from alchemium.events import (
 )
 from alchemium.events.outbox import Outbox
 from tests.events.conftest import Received
+from tests.models import Money, MoneyType
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -358,15 +357,43 @@ def columns_of(obj: Any, model: type[Any]) -> dict[str, Any]:
     return {c.key: getattr(obj, c.key) for c in model.__table__.columns}
 
 
-async def create_update_delete(
+@pytest.fixture
+async def payload_tables(engine: AsyncEngine) -> None:
+    tables = [EveryGenericColumn.__table__]
+    if engine.dialect.name == "postgresql":
+        tables.append(EveryPostgresColumn.__table__)
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE EXTENSION IF NOT EXISTS hstore"))
+            await conn.execute(text("CREATE EXTENSION IF NOT EXISTS citext"))
+    async with engine.begin() as conn:
+        await conn.run_sync(PayloadBase.metadata.create_all, tables=tables)
+
+
+@pytest.mark.parametrize(
+    ("repository", "created", "updated", "only_on"),
+    [
+        pytest.param(
+            EveryGenericColumnRepository, GENERIC_CREATED, GENERIC_UPDATED, None, id="generic"
+        ),
+        pytest.param(
+            EveryPostgresColumnRepository, PG_CREATED, PG_UPDATED, "postgresql", id="postgres"
+        ),
+    ],
+)
+async def test_every_column_type_round_trips_through_the_relay(
+    backend: str,
     session_factory: Sessions,
     registry: SubscriberRegistry,
     outbox: Outbox,
     consumer: Consumer,
+    payload_tables: None,
     repository: Any,
     created: dict[str, Any],
     updated: dict[str, Any],
+    only_on: str | None,
 ) -> None:
+    if only_on is not None and backend != only_on:
+        pytest.skip("PostgreSQL only: INET, ranges, arrays, HSTORE... are PostgreSQL types")
     model = repository.model
     async with UnitOfWork(session_factory, registry=registry) as uow:
         row = await repository.create(uow.session, created)
@@ -396,57 +423,6 @@ async def create_update_delete(
     event = await relay_to(consumer, session_factory, outbox)
     assert event.name.endswith("_deleted")
     assert_same(decode_payload(model, event.payload), stored)
-
-
-@pytest.fixture
-async def payload_tables(engine: AsyncEngine) -> None:
-    tables = [EveryGenericColumn.__table__]
-    if engine.dialect.name == "postgresql":
-        tables.append(EveryPostgresColumn.__table__)
-        async with engine.begin() as conn:
-            await conn.execute(text("CREATE EXTENSION IF NOT EXISTS hstore"))
-            await conn.execute(text("CREATE EXTENSION IF NOT EXISTS citext"))
-    async with engine.begin() as conn:
-        await conn.run_sync(PayloadBase.metadata.create_all, tables=tables)
-
-
-async def test_every_generic_column_round_trips_through_the_relay(
-    session_factory: Sessions,
-    registry: SubscriberRegistry,
-    outbox: Outbox,
-    consumer: Consumer,
-    payload_tables: None,
-) -> None:
-    await create_update_delete(
-        session_factory,
-        registry,
-        outbox,
-        consumer,
-        EveryGenericColumnRepository,
-        GENERIC_CREATED,
-        GENERIC_UPDATED,
-    )
-
-
-async def test_every_postgres_column_round_trips_through_the_relay(
-    backend: str,
-    session_factory: Sessions,
-    registry: SubscriberRegistry,
-    outbox: Outbox,
-    consumer: Consumer,
-    payload_tables: None,
-) -> None:
-    if backend != "postgresql":
-        pytest.skip("PostgreSQL only: INET, ranges, arrays, HSTORE... are PostgreSQL types")
-    await create_update_delete(
-        session_factory,
-        registry,
-        outbox,
-        consumer,
-        EveryPostgresColumnRepository,
-        PG_CREATED,
-        PG_UPDATED,
-    )
 
 
 # -- what a model's events carry: event_exclude, event_transform -------------------------
@@ -600,52 +576,10 @@ def test_event_policy_mistakes_are_refused_when_the_repository_is_defined() -> N
 # -- types of the application: encoders, and the check when a model is configured -----------
 
 
-@dataclasses.dataclass(frozen=True, order=True)
-class Money:
-    cents: int
-    currency: str
-
-
-class MoneyType(TypeDecorator[Money]):
-    """Stored as text ("1250 EUR"); declares its Python type, so models are checked."""
-
-    impl = String(40)
-    cache_ok = True
-
-    @property
-    def python_type(self) -> type[Money]:
-        return Money
-
-    def process_bind_param(self, value: Money | None, dialect: Any) -> str | None:
-        return None if value is None else f"{value.cents:012d} {value.currency}"
-
-    def process_result_value(self, value: str | None, dialect: Any) -> Money | None:
-        if value is None:
-            return None
-        cents, currency = value.split()
-        return Money(int(cents), currency)
-
-
-def money_text(value: Money) -> str:
-    return f"{value.cents} {value.currency}"
-
-
-def parse_money(text: str) -> Money:
-    cents, currency = text.split()
-    return Money(int(cents), currency)
-
-
 class Invoice(PayloadBase):
     __tablename__ = "invoices"
     id: Mapped[int] = mapped_column(primary_key=True)
     total: Mapped[Money] = mapped_column(MoneyType)
-
-
-@pytest.fixture
-def money_encoder() -> Iterator[None]:
-    register_encoder(Money, money_text, parse_money)
-    yield
-    unregister_encoder(Money)
 
 
 def test_a_column_no_encoder_knows_is_reported_when_the_repository_is_defined() -> None:
@@ -657,7 +591,7 @@ def test_a_column_no_encoder_knows_is_reported_when_the_repository_is_defined() 
     assert (info.value.model, info.value.field) == ("Invoice", "total")
     message = str(info.value)
     assert "Invoice.total" in message
-    assert "test_payloads.Money" in message
+    assert "tests.models.Money" in message
     assert "register_encoder(Money" in message
     assert "event_exclude = ('total',)" in message
     assert "record_events = False" in message
