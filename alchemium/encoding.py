@@ -466,7 +466,13 @@ def _decode_python(kind: type, value: Any, field: str) -> Any:
                     value,
                     f"{kind.__qualname__} (its encoder was registered without decode=...)",
                 )
-            return codec.decode(value)
+            try:
+                return codec.decode(value)
+            except Exception as err:
+                # A user's decoder may raise anything on input it does not expect.
+                raise EventDecodeError(
+                    field, value, kind.__qualname__, reason=f"its decoder raised {err!r}"
+                ) from err
     if issubclass(kind, enum.Enum):
         return kind(value)
     if kind is bool:

@@ -160,6 +160,9 @@ def test_a_registered_encoder_is_used_everywhere_json_is_needed(money_encoder: N
         "history": ["1250 EUR"],
     }
     assert decode_value(Money, "1250 EUR") == price
+    with pytest.raises(EventDecodeError, match="its decoder raised") as info:
+        decode_value(Money, "1250", field="Invoice.total")  # not "cents currency"
+    assert isinstance(info.value.__cause__, ValueError)
     assert unencodable_type(MoneyType()) is None
 
 
