@@ -1,6 +1,7 @@
 """alchemium: async CRUD repositories, a Unit of Work and a transactional outbox on SQLAlchemy."""
 
 from alchemium.context import current_actor, current_tenant, use_actor, use_tenant
+from alchemium.encoding import decode_value, register_encoder, unregister_encoder
 from alchemium.errors import (
     AlchemiumError,
     CheckViolation,
@@ -9,6 +10,8 @@ from alchemium.errors import (
     DatabaseProgrammingError,
     DataValidationError,
     DeadlockDetected,
+    EventConfigurationError,
+    EventDecodeError,
     EventError,
     EventSerializationError,
     FieldNotFoundError,
@@ -54,6 +57,8 @@ __all__ = [
     "DataValidationError",
     "DatabaseProgrammingError",
     "DeadlockDetected",
+    "EventConfigurationError",
+    "EventDecodeError",
     "EventError",
     "EventSerializationError",
     "FieldNotFoundError",
@@ -84,8 +89,11 @@ __all__ = [
     "current_actor",
     "current_tenant",
     "current_unit_of_work",
+    "decode_value",
+    "register_encoder",
     "remove_hooks",
     "run_in_transaction",
+    "unregister_encoder",
     "use_actor",
     "use_tenant",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from alchemium.encoding import json_safe
+from alchemium.encoding import json_safe, plain_json
 from alchemium.errors import EventSerializationError
 
 __all__ = ["DomainEvent", "PendingEvent"]
@@ -27,14 +27,6 @@ def _freeze(value: Any) -> Any:
         return MappingProxyType({k: _freeze(v) for k, v in value.items()})
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
-    return value
-
-
-def _thaw(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
     return value
 
 
@@ -69,7 +61,9 @@ class DomainEvent:
     ) -> DomainEvent:
         """Build an event, converting payload and metadata to JSON-safe values (or raising)."""
         if not isinstance(name, str) or not name:
-            raise EventSerializationError(str(name), "name", name)
+            raise EventSerializationError(
+                str(name), "name", name, reason="an event name must be a non-empty string"
+            )
         return cls(
             id=id or uuid.uuid4(),
             name=name,
@@ -87,9 +81,9 @@ class DomainEvent:
             "name": self.name,
             "aggregate_type": self.aggregate_type,
             "aggregate_id": self.aggregate_id,
-            "payload": _thaw(self.payload),
+            "payload": plain_json(self.payload),
             "occurred_at": self.occurred_at.isoformat(),
-            "metadata": _thaw(self.metadata),
+            "metadata": plain_json(self.metadata),
         }
 
     def to_json(self) -> str:

@@ -32,7 +32,9 @@ kept as ``__cause__``::
     │   ├── DeadlockDetected          SQLSTATE 40P01, safe to retry
     │   └── CommitOutcomeUnknownError the connection was lost while COMMIT was in flight
     └── EventError
-        ├── EventSerializationError   an event payload is not JSON-serializable
+        ├── EventSerializationError   an event payload holds a value no encoder knows
+        ├── EventConfigurationError   a model's events or a subscription cannot work as declared
+        ├── EventDecodeError          a delivered payload value is not the JSON form of its type
         └── OutboxError               the outbox is misconfigured or unreachable
 
 Every error has a ``transient`` attribute: True when the same work, run again in a new
@@ -68,6 +70,8 @@ __all__ = [
     "DataValidationError",
     "DatabaseProgrammingError",
     "DeadlockDetected",
+    "EventConfigurationError",
+    "EventDecodeError",
     "EventError",
     "EventSerializationError",
     "FieldNotFoundError",
@@ -329,15 +333,56 @@ class EventError(AlchemiumError):
 
 
 class EventSerializationError(EventError):
-    """An event payload holds a value that cannot be stored as JSON."""
+    """An event payload holds a value that cannot be stored as JSON.
 
-    def __init__(self, event: str, field: str, value: object) -> None:
+    ``reason`` says why (by default: no encoder knows the value's type); the message
+    also says what to do about it.
+    """
+
+    def __init__(self, event: str, field: str, value: object, *, reason: str | None = None):
         self.event, self.field, self.value = event, field, value
-        super().__init__(
-            f"event {event!r}: field {field!r} holds {type(value).__name__} {value!r}, which "
-            "is not JSON-serializable (supported: str, int, float, bool, None, list, dict, "
-            "datetime, date, time, Decimal, UUID, Enum)"
+        kind = type(value)
+        what = reason or (
+            f"no encoder knows {kind.__module__}.{kind.__qualname__}: register one with "
+            "alchemium.register_encoder(type, encode, decode), or, for a column, leave it out "
+            "of the events with event_exclude / event_transform on its repository"
         )
+        super().__init__(f"event {event!r}: field {field!r} holds {_shown(value)}: {what}")
+
+
+class EventConfigurationError(EventError):
+    """A model's events or a subscription are declared in a way that cannot work.
+
+    Raised when the declaration is made (a repository class is defined, a subscriber
+    or destination registered), never later at a commit: a column whose type no
+    encoder knows, an excluded or transformed field that is not a column, an event
+    pattern with unsupported syntax. ``model`` and ``field`` are set when it is about
+    a column.
+    """
+
+    def __init__(self, message: str, *, model: str | None = None, field: str | None = None):
+        self.model, self.field = model, field
+        super().__init__(message)
+
+
+class EventDecodeError(EventError):
+    """A payload value is not the JSON form (docs/events.md) of the type it is decoded as."""
+
+    def __init__(
+        self, field: str, value: object, expected: str, *, reason: str | None = None
+    ) -> None:
+        self.field, self.value, self.expected = field, value, expected
+        where = f"{field}: " if field else ""
+        why = f" ({reason})" if reason else ""
+        super().__init__(f"{where}cannot decode {_shown(value)} as {expected}{why}")
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message: its type and a repr cut short (blobs, secrets)."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
 
 
 class OutboxError(EventError):

@@ -10,10 +10,7 @@ knows models (:mod:`alchemium.modelinfo`) and filters, never sessions or units o
 from __future__ import annotations
 
 import base64
-import datetime as dt
-import decimal
 import json
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -31,9 +28,10 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.operators import asc_op, desc_op
 
-from alchemium.encoding import json_safe
+from alchemium.encoding import decode_value, json_safe
 from alchemium.errors import (
     DataValidationError,
+    EventDecodeError,
     OrderByFieldError,
     PaginationParameterError,
     RepositoryUsageError,
@@ -407,18 +405,10 @@ def decode_cursor(info: ModelInfo, cursor: str, names: list[str]) -> list[Any]:
         ) from err
     decoded = []
     for name, value in zip(names, values, strict=True):
-        kind = info.python_types.get(name)
         try:
-            if value is not None and kind is dt.datetime:
-                value = dt.datetime.fromisoformat(value)
-            elif value is not None and kind is dt.date:
-                value = dt.date.fromisoformat(value)
-            elif value is not None and kind is decimal.Decimal:
-                value = decimal.Decimal(value)
-            elif value is not None and kind is uuid.UUID:
-                value = uuid.UUID(value)
+            value = decode_value(info.columns[name].type, value, field=f"{info.name}.{name}")
             info.check_value(name, value)
-        except (ValueError, TypeError, decimal.InvalidOperation, DataValidationError) as err:
+        except (EventDecodeError, DataValidationError) as err:
             raise PaginationParameterError(
                 info.name, "after", cursor, "a cursor from next_cursor"
             ) from err

@@ -17,7 +17,7 @@ and every read, write and relationship filter of every repository honours them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, ClassVar, Generic, TypeVar
@@ -108,6 +108,12 @@ class CrudRepository(Generic[ModelT]):
         entity_name: event prefix (default: snake_case of the class name, ``OrderLine`` ->
             ``order_line``, so events are ``order_line_created`` ...).
         record_events: set False to record no change events for this model.
+        event_exclude: columns left out of the model's change events (``("password_hash",)``).
+        event_transform: ``{column: function}``; the events carry ``function(value)``
+            instead of the value (``{"avatar": len}``); None stays None. Both options
+            are per model and checked when the class is defined, with every column the
+            events carry: one whose type no encoder knows raises EventConfigurationError
+            there. See docs/events.md.
         soft_delete_column: a nullable datetime column (``"deleted_at"``); when set,
             ``delete`` stamps it instead of deleting, every read hides stamped rows
             unless ``include_deleted=True``, ``restore`` clears it and ``hard_delete``
@@ -124,6 +130,8 @@ class CrudRepository(Generic[ModelT]):
     model: type[ModelT]
     entity_name: ClassVar[str | None] = None
     record_events: ClassVar[bool] = True
+    event_exclude: ClassVar[Collection[str] | None] = None
+    event_transform: ClassVar[Mapping[str, Callable[[Any], Any]] | None] = None
     soft_delete_column: ClassVar[str | None] = None
     tenant_column: ClassVar[str | None] = None
 
@@ -135,7 +143,11 @@ class CrudRepository(Generic[ModelT]):
                 model, soft_delete_column=cls.soft_delete_column, tenant_column=cls.tenant_column
             )
             recording.register_entity(
-                model, entity=cls.entity_name or info.entity, enabled=cls.record_events
+                model,
+                entity=cls.entity_name or info.entity,
+                enabled=cls.record_events,
+                exclude=cls.event_exclude,
+                transform=cls.event_transform,
             )
             if info.tenant_column is not None:
                 register_tenant_model(model)

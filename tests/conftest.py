@@ -22,9 +22,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from alchemium import register_encoder, unregister_encoder
 from alchemium.events import SubscriberRegistry, disable_outbox, enable_outbox
 from alchemium.events.outbox import Outbox
-from tests.models import Base
+from tests.models import Base, Money, money_text, parse_money
 from tests.rig import PostgresServer, postgres_server
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -120,6 +121,14 @@ def expire_on_commit(request: pytest.FixtureRequest) -> bool:
 @pytest.fixture
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+def money_encoder() -> Iterator[None]:
+    """``tests.models.Money`` encoded as ``"1250 EUR"`` for the test (an application's type)."""
+    register_encoder(Money, money_text, parse_money)
+    yield
+    unregister_encoder(Money)
 
 
 @pytest.fixture

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import enum
 import uuid
+from typing import Any
 
 from sqlalchemy import (
     CheckConstraint,
@@ -17,8 +19,10 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Numeric,
+    PickleType,
     String,
     Table,
+    TypeDecorator,
     Uuid,
     text,
 )
@@ -141,11 +145,29 @@ class Membership(Base):
 
 
 class Attachment(Base):
-    """Bytes are not JSON-serializable: creating one inside a unit of work must fail."""
+    """Bytes: its events carry them in base64."""
 
     __tablename__ = "attachments"
     id: Mapped[int] = mapped_column(primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Opaque:
+    """A value of a type no encoder knows (picklable, so a PickleType column can hold it)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Opaque)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class Keepsake(Base):
+    """PickleType: the type of its values is known only when an event is built."""
+
+    __tablename__ = "keepsakes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    thing: Mapped[Any] = mapped_column(PickleType)
 
 
 class MemoRepository(CrudRepository[Memo]):
@@ -164,6 +186,10 @@ class MembershipRepository(CrudRepository[Membership]):
 
 class AttachmentRepository(CrudRepository[Attachment]):
     model = Attachment
+
+
+class KeepsakeRepository(CrudRepository[Keepsake]):
+    model = Keepsake
 
 
 # -- optimistic locking ---------------------------------------------------------------------
@@ -258,3 +284,39 @@ class CustomerRepository(CrudRepository[Customer]):
 class TicketRepository(CrudRepository[Ticket]):
     model = Ticket
     tenant_column = "tenant_id"
+
+
+# -- a value type of the application (register_encoder) -------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Money:
+    cents: int
+    currency: str
+
+
+class MoneyType(TypeDecorator[Money]):
+    """Stored as sortable text; declares its Python type, so models using it are checked."""
+
+    impl = String(40)
+    cache_ok = True
+
+    @property
+    def python_type(self) -> type[Money]:
+        return Money
+
+    def process_bind_param(self, value: Money | None, dialect: Any) -> str | None:
+        return None if value is None else f"{value.cents:012d} {value.currency}"
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Money | None:
+        return None if value is None else parse_money(value)
+
+
+def money_text(value: Money) -> str:
+    """The JSON form an application would register for Money: ``"1250 EUR"``."""
+    return f"{value.cents} {value.currency}"
+
+
+def parse_money(text: str) -> Money:
+    cents, currency = text.split()
+    return Money(int(cents), currency)

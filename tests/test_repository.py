@@ -24,6 +24,7 @@ from alchemium import (
     UnitOfWork,
 )
 from tests.models import (
+    AttachmentRepository,
     AuthorRepository,
     Book,
     BookRepository,
@@ -356,6 +357,31 @@ async def test_keyset_with_filters_and_datetime_key(session_factory: Factory) ->
         if cursor is None:
             break
     assert names == ["d4", "d2", "d0"]
+
+
+async def test_keyset_over_enum_and_binary_keys(session_factory: Factory) -> None:
+    # A cursor holds each key in its JSON form (an enum's value, bytes in base64) and is
+    # decoded by the column's type.
+    async with UnitOfWork(session_factory) as uow:
+        await UserRepository.create_many(
+            uow.session,
+            [{"name": f"e{i}", "status": [Status.ACTIVE, Status.BLOCKED][i % 2]} for i in range(4)],
+        )
+        await AttachmentRepository.create_many(
+            uow.session, [{"data": bytes([i])} for i in (3, 1, 2)]
+        )
+    for repository, key in ((UserRepository, "status"), (AttachmentRepository, "data")):
+        seen: list[Any] = []
+        cursor = None
+        while True:
+            async with UnitOfWork(session_factory) as uow:
+                page = await repository.keyset(uow.session, order_by=key, after=cursor, limit=1)
+                seen += [getattr(row, key) for row in page.items]
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        assert len(seen) == (4 if key == "status" else 3)
+        assert seen == sorted(seen, key=lambda v: v.name if isinstance(v, Status) else v)
 
 
 async def test_keyset_rejects_a_forged_cursor(session_factory: Factory) -> None:

@@ -21,6 +21,7 @@ from alchemium.events.outbox import (
     disable_outbox,
     enable_outbox,
 )
+from alchemium.events.payloads import decode_payload
 from alchemium.events.publishers import (
     InProcessPublisher,
     Publisher,
@@ -58,6 +59,7 @@ __all__ = [
     "capture_on_commit",
     "create_audit_table",
     "create_outbox_tables",
+    "decode_payload",
     "default_outbox",
     "default_registry",
     "disable_audit",

@@ -20,17 +20,19 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import inspect, select
+from sqlalchemy.dialects.postgresql import Range
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import get_history, instance_state
 from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESULT
 
 from alchemium.domain_event import DomainEvent
-from alchemium.encoding import json_safe
+from alchemium.encoding import ADDRESS_TYPES, json_safe
+from alchemium.events.payloads import PayloadPolicy, Transform, configure_payload
 from alchemium.modelinfo import ModelInfo, model_info
 from alchemium.uow import (
     UnitOfWork,
@@ -61,19 +63,35 @@ _source_classes = False  # set when the first EventSourceMixin subclass is defin
 
 @dataclass(frozen=True, slots=True)
 class EntityConfig:
-    """How changes of one model are named and whether they are recorded."""
+    """How changes of one model are named, whether they are recorded, what they carry."""
 
     entity: str
     enabled: bool
+    payload: PayloadPolicy | None = None  # None: every column, as it is
 
 
 _entities: dict[type[Any], EntityConfig] = {}
 _resolved: dict[type[Any], EntityConfig | None] = {}  # entity_config per class, by __mro__
 
 
-def register_entity(model: type[Any], *, entity: str, enabled: bool = True) -> None:
-    """Record change events for ``model`` under the prefix ``entity`` (or not, if disabled)."""
-    _entities[model] = EntityConfig(entity=entity, enabled=enabled)
+def register_entity(
+    model: type[Any],
+    *,
+    entity: str,
+    enabled: bool = True,
+    exclude: Collection[str] | None = None,
+    transform: Mapping[str, Transform] | None = None,
+) -> None:
+    """Record change events for ``model`` under the prefix ``entity`` (or not, if disabled).
+
+    ``exclude`` / ``transform``: see :class:`alchemium.events.payloads.PayloadPolicy`.
+    Raises EventConfigurationError, before anything is registered, for a column the
+    events cannot carry (see :func:`alchemium.events.payloads.configure_payload`).
+    """
+    payload = configure_payload(
+        model_info(model), exclude=exclude, transform=transform, check=enabled
+    )
+    _entities[model] = EntityConfig(entity=entity, enabled=enabled, payload=payload)
     _resolved.clear()
 
 
@@ -153,8 +171,8 @@ class RecordedChange:
 
 
 # Column values that cannot change after the flush, so a deferred build sees the
-# same thing an immediate one would. Anything else (JSON dicts and lists, arrays)
-# is converted at once.
+# same thing an immediate one would. Anything else (JSON dicts and lists, arrays,
+# bytearrays, values of unknown or registered types) is converted at once.
 _IMMUTABLE = frozenset(
     {
         type(None),
@@ -168,6 +186,9 @@ _IMMUTABLE = frozenset(
         dt.datetime,
         dt.date,
         dt.time,
+        dt.timedelta,
+        *ADDRESS_TYPES,
+        Range,  # a frozen dataclass of scalar bounds
     }
 )
 
@@ -184,8 +205,14 @@ def _values_of(action: str, payload: Mapping[str, Any]) -> Iterator[Any]:
 def _add(uow: UnitOfWork, info: ModelInfo, action: str, key: str, payload: dict[str, Any]) -> None:
     config = entity_config(info.model)
     assert config is not None
+    name = f"{config.entity}_{action}"
+    if config.payload is not None:
+        shown = config.payload.apply(name, action, payload)
+        if shown is None:
+            return  # an update of excluded columns only
+        payload = shown
     change = RecordedChange(
-        f"{config.entity}_{action}",
+        name,
         config.entity,
         key,
         payload,

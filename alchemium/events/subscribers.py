@@ -1,9 +1,18 @@
 """Subscribers: who receives which events, kept in blinker signals inside a registry.
 
 ``@on("user_created")`` subscribes a sync or async handler to one event name,
-``@on("*")`` to every event. Handlers are held strongly (a handler defined inside
-a function keeps firing) and each has a stable ``name``: with the outbox enabled
-every subscriber is a durable destination whose delivery is tracked per event.
+``@on("user_*")`` to every name matching a pattern and ``@on("*")`` to every event.
+Handlers are held strongly (a handler defined inside a function keeps firing) and
+each has a stable ``name``: with the outbox enabled every subscriber is a durable
+destination whose delivery is tracked per event. External destinations (brokers)
+are routed by the same patterns.
+
+Patterns are shell-style over the whole event name: ``*`` matches any run of
+characters (also none), ``?`` exactly one; every other character matches itself.
+``[`` and ``]`` are refused when registered (no character classes), so a pattern
+never silently means something else than it says. Exact names are blinker signals
+(one dict lookup); patterns are compiled once, and what matches an event name is
+computed once per name and cached until the subscriptions change.
 
 A :class:`SubscriberRegistry` scopes subscribers: the module-level ``on`` uses
 the default registry; tests and apps that must not share handlers create their
@@ -16,14 +25,16 @@ calls each receiver itself (see ``alchemium.events.dispatch``).
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from blinker import Namespace
 
 from alchemium.domain_event import DomainEvent
-from alchemium.errors import EventError
+from alchemium.errors import EventConfigurationError, EventError
 
 __all__ = ["Handler", "Subscriber", "SubscriberRegistry", "default_registry", "off", "on"]
 
@@ -31,10 +42,37 @@ Handler = Callable[[DomainEvent], Awaitable[None] | None]
 
 WILDCARD = "*"
 
+_Route = TypeVar("_Route")
+
+_ROUTES_CACHED = 4096  # event names whose routes are kept; dropped all at once beyond
+
+
+def event_pattern(pattern: str, *, what: str) -> re.Pattern[str] | None:
+    """The compiled matcher of ``pattern``, None for an exact event name.
+
+    Raises EventConfigurationError for something that is not a non-empty string or uses
+    ``[``/``]`` (``what`` says which registration is refused: ``"subscriber 'x'"``).
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise EventConfigurationError(
+            f"{what}: the event name or pattern must be a non-empty string"
+        )
+    if "[" in pattern or "]" in pattern:
+        raise EventConfigurationError(
+            f"{what}: {pattern!r} uses [ or ], which event patterns do not support; "
+            "use * (any characters) and ? (one character)"
+        )
+    if "*" not in pattern and "?" not in pattern:
+        return None
+    regex = "".join(
+        ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern
+    )
+    return re.compile(regex, re.DOTALL)
+
 
 @dataclass(frozen=True, slots=True)
 class Subscriber:
-    """A handler subscribed to ``event`` (an event name or ``"*"``) under a unique ``name``."""
+    """A handler subscribed to ``event`` (an event name or a pattern) under a unique ``name``."""
 
     name: str
     event: str
@@ -52,15 +90,25 @@ class SubscriberRegistry:
 
     def __init__(self, name: str = "default") -> None:
         self.name = name
-        self._signals = Namespace()
+        self._signals = Namespace()  # exact event names
         self._by_name: dict[str, Subscriber] = {}
-        self._destinations: dict[str, str] = {}  # external destination -> event pattern
+        self._patterns: dict[str, re.Pattern[str]] = {}  # subscriber name -> its pattern
+        # external destination -> its patterns (None: an exact event name)
+        self._destinations: dict[str, dict[str, re.Pattern[str] | None]] = {}
+        self._subscriber_routes: dict[str, tuple[Subscriber, ...]] = {}
+        self._destination_routes: dict[str, tuple[str, ...]] = {}
 
     def subscribe(self, event: str, handler: Handler, *, name: str | None = None) -> Subscriber:
-        """Subscribe ``handler`` to ``event``; ``name`` defaults to ``module.qualname``."""
+        """Subscribe ``handler`` to ``event``, a name or a pattern (``"user_*"``, ``"*"``).
+
+        ``name`` defaults to ``module.qualname``. Raises EventError for a handler that
+        is not callable or a name already taken, EventConfigurationError for a pattern
+        with ``[``/``]``.
+        """
         if not callable(handler):
             raise EventError(f"subscriber for {event!r} must be callable, got {handler!r}")
         name = name or f"{handler.__module__}.{handler.__qualname__}"
+        matcher = event_pattern(event, what=f"subscriber {name!r}")
         existing = self._by_name.get(name)
         if existing is not None:
             if existing.handler is handler and existing.event == event:
@@ -72,16 +120,22 @@ class SubscriberRegistry:
         if name in self._destinations:
             raise EventError(f"{name!r} is already a destination in registry {self.name!r}")
         subscriber = Subscriber(name=name, event=event, handler=handler)
-        self._signals.signal(event).connect(subscriber, weak=False)
+        if matcher is None:
+            self._signals.signal(event).connect(subscriber, weak=False)
+        else:
+            self._patterns[name] = matcher
         self._by_name[name] = subscriber
+        self._subscriber_routes.clear()
         return subscriber
 
     def unsubscribe(self, handler_or_name: Handler | str) -> None:
         """Remove a subscriber by handler or by name; unknown ones raise EventError."""
         for sub in list(self._by_name.values()):
             if sub.name == handler_or_name or sub.handler is handler_or_name:
-                self._signals.signal(sub.event).disconnect(sub)
+                if self._patterns.pop(sub.name, None) is None:
+                    self._signals.signal(sub.event).disconnect(sub)
                 del self._by_name[sub.name]
+                self._subscriber_routes.clear()
                 return
         raise EventError(f"no subscriber {handler_or_name!r} in registry {self.name!r}")
 
@@ -95,13 +149,24 @@ class SubscriberRegistry:
         return decorate
 
     def subscribers_for(self, event_name: str) -> list[Subscriber]:
-        """Subscribers of ``event_name`` then wildcard ones, in subscription order."""
-        found: list[Subscriber] = []
-        for signal_name in (event_name, WILDCARD):
-            signal = self._signals.get(signal_name)
+        """Subscribers of exactly ``event_name``, then those of matching patterns.
+
+        Each group in subscription order. Computed once per event name (cached until
+        a subscription changes).
+        """
+        routes = self._subscriber_routes.get(event_name)
+        if routes is None:
+            found: list[Subscriber] = []
+            signal = self._signals.get(event_name)
             if signal is not None:
                 found.extend(r for r in signal.receivers_for(None) if isinstance(r, Subscriber))
-        return found
+            found.extend(
+                self._by_name[name]
+                for name, matcher in self._patterns.items()
+                if matcher.fullmatch(event_name)
+            )
+            routes = _cache(self._subscriber_routes, event_name, tuple(found))
+        return list(routes)
 
     def subscriber(self, name: str) -> Subscriber | None:
         """The subscriber called ``name``, if any."""
@@ -113,39 +178,67 @@ class SubscriberRegistry:
         return list(self._by_name.values())
 
     def add_destination(self, name: str, event: str = WILDCARD) -> None:
-        """Route events matching ``event`` to an external destination (a broker publisher).
+        """Route events matching ``event`` (a name or a pattern) to an external destination.
 
         With the outbox enabled, each such event gets a delivery row for ``name`` that
-        a relay with a publisher of that name drains.
+        a relay with a publisher of that name drains. Calling it again for the same
+        destination adds a pattern (``"user_*"`` then ``"order_*"``: both go there).
+        Raises EventConfigurationError for a pattern with ``[``/``]``, EventError for a
+        name that is a subscriber.
         """
         if name in self._by_name:
             raise EventError(f"{name!r} is already a subscriber in registry {self.name!r}")
-        self._destinations[name] = event
+        matcher = event_pattern(event, what=f"destination {name!r}")
+        self._destinations.setdefault(name, {})[event] = matcher
+        self._destination_routes.clear()
 
     def destinations_for(self, event_name: str) -> list[str]:
-        """External destination names that receive ``event_name``."""
-        return [d for d, pattern in self._destinations.items() if pattern in (event_name, WILDCARD)]
+        """External destination names that receive ``event_name``, in registration order.
+
+        Computed once per event name (cached until a destination is added or removed).
+        """
+        routes = self._destination_routes.get(event_name)
+        if routes is None:
+            found = tuple(
+                destination
+                for destination, patterns in self._destinations.items()
+                if any(
+                    pattern == event_name if matcher is None else matcher.fullmatch(event_name)
+                    for pattern, matcher in patterns.items()
+                )
+            )
+            routes = _cache(self._destination_routes, event_name, found)
+        return list(routes)
 
     def clear(self) -> None:
         """Remove every subscriber and destination."""
         for sub in list(self._by_name.values()):
             self.unsubscribe(sub.name)
         self._destinations.clear()
+        self._destination_routes.clear()
 
     @contextmanager
     def scoped(self) -> Iterator[SubscriberRegistry]:
         """Within the block, subscriptions made on this registry are removed afterwards."""
         before = dict(self._by_name)
-        destinations = dict(self._destinations)
+        destinations = {name: dict(patterns) for name, patterns in self._destinations.items()}
         try:
             yield self
         finally:
             for name in [n for n in self._by_name if n not in before]:
                 self.unsubscribe(name)
             self._destinations = destinations
+            self._destination_routes.clear()
 
     def __repr__(self) -> str:
         return f"SubscriberRegistry({self.name!r}, subscribers={len(self._by_name)})"
+
+
+def _cache(routes: dict[str, _Route], event_name: str, found: _Route) -> _Route:
+    if len(routes) >= _ROUTES_CACHED:
+        routes.clear()  # many distinct names (generated ones?): keep memory bounded
+    routes[event_name] = found
+    return found
 
 
 default_registry = SubscriberRegistry()

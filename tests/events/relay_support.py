@@ -247,6 +247,16 @@ class RedisServer:
             self.proc.wait()
         self.proc = None
 
+    async def entries(self, stream: str) -> list[tuple[str, dict[str, str]]]:
+        """Every entry of ``stream`` as a consumer reads it (``XRANGE``): (id, fields)."""
+        import redis.asyncio as redis_asyncio
+
+        consumer = redis_asyncio.from_url(self.url, decode_responses=True)
+        try:
+            return list(await consumer.xrange(stream))
+        finally:
+            await consumer.aclose()
+
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:

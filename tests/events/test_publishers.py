@@ -51,8 +51,6 @@ def test_missing_client_library_gives_a_clear_error(monkeypatch: pytest.MonkeyPa
 async def test_redis_publisher_delivers_to_a_stream_consumer(
     session_factory: Factory, outbox: Outbox, redis_server: RedisServer
 ) -> None:
-    import redis.asyncio as redis_asyncio
-
     events = await insert_events(session_factory, outbox, 5, destinations=["redis"])
     publisher = RedisStreamPublisher(redis_server.url, stream="orders")
     try:
@@ -61,11 +59,7 @@ async def test_redis_publisher_delivers_to_a_stream_consumer(
     finally:
         await publisher.close()
 
-    consumer = redis_asyncio.from_url(redis_server.url, decode_responses=True)
-    try:
-        entries = await consumer.xrange("orders")
-    finally:
-        await consumer.aclose()
+    entries = await redis_server.entries("orders")
     assert [fields["event_id"] for _id, fields in entries] == [str(e.id) for e in events]
     received = DomainEvent.from_dict(json.loads(entries[0][1]["event"]))
     assert received == events[0]
@@ -75,8 +69,6 @@ async def test_redis_publisher_delivers_to_a_stream_consumer(
 async def test_redis_outage_leaves_events_pending_until_it_is_back(
     engine: AsyncEngine, session_factory: Factory, outbox: Outbox, redis_server: RedisServer
 ) -> None:
-    import redis.asyncio as redis_asyncio
-
     events = await insert_events(session_factory, outbox, 3, destinations=["redis"])
     publisher = RedisStreamPublisher(redis_server.url, timeout=1.0)
     relay = OutboxRelay(session_factory, publisher, backoff_base=0.01, listen=False)
@@ -93,11 +85,7 @@ async def test_redis_outage_leaves_events_pending_until_it_is_back(
     finally:
         await publisher.close()
     assert await by_status(engine, outbox) == {"delivered": 3}
-    consumer = redis_asyncio.from_url(redis_server.url, decode_responses=True)
-    try:
-        entries = await consumer.xrange("alchemium:events")
-    finally:
-        await consumer.aclose()
+    entries = await redis_server.entries("alchemium:events")
     assert [f["event_id"] for _i, f in entries] == [str(e.id) for e in events]
 
 
