@@ -64,6 +64,7 @@ from alchemium.uow import check_session, current_unit_of_work, session_operation
 from alchemium.writes import (
     attach_for_update,
     check_data,
+    insert_rows,
     load_for_write,
     stamp_tenant,
     upsert_statement,
@@ -198,9 +199,11 @@ class CrudRepository(Generic[ModelT]):
     async def create_many(
         cls, asession: AsyncSession, rows: Sequence[Mapping[str, Any]]
     ) -> list[ModelT]:
-        """Insert ``rows`` in one statement (executemany with RETURNING); objects have their keys.
+        """INSERT ``rows`` in batches (executemany with RETURNING); objects have their keys.
 
-        Records one ``<entity>_created`` event per row.
+        Returns the objects in input order, persistent in the session with every column
+        the database returned. Records one ``<entity>_created`` event per row. Values
+        are checked (and tenants stamped) for every row before anything is sent.
         """
         info = cls._begin(asession, "create_many")
         rows = list(rows)
@@ -208,11 +211,18 @@ class CrudRepository(Generic[ModelT]):
             return []
         for row in rows:
             check_data(info, row)
-        rows = [stamp_tenant(asession, info, row) for row in rows]
-        stmt = insert(info.model).returning(info.model, sort_by_parameter_order=True)
+        if info.tenant_column is not None:
+            rows = [stamp_tenant(asession, info, row) for row in rows]
         with session_operation(asession, "create_many()"):
-            objs = list((await asession.scalars(stmt, rows)).all())
-        recording.record_rows(asession, info, "created", objs)
+            inserted = await insert_rows(asession, info, rows)
+            if inserted is None:
+                stmt = insert(info.model).returning(info.model, sort_by_parameter_order=True)
+                objs = list((await asession.scalars(stmt, rows)).all())
+        if inserted is None:
+            recording.record_rows(asession, info, "created", objs)
+            return objs
+        objs, values = inserted
+        recording.record_inserted(asession, info, values)
         return objs
 
     @classmethod

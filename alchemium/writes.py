@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, TypeVar
 
+from sqlalchemy import Integer, Table, insert, inspect
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from alchemium.errors import (
@@ -37,6 +39,7 @@ from alchemium.uow import current_unit_of_work
 __all__ = [
     "attach_for_update",
     "check_data",
+    "insert_rows",
     "load_for_write",
     "stamp_tenant",
     "upsert_statement",
@@ -258,3 +261,128 @@ async def load_for_write(
             f"the row has version {getattr(obj, version_prop)!r}"
         )
     return obj
+
+
+@dataclass(frozen=True, slots=True)
+class _InsertPlan:
+    """How ``insert_rows`` writes a model: its table, its columns, how rows come back."""
+
+    table: Table
+    keys: tuple[str, ...]  # attribute keys, in the order of the table's columns
+    renamed: dict[str, str] | None  # attribute key -> column key, where they differ
+    primary_key: tuple[int, ...]  # positions of the primary key columns in ``keys``
+    autoincrement: bool  # a single integer primary key the database assigns
+
+
+_plans: dict[type[Any], _InsertPlan | None] = {}
+
+
+def _insert_plan(info: ModelInfo) -> _InsertPlan | None:
+    """The plan for ``info``'s model, or None if only the ORM can insert it faithfully.
+
+    The ORM is needed for inheritance (several tables, a discriminator) and version
+    counters (it sets the first version), and when a column of the table is not a
+    plain column attribute of the model.
+    """
+    if info.model in _plans:
+        return _plans[info.model]
+    mapper = info.mapper
+    table = mapper.local_table
+    plan: _InsertPlan | None = None
+    by_column = {column: key for key, column in info.columns.items()}
+    if (
+        isinstance(table, Table)
+        and mapper.inherits is None
+        and mapper.polymorphic_on is None
+        and mapper.version_id_col is None
+        and all(column in by_column for column in table.c)
+    ):
+        keys = tuple(by_column[column] for column in table.c)
+        renamed = {k: info.columns[k].key for k in keys if info.columns[k].key != k}
+        pk = tuple(keys.index(k) for k in info.primary_key)
+        pk_columns = list(table.primary_key.columns)
+        plan = _InsertPlan(
+            table=table,
+            keys=keys,
+            renamed=renamed or None,
+            primary_key=pk,
+            autoincrement=len(pk_columns) == 1
+            and isinstance(pk_columns[0].type, Integer)
+            and table.autoincrement_column is pk_columns[0],
+        )
+    _plans[info.model] = plan
+    return plan
+
+
+async def insert_rows(
+    asession: AsyncSession, info: ModelInfo, rows: list[Mapping[str, Any]]
+) -> tuple[list[Any], list[dict[str, Any]]] | None:
+    """INSERT ``rows`` with Core's executemany and RETURNING; objects built without the ORM.
+
+    Returns the objects (persistent in ``asession``, in input order, with every column
+    the database returned, keys included) and the rows' column values, or None when
+    the ORM must do the insert (see ``_insert_plan``, and listeners of the ORM's load
+    events, which these objects would bypass). The objects are registered in the
+    session's identity map as if loaded: changing one later is an UPDATE.
+
+    Rows are matched to inputs without trusting RETURNING's order where the database
+    does not promise it (SQLite): by the primary key when every row gives it, by the
+    key the database assigned otherwise (SQLite assigns rowids in increasing order as
+    the rows of one INSERT are inserted, and one transaction holds the write lock).
+    """
+    plan = _insert_plan(info)
+    sync = asession.sync_session
+    manager = info.mapper.class_manager
+    if plan is None or manager.dispatch.load or sync.dispatch.loaded_as_persistent:
+        return None
+    ordered = asession.get_bind().dialect.name != "sqlite"
+    given = [all(row.get(k) is not None for k in info.primary_key) for row in rows]
+    if not ordered and not all(given) and (any(given) or not plan.autoincrement):
+        return None  # no way to match rows to inputs on SQLite but one at a time
+    stmt = insert(plan.table).returning(*plan.table.c, sort_by_parameter_order=ordered)
+    returned: list[Any] = []
+    # One executemany per run of rows giving the same columns: a statement is compiled
+    # for the columns of its first row, and would drop the others' extra values.
+    for _, group in groupby(rows, key=lambda row: frozenset(row)):
+        batch = list(group)
+        got = list((await asession.execute(stmt, _params(plan, batch))).all())
+        if not ordered:
+            got = _in_input_order(info, plan, batch, got)
+        returned.extend(got)
+    keys = plan.keys
+    pk = plan.primary_key
+    identity_key = info.mapper.identity_key_from_primary_key
+    identity_map = sync.identity_map
+    session_id = sync.hash_key
+    objs: list[Any] = []
+    values: list[dict[str, Any]] = []
+    for row in returned:
+        obj = manager.new_instance()
+        state = instance_state(obj)
+        data = dict(zip(keys, row, strict=True))
+        state.dict.update(data)
+        state.key = identity_key(tuple(row[i] for i in pk))
+        state.session_id = session_id
+        identity_map.add(state)
+        objs.append(obj)
+        values.append(data)
+    return objs, values
+
+
+def _params(plan: _InsertPlan, rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    renamed = plan.renamed
+    if renamed is None:
+        return rows
+    return [{renamed.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+def _in_input_order(
+    info: ModelInfo, plan: _InsertPlan, rows: list[Mapping[str, Any]], returned: list[Any]
+) -> list[Any]:
+    """``returned`` (in whatever order RETURNING gave it) in the order of ``rows``."""
+    pk = plan.primary_key
+    names = info.primary_key
+    if all(row.get(names[0]) is not None for row in rows):
+        by_key = {tuple(r[i] for i in pk): r for r in returned}
+        return [by_key[tuple(row[name] for name in names)] for row in rows]
+    return sorted(returned, key=lambda r: r[pk[0]])

@@ -28,6 +28,7 @@ from tests.models import (
     AuthorRepository,
     Book,
     BookRepository,
+    DocumentRepository,
     Status,
     Tag,
     TagRepository,
@@ -112,6 +113,49 @@ async def test_create_many_returns_objects_with_primary_keys(session_factory: Fa
     async with UnitOfWork(session_factory) as uow:
         stored = await UserRepository.list(uow.session, order_by="id")
         assert [(u.id, u.name) for u in stored] == created
+
+
+async def test_create_many_of_many_rows_keeps_input_order_across_batches(
+    session_factory: Factory,
+) -> None:
+    """Several INSERT batches; on SQLite RETURNING's order is not relied upon."""
+    rows = [{"name": f"user{i:05}", "age": i % 97} for i in range(2500)]
+    async with UnitOfWork(session_factory) as uow:
+        users = await UserRepository.create_many(uow.session, rows)
+        assert [(u.name, u.age) for u in users] == [(r["name"], r["age"]) for r in rows]
+        assert [u.id for u in users] == sorted(u.id for u in users)
+
+
+async def test_create_many_with_given_keys_in_any_order(session_factory: Factory) -> None:
+    rows = [{"id": i, "name": f"k{i}"} for i in (905, 12, 433, 7)]
+    async with UnitOfWork(session_factory) as uow:
+        users = await UserRepository.create_many(uow.session, rows)
+        assert [(u.id, u.name) for u in users] == [(r["id"], r["name"]) for r in rows]
+
+
+async def test_create_many_objects_are_the_sessions_own_and_track_changes(
+    session_factory: Factory,
+) -> None:
+    async with UnitOfWork(session_factory) as uow:
+        first, second = await UserRepository.create_many(
+            uow.session, [{"name": "a"}, {"name": "b", "age": 5}]
+        )
+        assert first in uow.session
+        assert await UserRepository.get(uow.session, first.id) is first  # no second copy
+        assert first.status is Status.ACTIVE  # the column default, as the database stored it
+        assert second.position is None  # every column is loaded: no lazy load in async code
+        UserRepository.update(second, {"age": 6})
+    async with UnitOfWork(session_factory) as uow:
+        assert (await UserRepository.get_one_or_raise(uow.session, {"name": "b"})).age == 6
+
+
+async def test_create_many_of_a_versioned_model_goes_through_the_orm(
+    session_factory: Factory,
+) -> None:
+    """The ORM sets the first version; a plain INSERT would leave it NULL."""
+    async with UnitOfWork(session_factory) as uow:
+        docs = await DocumentRepository.create_many(uow.session, [{"title": "a"}, {"title": "b"}])
+        assert [d.version for d in docs] == [1, 1]
 
 
 async def test_create_many_with_no_rows_does_nothing(session_factory: Factory) -> None:

@@ -51,6 +51,7 @@ __all__ = [
     "add_before_commit_hook",
     "change_action",
     "global_before_commit_hooks",
+    "record_inserted",
     "register_entity",
     "remove_before_commit_hook",
 ]
@@ -203,27 +204,32 @@ def _values_of(action: str, payload: Mapping[str, Any]) -> Iterator[Any]:
 
 
 def _add(uow: UnitOfWork, info: ModelInfo, action: str, key: str, payload: dict[str, Any]) -> None:
+    _add_many(uow, info, action, ((key, payload),))
+
+
+def _add_many(
+    uow: UnitOfWork, info: ModelInfo, action: str, changes: Iterable[tuple[str, dict[str, Any]]]
+) -> None:
+    """Record ``<entity>_<action>`` for each ``(key, payload)``; one metadata and clock read."""
     config = entity_config(info.model)
     assert config is not None
     name = f"{config.entity}_{action}"
-    if config.payload is not None:
-        shown = config.payload.apply(name, action, payload)
-        if shown is None:
-            return  # an update of excluded columns only
-        payload = shown
-    change = RecordedChange(
-        name,
-        config.entity,
-        key,
-        payload,
-        uow.event_metadata(),
-        dt.datetime.now(dt.timezone.utc),
-    )
+    policy = config.payload
+    metadata = uow.event_metadata()
+    now = dt.datetime.now(dt.timezone.utc)
     immutable = _IMMUTABLE
-    if all(type(v) in immutable for v in _values_of(action, payload)):
-        uow.add_event(change)
-    else:
-        uow.add_event(change.build())
+    add = uow.add_event
+    for key, payload in changes:
+        if policy is not None:
+            shown = policy.apply(name, action, payload)
+            if shown is None:
+                continue  # an update of excluded columns only
+            payload = shown
+        change = RecordedChange(name, config.entity, key, payload, metadata, now)
+        if all(type(v) in immutable for v in _values_of(action, payload)):
+            add(change)
+        else:
+            add(change.build())
 
 
 def _enabled(obj: object) -> ModelInfo | None:
@@ -335,8 +341,20 @@ def record_rows(session: Any, info: ModelInfo, action: str, objs: Iterable[objec
     uow = current_unit_of_work(session)
     if uow is None or not wants_events(session, info):
         return
-    for obj in objs:
-        _add(uow, info, action, info.identity(obj), _columns(info, inspect(obj).dict))
+    _add_many(
+        uow,
+        info,
+        action,
+        ((info.identity(obj), _columns(info, inspect(obj).dict)) for obj in objs),
+    )
+
+
+def record_inserted(session: Any, info: ModelInfo, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Record ``<entity>_created`` for each inserted row, given as its column values."""
+    uow = current_unit_of_work(session)
+    if uow is None or not wants_events(session, info):
+        return
+    _add_many(uow, info, "created", ((info.key_of(row), dict(row)) for row in rows))
 
 
 def record_bulk_updates(

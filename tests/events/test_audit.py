@@ -167,7 +167,7 @@ async def test_custom_and_switched_off_events_are_not_audited(
 ) -> None:
     async with UnitOfWork(sessions, registry=registry) as uow:
         uow.record("user_greeted", aggregate_type="user", aggregate_id=1)
-        uow.record("invoice_created", aggregate_type="invoice", aggregate_id=1)
+        uow.record("parcel_created", aggregate_type="parcel", aggregate_id=1)  # no such entity
         await ScratchRepository.create(uow.session, {"text": "x"})
     assert await count(engine, audit.table) == 0
 
