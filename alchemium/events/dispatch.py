@@ -29,20 +29,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from alchemium.errors import OutboxError
 from alchemium.events.event import DomainEvent
-from alchemium.events.outbox import Outbox, autocommit, utcnow
+from alchemium.events.outbox import Outbox, autocommit
 from alchemium.events.recording import RecordedChange
 from alchemium.events.subscribers import Subscriber
 
 if TYPE_CHECKING:
-    import datetime as dt
-
     from alchemium.uow import UnitOfWork
 
 __all__ = [
     "dispatch_events",
     "events_to_commit",
     "local_delivery",
-    "retry_at",
+    "retry_delay",
     "watch_commits",
     "write_events",
 ]
@@ -65,12 +63,13 @@ class Delivery:
     plan: list[tuple[DomainEvent, list[Subscriber]]] = field(default_factory=list)
 
 
-def retry_at(attempts: int, *, base: float = 1.0, cap: float = 300.0) -> dt.datetime:
-    """When to try again after ``attempts`` failures: exponential backoff with full jitter."""
-    import datetime as dt
+def retry_delay(attempts: int, *, base: float = 1.0, cap: float = 300.0) -> float:
+    """Seconds to wait after ``attempts`` failures: exponential backoff with full jitter.
 
+    A delay, not a time: the outbox adds it to the database's clock (``mark_failed``).
+    """
     delay = min(cap, base * 2 ** max(0, attempts - 1))
-    return utcnow() + dt.timedelta(seconds=random.uniform(delay / 2, delay))
+    return random.uniform(delay / 2, delay)
 
 
 @contextmanager
@@ -206,7 +205,7 @@ async def _record_outcomes(
                     session,
                     token,
                     error=f"{type(err).__name__}: {err}",
-                    retry_at=retry_at(1),
+                    retry_in=retry_delay(1),
                     event_id=event.id,
                     destination=subscriber.name,
                 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import shutil
 import signal
@@ -29,6 +30,8 @@ from alchemium.events.outbox import Outbox
 from tests.rig import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
+
+LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)  # older than any retention
 
 
 # -- outbox helpers ---------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.cli import parse_duration
 from alchemium.events import OutboxRelay
-from alchemium.events.outbox import Outbox, utcnow
-from tests.events.relay_support import Sink, by_status, insert_events, run_cli
+from alchemium.events.outbox import Outbox
+from tests.events.relay_support import LONG_AGO, Sink, by_status, insert_events, run_cli
 from tests.rig import free_port
 
 Factory = async_sessionmaker[AsyncSession]
@@ -59,9 +59,7 @@ async def test_status_requeue_and_purge(
     code, out, _ = await cli("outbox", "purge", "--url", db_url, "--older-than", "7d")
     assert (code, out.split()[:2]) == (0, ["purged", "0"])
     async with session_factory() as session:
-        await session.execute(
-            update(outbox.deliveries).values(delivered_at=utcnow().replace(year=2000))
-        )
+        await session.execute(update(outbox.deliveries).values(delivered_at=LONG_AGO))
         await session.commit()
     code, out, _ = await cli("outbox", "purge", "--url", db_url, "--older-than", "7d")
     assert (code, out.split()[:2]) == (0, ["purged", "3"])

@@ -24,8 +24,9 @@ from alchemium.events import (
     OutboxRelay,
     SubscriberRegistry,
 )
-from alchemium.events.outbox import Outbox, utcnow
+from alchemium.events.outbox import Outbox, database_now
 from tests.events.relay_support import (
+    LONG_AGO,
     Sink,
     by_status,
     delivery_rows,
@@ -168,7 +169,7 @@ async def test_stale_relay_cannot_overwrite_the_outcome_of_the_reclaiming_relay(
 
     # A's lease runs out while it is stalled; B reclaims the row and fails on it.
     async with session_factory() as session:
-        await session.execute(update(outbox.deliveries).values(claimed_until=utcnow()))
+        await session.execute(update(outbox.deliveries).values(claimed_until=database_now()))
         await session.commit()
     await asyncio.sleep(0.01)
     relay_b = OutboxRelay(
@@ -534,11 +535,11 @@ async def test_purge_never_touches_undelivered_rows(
         await session.commit()
     assert len(claimed) == 2
     async with session_factory() as session:  # everything is "old"
-        await session.execute(update(outbox.events).values(occurred_at=utcnow().replace(year=2000)))
+        await session.execute(update(outbox.events).values(occurred_at=LONG_AGO))
         await session.execute(
             update(outbox.deliveries)
             .where(outbox.deliveries.c.status == "delivered")
-            .values(delivered_at=utcnow().replace(year=2000))
+            .values(delivered_at=LONG_AGO)
         )
         await session.commit()
 
