@@ -233,6 +233,18 @@ class OutboxStatus:
     delivered: int
     oldest_pending_age: float | None  # seconds
 
+    @classmethod
+    def total(cls, destinations: Sequence[DestinationStatus]) -> OutboxStatus:
+        """The totals of per-destination statuses (the lag is the largest one)."""
+        ages = [s.oldest_pending_age for s in destinations if s.oldest_pending_age is not None]
+        return cls(
+            pending=sum(s.pending for s in destinations),
+            claimed=sum(s.claimed for s in destinations),
+            dead=sum(s.dead for s in destinations),
+            delivered=sum(s.delivered for s in destinations),
+            oldest_pending_age=max(ages, default=None),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DestinationStatus:
@@ -667,15 +679,7 @@ class Outbox:
 
         The totals of :meth:`destination_status`; counting reads every delivery row.
         """
-        per = await self.destination_status(conn, destinations)
-        ages = [s.oldest_pending_age for s in per if s.oldest_pending_age is not None]
-        return OutboxStatus(
-            pending=sum(s.pending for s in per),
-            claimed=sum(s.claimed for s in per),
-            dead=sum(s.dead for s in per),
-            delivered=sum(s.delivered for s in per),
-            oldest_pending_age=max(ages, default=None),
-        )
+        return OutboxStatus.total(await self.destination_status(conn, destinations))
 
     def _due_since(self, now: Any) -> Any:
         """When an undelivered row became due (NULL if it is not due at ``now``)."""
