@@ -234,10 +234,11 @@ class OutboxRelay:
         """Deliver what is due now, then return how many rows were delivered (one pass).
 
         Checks the lag and stranded destinations first (logged as :meth:`run` does),
-        then runs rounds until one claims less than a full batch, or until it has
-        claimed as many rows as were undelivered when it started (so events committed
-        meanwhile cannot keep it going forever), or :meth:`stop` is called. Purges
-        once if ``retention`` is set. No LISTEN; database errors propagate.
+        then runs rounds until one claims nothing (in ``ordered`` mode, delivering an
+        event makes the next one of its aggregate due), until it has claimed as many
+        rows as were undelivered when it started (so events committed meanwhile cannot
+        keep it going forever), or until :meth:`stop` is called. Purges if
+        ``retention`` is set. No LISTEN; database errors propagate.
         """
         destinations = self._destinations()
         async with self.session_factory() as session:
@@ -247,7 +248,7 @@ class OutboxRelay:
         while not self._stopping.is_set() and claimed_total < bound:
             claimed, _ = await self._round()
             claimed_total += claimed
-            if claimed < self.batch_size:
+            if not claimed:
                 break
         if self.retention is not None:
             while await self._purge(self.retention):

@@ -138,6 +138,18 @@ class Sink:
         return [e.id for e in self.received]
 
 
+@dataclass
+class StalledSink(Sink):
+    """A Sink whose publishes wait for ``release``: a relay paused (GC, network) mid-batch."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def publish(self, event: DomainEvent, destination: str) -> None:
+        self.started.set()
+        await self.release.wait()
+        self.received.append(event)
+
+
 # -- relay subprocesses -----------------------------------------------------------------------
 
 

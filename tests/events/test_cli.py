@@ -56,6 +56,20 @@ async def cli(*args: str, **options: Any) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
+async def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a command line other than ``python -m alchemium`` (a wrapper, a shell pipeline)."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        argv,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def assert_usage_error(code: int, err: str, *fragments: str) -> None:
     """Exit 2, one line on stderr naming what was wrong, no traceback."""
     assert code == 2, err
@@ -181,16 +195,7 @@ async def test_a_publisher_whose_extra_is_not_installed_is_a_usage_error(
     without = f"import sys; sys.modules[{blocked!r}] = None; import runpy; "
     without += "runpy.run_module('alchemium', run_name='__main__')"
     url = f"sqlite+aiosqlite:///{tmp_path}/e.db"
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", without, "relay", "--url", url, "--publisher", publisher],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = await run(sys.executable, "-c", without, "relay", "--url", url, "--publisher", publisher)
     assert_usage_error(done.returncode, done.stderr, f"pip install '{extra}'")
 
 
@@ -246,16 +251,7 @@ async def test_status_piped_into_head_ends_quietly(
     names = [f"destination-{i:04}" for i in range(5000)]
     await insert_events(session_factory, outbox, 1, destinations=names)
     command = f"set -o pipefail; {sys.executable} -m alchemium outbox status --url '{db_url}'"
-    done = await asyncio.to_thread(
-        subprocess.run,
-        ["bash", "-c", f"{command} | head -1"],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = await run("bash", "-c", f"{command} | head -1")
     assert done.stdout == "pending:   5000\n"
     assert done.stderr == ""  # no BrokenPipeError traceback, no "Exception ignored"
     assert done.returncode == 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
@@ -328,9 +324,7 @@ async def test_version_from_the_script_and_from_python_dash_m() -> None:
     assert (code, out) == (0, f"alchemium {alchemium.__version__}\n")
     script = Path(sys.executable).parent / "alchemium"
     if script.exists():  # the console script of this environment
-        done = await asyncio.to_thread(
-            subprocess.run, [str(script), "--version"], capture_output=True, text=True, check=False
-        )
+        done = await run(str(script), "--version")
         assert (done.returncode, done.stdout) == (0, out)
 
 

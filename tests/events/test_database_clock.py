@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,11 +27,12 @@ import time_machine
 from sqlalchemy import String, select, type_coerce
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from alchemium.events import DomainEvent, OutboxRelay
+from alchemium.events import OutboxRelay
 from alchemium.events.dispatch import DISPATCH_LEASE
 from alchemium.events.outbox import Outbox, database_now
 from tests.events.relay_support import (
     Sink,
+    StalledSink,
     delivery_rows,
     eventually,
     faketime,
@@ -44,7 +46,18 @@ Factory = async_sessionmaker[AsyncSession]
 sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
 postgres_only = pytest.mark.parametrize("backend", ["postgresql"])
 
-RELAY_ONCE = ("relay", "--import", "tests.events.sink_handlers", "--once", "--no-listen")
+
+async def relay_once_with_clock_off_by(
+    offset: str, db_url: str, sink: Path
+) -> subprocess.CompletedProcess[str]:
+    """``alchemium relay --once`` with the file sink, its clock off by ``offset`` (faketime)."""
+    return await asyncio.to_thread(
+        run_cli,
+        *("relay", "--url", db_url, "--import", "tests.events.sink_handlers"),
+        *("--once", "--no-listen"),
+        prefix=faketime(offset),
+        env={"ALCHEMIUM_SINK": str(sink)},
+    )
 
 
 @contextmanager
@@ -177,15 +190,7 @@ async def test_a_relay_60s_ahead_does_not_take_a_claim_kept_alive_by_heartbeats(
     engine: AsyncEngine, session_factory: Factory, outbox: Outbox, db_url: str, tmp_path: Path
 ) -> None:
     [held] = await insert_events(session_factory, outbox, 1)
-    release = asyncio.Event()
-
-    class Stalled(Sink):
-        async def publish(self, event: DomainEvent, destination: str) -> None:
-            self.started.set()
-            await release.wait()
-            self.received.append(event)
-
-    stalled = Stalled()
+    stalled = StalledSink()
     holder = OutboxRelay(session_factory, stalled, lease=15, listen=False)  # renews every 5 s
     holding = asyncio.create_task(holder.run_once())
     try:
@@ -199,16 +204,9 @@ async def test_a_relay_60s_ahead_does_not_take_a_claim_kept_alive_by_heartbeats(
         await eventually(renewed, timeout=30)  # a heartbeat has renewed the lease
         [fresh] = await insert_events(session_factory, outbox, 1)
         sink = tmp_path / "sink"
-        done = await asyncio.to_thread(
-            run_cli,
-            *RELAY_ONCE,
-            "--url",
-            db_url,
-            prefix=faketime("+60s"),
-            env={"ALCHEMIUM_SINK": str(sink)},
-        )
+        done = await relay_once_with_clock_off_by("+60s", db_url, sink)
     finally:
-        release.set()
+        stalled.release.set()
     assert done.returncode == 0, done.stderr
     assert "delivered=1 " in done.stderr
     assert sink_lines(sink) == [str(fresh.id)]  # not the held one
@@ -225,14 +223,7 @@ async def test_a_relay_60s_behind_delivers_committed_events_at_once(
 ) -> None:
     events = await insert_events(session_factory, outbox, 3)
     sink = tmp_path / "sink"
-    done = await asyncio.to_thread(
-        run_cli,
-        *RELAY_ONCE,
-        "--url",
-        db_url,
-        prefix=faketime("-60s"),
-        env={"ALCHEMIUM_SINK": str(sink)},
-    )
+    done = await relay_once_with_clock_off_by("-60s", db_url, sink)
     assert done.returncode == 0, done.stderr
     assert "delivered=3 " in done.stderr
     assert sorted(sink_lines(sink)) == sorted(str(e.id) for e in events)
