@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test rig runs: PostgreSQL server, Redis, RabbitMQ, PgBouncer.
+# Install the Debian packages the test rig runs: PostgreSQL server, Redis, RabbitMQ, PgBouncer,
+# and faketime (relays and writers with a skewed clock, tests/events/test_database_clock.py).
 # Skips what is already there; needs root (or sudo) and Debian's package registry.
 set -euo pipefail
 need=()
@@ -7,6 +8,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/n
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v rabbitmq-server >/dev/null || [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 command -v pgbouncer >/dev/null || need+=(pgbouncer)
+command -v faketime >/dev/null || need+=(faketime)
 if [ "${#need[@]}" -eq 0 ]; then exit 0; fi
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 echo "installing system packages: ${need[*]}"

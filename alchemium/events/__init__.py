@@ -14,6 +14,7 @@ from alchemium.events.audit import (
 )
 from alchemium.events.inbox import Inbox, enable_inbox
 from alchemium.events.outbox import (
+    DestinationStatus,
     Outbox,
     OutboxStatus,
     create_outbox_tables,
@@ -34,16 +35,25 @@ from alchemium.events.recording import (
     remove_before_commit_hook,
 )
 from alchemium.events.relay import OutboxRelay, RelayStats
-from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry, off, on
+from alchemium.events.subscribers import (
+    MainModuleNameWarning,
+    Subscriber,
+    SubscriberRegistry,
+    default_registry,
+    off,
+    on,
+)
 from alchemium.events.testing import capture_events, capture_on_commit
 
 __all__ = [
     "AuditEntry",
     "AuditLog",
+    "DestinationStatus",
     "DomainEvent",
     "EventSourceMixin",
     "InProcessPublisher",
     "Inbox",
+    "MainModuleNameWarning",
     "Outbox",
     "OutboxRelay",
     "OutboxStatus",

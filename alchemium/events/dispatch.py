@@ -17,7 +17,6 @@ best effort: failures are logged, nothing retried.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import random
 import uuid
@@ -32,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError, UnitOfWorkError
-from alchemium.events.outbox import Outbox, autocommit, default_outbox, utcnow
+from alchemium.events.outbox import Outbox, autocommit, default_outbox
 from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry
 from alchemium.uow import Commit, UnitOfWork, UnitOfWorkHooks, add_hooks
 
@@ -42,7 +41,7 @@ __all__ = [
     "events_to_commit",
     "outbox_of",
     "registry_of",
-    "retry_at",
+    "retry_delay",
     "watch_commits",
     "write_events",
 ]
@@ -89,10 +88,13 @@ class Delivery:
     plan: list[tuple[DomainEvent, list[Subscriber]]] = field(default_factory=list)
 
 
-def retry_at(attempts: int, *, base: float = 1.0, cap: float = 300.0) -> dt.datetime:
-    """When to try again after ``attempts`` failures: exponential backoff with full jitter."""
+def retry_delay(attempts: int, *, base: float = 1.0, cap: float = 300.0) -> float:
+    """Seconds to wait after ``attempts`` failures: exponential backoff with full jitter.
+
+    A delay, not a time: the outbox adds it to the database's clock (``mark_failed``).
+    """
     delay = min(cap, base * 2 ** max(0, attempts - 1))
-    return utcnow() + dt.timedelta(seconds=random.uniform(delay / 2, delay))
+    return random.uniform(delay / 2, delay)
 
 
 @contextmanager
@@ -231,7 +233,7 @@ async def _record_outcomes(
                     session,
                     token,
                     error=f"{type(err).__name__}: {err}",
-                    retry_at=retry_at(1),
+                    retry_in=retry_delay(1),
                     event_id=event.id,
                     destination=subscriber.name,
                 )

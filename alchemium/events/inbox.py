@@ -28,7 +28,6 @@ make them idempotent on the receiving side with ``event.id``.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import logging
 import uuid
@@ -52,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import EventError, db_errors
-from alchemium.events.outbox import utcnow
+from alchemium.events.outbox import database_now
 from alchemium.events.tables import existing_table
 
 if TYPE_CHECKING:
@@ -107,7 +106,7 @@ class Inbox:
         """
         session = target if isinstance(target, AsyncSession) else target.session
         event_id = event.id if isinstance(event, DomainEvent) else event
-        values = {"subscriber": subscriber, "event_id": event_id, "processed_at": utcnow()}
+        values = {"subscriber": subscriber, "event_id": event_id, "processed_at": database_now()}
         dialect = session.get_bind().dialect.name
         if dialect not in _INSERTS:
             raise EventError(f"the inbox supports PostgreSQL and SQLite, not {dialect}")
@@ -131,9 +130,10 @@ class Inbox:
         """Delete up to ``batch_size`` rows older than ``older_than`` seconds; returns how many.
 
         Keep rows at least as long as an event can be redelivered: longer than the
-        outbox retention and than any requeue of dead events you might do.
+        outbox retention and than any requeue of dead events you might do. Ages are
+        on the database's clock (``processed_at`` is written from it too).
         """
-        cutoff = utcnow() - dt.timedelta(seconds=older_than)
+        cutoff = database_now(-older_than)
         t = self.table
         oldest = (
             select(t.c.subscriber, t.c.event_id).where(t.c.processed_at < cutoff).limit(batch_size)

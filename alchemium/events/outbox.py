@@ -14,8 +14,17 @@ written only ``WHERE claim_token = :mine``, so whoever lost its lease can never
 overwrite the state written by the one that reclaimed the row. Rows are claimed
 by state, never by position: a sequence is assigned at insert, not at commit.
 
+Every time a relay compares against (``next_attempt_at``, ``claimed_until``,
+``delivered_at``, purge cutoffs, the lag) is computed in SQL from the database's
+clock, :class:`database_now`, never from the clock of the process that sends the
+statement: relays and writers on hosts whose clocks disagree still agree on who
+holds a lease and what is due. ``occurred_at`` is the writer's clock (a fact
+about the event); only the lag and the retention of events read it.
+
 All SQL of the outbox lives in this module; the relay and the after-commit
-dispatch only decide what to do with the results.
+dispatch only decide what to do with the results. It is longer than 500 lines
+because it holds every statement on the two tables; splitting it is planned
+separately.
 """
 
 from __future__ import annotations
@@ -28,8 +37,10 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -42,12 +53,14 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     delete,
     exists,
     func,
     insert,
     inspect,
     literal,
+    null,
     or_,
     select,
     text,
@@ -56,8 +69,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import CompileError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
@@ -65,9 +83,12 @@ from alchemium.events.tables import BigId, JsonDocument, create_tables, existing
 
 __all__ = [
     "DeliveryRow",
+    "DestinationStatus",
     "Outbox",
     "OutboxStatus",
+    "OverdueDestination",
     "create_outbox_tables",
+    "database_now",
     "default_outbox",
     "enable_outbox",
 ]
@@ -78,9 +99,68 @@ PENDING, CLAIMED, DELIVERED, DEAD = "pending", "claimed", "delivered", "dead"
 Executor = AsyncSession | AsyncConnection
 
 
-def utcnow() -> dt.datetime:
-    """The current time in UTC (all outbox times are UTC)."""
-    return dt.datetime.now(dt.timezone.utc)
+class database_now(FunctionElement[dt.datetime]):  # noqa: N801 - reads like func.now()
+    """The database's current UTC time, plus ``seconds`` if given, as a SQL expression.
+
+    ``database_now()`` is "now" and ``database_now(30)`` is "30 seconds from now" on
+    the clock of the database server, whatever the clock of this process says;
+    ``seconds`` may also be a SQL expression (a bind parameter). The value is the
+    same for every row of one statement.
+
+    - PostgreSQL: ``statement_timestamp()`` (+ ``make_interval(secs => ...)``): the
+      start of the current statement, so it is current inside a long transaction
+      (unlike ``now()``), and STABLE (unlike ``clock_timestamp()``), so a comparison
+      with it can use an index.
+    - SQLite: ``strftime('%Y-%m-%d %H:%M:%f', 'now', '+N seconds') || '000'``: the
+      text format SQLAlchemy stores a SQLite ``DateTime`` in (microseconds, six
+      digits), so the string comparisons SQLite does on these columns order times
+      correctly. SQLite's clock has millisecond precision, and it is the clock of
+      the process running the statement: an embedded database has one host.
+
+    Other databases raise ``CompileError``.
+    """
+
+    type = DateTime(timezone=True)
+    name = "database_now"
+    inherit_cache = True
+
+    def __init__(self, seconds: float | ColumnElement[Any] | None = None) -> None:
+        if seconds is None:
+            super().__init__()
+        elif isinstance(seconds, ColumnElement):
+            super().__init__(seconds)
+        else:
+            super().__init__(literal(float(seconds), Float()))
+
+
+def _database_now_offset(element: database_now, compiler: SQLCompiler, **kw: Any) -> str | None:
+    clauses = list(element.clauses)
+    return compiler.process(clauses[0], **kw) if clauses else None
+
+
+@compiles(database_now, "postgresql")
+def _database_now_postgresql(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    offset = _database_now_offset(element, compiler, **kw)
+    if offset is None:
+        return "statement_timestamp()"
+    return f"(statement_timestamp() + make_interval(secs => {offset}))"
+
+
+@compiles(database_now, "sqlite")
+def _database_now_sqlite(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    offset = _database_now_offset(element, compiler, **kw)
+    # %f is seconds with milliseconds ("SS.SSS"): three more digits make SQLAlchemy's
+    # "YYYY-MM-DD HH:MM:SS.ffffff", so text comparisons with stored values hold.
+    modifier = "" if offset is None else f", printf('%+.6f seconds', {offset})"
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now'{modifier}) || '000')"
+
+
+@compiles(database_now)
+def _database_now_other(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    raise CompileError(
+        f"the outbox reads the database clock on PostgreSQL and SQLite only, "
+        f"not on {compiler.dialect.name}"
+    )
 
 
 def _dialect(conn: Executor) -> str:
@@ -93,6 +173,14 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=dt.timezone.utc)
     return value
+
+
+def _age(now: dt.datetime | None, then: dt.datetime | None) -> float | None:
+    """Seconds from ``then`` to ``now`` (``now`` read from the database), at least 0."""
+    now, then = _aware(now), _aware(then)
+    if now is None or then is None:
+        return None
+    return max(0.0, (now - then).total_seconds())
 
 
 def _event_of(row: Mapping[Any, Any], prefix: str = "") -> DomainEvent:
@@ -131,13 +219,65 @@ class DeliveryRow:
 
 @dataclass(frozen=True, slots=True)
 class OutboxStatus:
-    """Counts of delivery rows by state and the age of the oldest undelivered one."""
+    """Counts of delivery rows by state and the age of the oldest undelivered one.
+
+    ``oldest_pending_age`` is the lag: seconds from the ``occurred_at`` of the oldest
+    event with a pending or claimed row to the database's now. ``occurred_at`` is
+    the writer's clock, so a writer whose clock runs ahead by N seconds makes it read
+    up to N seconds low (never below 0), one behind makes it read high; nothing is
+    decided by it. ``overdue`` (per destination) only reads the database clock.
+    """
 
     pending: int
     claimed: int
     dead: int
     delivered: int
     oldest_pending_age: float | None  # seconds
+
+    @classmethod
+    def total(cls, destinations: Sequence[DestinationStatus]) -> OutboxStatus:
+        """The totals of per-destination statuses (the lag is the largest one)."""
+        ages = [s.oldest_pending_age for s in destinations if s.oldest_pending_age is not None]
+        return cls(
+            pending=sum(s.pending for s in destinations),
+            claimed=sum(s.claimed for s in destinations),
+            dead=sum(s.dead for s in destinations),
+            delivered=sum(s.delivered for s in destinations),
+            oldest_pending_age=max(ages, default=None),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationStatus:
+    """The delivery rows of one destination: counts by state, the lag, and how overdue.
+
+    ``oldest_pending_age``: the lag, as in :class:`OutboxStatus` (writer's clock).
+    ``overdue``: seconds since the oldest *due* row of the destination became due
+    (a pending row past its ``next_attempt_at``, a claimed row past its lease), on
+    the database clock; ``None`` when no row is due. A served destination stays near
+    0; one that keeps growing is not drained by any relay.
+    """
+
+    destination: str
+    pending: int
+    claimed: int
+    dead: int
+    delivered: int
+    oldest_pending_age: float | None  # seconds
+    overdue: float | None  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class OverdueDestination:
+    """A destination with ``rows`` rows due for more than a threshold (see ``Outbox.overdue``).
+
+    ``overdue`` is how long the oldest of them has been due, in seconds on the
+    database clock.
+    """
+
+    destination: str
+    rows: int
+    overdue: float
 
 
 class Outbox:
@@ -253,12 +393,12 @@ class Outbox:
         ``deliveries`` yields ``(event, destination, claim_now)``: rows with ``claim_now``
         are inserted already claimed under ``claim_token`` for the after-commit dispatch
         (no extra round trip); the rest are pending for the relay. ``notify`` issues one
-        ``pg_notify`` on PostgreSQL, last, so a listening relay wakes at commit.
+        ``pg_notify`` on PostgreSQL, last, so a listening relay wakes at commit. The rows
+        are due, and claimed rows leased for ``lease`` seconds, from the database's now.
 
         Synchronous: it runs inside the unit of work's commit pass (see
         ``UnitOfWorkHooks.before_commit``), or through ``AsyncSession.run_sync``.
         """
-        now = utcnow()
         session.execute(
             insert(self.events),
             [
@@ -274,7 +414,6 @@ class Outbox:
                 for e in events
             ],
         )
-        until = now + dt.timedelta(seconds=lease)
         rows = [
             {
                 "event_id": e.id,
@@ -283,22 +422,31 @@ class Outbox:
                 "aggregate_id": e.aggregate_id,
                 "status": CLAIMED if claim_now else PENDING,
                 "attempts": 1 if claim_now else 0,
-                "next_attempt_at": now,
                 "claim_token": claim_token if claim_now else None,
-                "claimed_until": until if claim_now else None,
+                "claim_now": claim_now,
             }
             for e, destination, claim_now in deliveries
         ]
         if rows:
-            session.execute(insert(self.deliveries), rows)
+            session.execute(self._insert_deliveries(lease), rows)
         if notify and rows and session.get_bind().dialect.name == "postgresql":
             session.execute(select(func.pg_notify(self.channel, "")))
         return len(rows)
 
+    def _insert_deliveries(self, lease: float) -> Any:
+        """The INSERT of delivery rows: due now, claimed ones leased, on the database clock."""
+        claimed = bindparam("claim_now", type_=Boolean())
+        return insert(self.deliveries).values(
+            next_attempt_at=database_now(),
+            claimed_until=case((claimed, database_now(lease)), else_=null()),
+        )
+
     # -- claiming and completing ------------------------------------------------------------
 
-    def _due(self, destinations: Sequence[str], now: Any, ordered: bool) -> Any:
+    def _due(self, destinations: Sequence[str], ordered: bool) -> Any:
+        """Rows of ``destinations`` a relay may claim now (by the database's clock)."""
         d = self.deliveries
+        now = database_now()
         condition = and_(
             d.c.destination.in_(destinations),
             # Implied by the OR below; spelled out so the planner can prove it and walk
@@ -328,14 +476,12 @@ class Outbox:
 
         A materialized CTE runs the locking SELECT exactly once; as a plain ``IN
         (subquery)`` the planner may re-run it and claim more than ``limit``. Parameters:
-        ``now``, ``limit``, ``token``, ``until``, ``claimed_by``.
+        ``limit``, ``token``, ``lease`` (seconds), ``claimed_by``; "now" is the database's.
         """
         d, e = self.deliveries, self.events
         picked = (
             select(d.c.id)
-            .where(
-                self._due(destinations, bindparam("now", type_=d.c.next_attempt_at.type), ordered)
-            )
+            .where(self._due(destinations, ordered))
             # Due order, in the order of the "due" index: claiming costs the same with
             # millions of delivered rows kept for retention as with none.
             .order_by(d.c.next_attempt_at)
@@ -350,7 +496,7 @@ class Outbox:
             .values(
                 status=CLAIMED,
                 claim_token=bindparam("token", type_=d.c.claim_token.type),
-                claimed_until=bindparam("until", type_=d.c.claimed_until.type),
+                claimed_until=database_now(bindparam("lease", type_=Float())),
                 claimed_by=bindparam("claimed_by", type_=d.c.claimed_by.type),
                 attempts=d.c.attempts + 1,
             )
@@ -382,23 +528,22 @@ class Outbox:
         """Claim up to ``limit`` due rows for ``destinations`` under ``token``; returns them.
 
         On PostgreSQL concurrent claimers skip each other's rows (``FOR UPDATE SKIP
-        LOCKED``). Rows whose lease expired are due again. Run it in a short
-        transaction of its own and commit before publishing.
+        LOCKED``). Rows whose lease expired are due again. What is due and the new
+        lease (``lease`` seconds) are reckoned on the database's clock. Run it in a
+        short transaction of its own and commit before publishing.
         """
         if not destinations:
             return []
         d = self.deliveries
-        now = utcnow()
         if _dialect(conn) == "postgresql":
             stmt = self._claims.get((tuple(destinations), ordered))
             if stmt is None:
                 stmt = self._claim_statement(destinations, ordered)
                 self._claims[(tuple(destinations), ordered)] = stmt
             params = {
-                "now": now,
                 "limit": limit,
                 "token": token,
-                "until": now + dt.timedelta(seconds=lease),
+                "lease": float(lease),
                 "claimed_by": claimed_by,
             }
             return [
@@ -407,7 +552,7 @@ class Outbox:
             ]
         due = (
             select(d.c.id)
-            .where(self._due(destinations, now, ordered))
+            .where(self._due(destinations, ordered))
             # Due order, in the order of the "due" index: claiming costs the same with
             # millions of delivered rows kept for retention as with none.
             .order_by(d.c.next_attempt_at)
@@ -417,7 +562,7 @@ class Outbox:
         values = {
             "status": CLAIMED,
             "claim_token": token,
-            "claimed_until": now + dt.timedelta(seconds=lease),
+            "claimed_until": database_now(lease),
             "claimed_by": claimed_by,
             "attempts": d.c.attempts + 1,
         }
@@ -439,19 +584,23 @@ class Outbox:
         ]
 
     async def renew(self, conn: Executor, token: uuid.UUID, lease: float) -> int:
-        """Extend the lease of rows still claimed under ``token``; returns how many."""
+        """Extend the lease of rows still claimed under ``token`` to ``lease`` seconds from
+        the database's now; returns how many."""
         d = self.deliveries
         stmt = (
             update(d)
             .where(d.c.claim_token == token, d.c.status == CLAIMED)
-            .values(claimed_until=utcnow() + dt.timedelta(seconds=lease))
+            .values(claimed_until=database_now(lease))
         )
         return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
     async def mark_delivered(
         self, conn: Executor, token: uuid.UUID, ids: Sequence[int] | None = None
     ) -> int:
-        """Mark rows claimed under ``token`` delivered (only those in ``ids`` if given)."""
+        """Mark rows claimed under ``token`` delivered (only those in ``ids`` if given).
+
+        ``delivered_at`` is the database's now.
+        """
         d = self.deliveries
         stmt = update(d).where(d.c.claim_token == token, d.c.status == CLAIMED)
         if ids is not None:
@@ -462,7 +611,7 @@ class Outbox:
             else:
                 stmt = stmt.where(d.c.id.in_(ids))
         stmt = stmt.values(
-            status=DELIVERED, delivered_at=utcnow(), claim_token=None, claimed_until=None
+            status=DELIVERED, delivered_at=database_now(), claim_token=None, claimed_until=None
         )
         return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
@@ -480,7 +629,9 @@ class Outbox:
                 d.c.status == CLAIMED,
                 tuple_(d.c.event_id, d.c.destination).in_(list(pairs)),
             )
-            .values(status=DELIVERED, delivered_at=utcnow(), claim_token=None, claimed_until=None)
+            .values(
+                status=DELIVERED, delivered_at=database_now(), claim_token=None, claimed_until=None
+            )
         )
         return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
@@ -490,12 +641,13 @@ class Outbox:
         token: uuid.UUID,
         *,
         error: str,
-        retry_at: dt.datetime | None,
+        retry_in: float | None,
         row_id: int | None = None,
         event_id: uuid.UUID | None = None,
         destination: str | None = None,
     ) -> int:
-        """Record a failed attempt: back to pending until ``retry_at``, or dead if None.
+        """Record a failed attempt: pending again ``retry_in`` seconds from the database's
+        now, or dead if ``retry_in`` is None.
 
         The row is named by ``row_id`` or by ``event_id`` + ``destination``; it is only
         touched while still claimed under ``token``.
@@ -511,11 +663,11 @@ class Outbox:
             "claim_token": None,
             "claimed_until": None,
         }
-        if retry_at is None:
+        if retry_in is None:
             values["status"] = DEAD
         else:
             values["status"] = PENDING
-            values["next_attempt_at"] = retry_at
+            values["next_attempt_at"] = database_now(retry_in)
         return int(getattr(await conn.execute(stmt.values(**values)), "rowcount", 0))
 
     # -- operations -------------------------------------------------------------------------
@@ -523,42 +675,127 @@ class Outbox:
     async def status(
         self, conn: Executor, destinations: Sequence[str] | None = None
     ) -> OutboxStatus:
-        """Counts by state and the age in seconds of the oldest pending/claimed delivery."""
+        """Counts by state over ``destinations`` (all if None) and the lag (see OutboxStatus).
+
+        The totals of :meth:`destination_status`; counting reads every delivery row.
+        """
+        return OutboxStatus.total(await self.destination_status(conn, destinations))
+
+    def _due_since(self, now: Any) -> Any:
+        """When an undelivered row became due (NULL if it is not due at ``now``)."""
         d = self.deliveries
-        where = [d.c.destination.in_(destinations)] if destinations else []
-        counts: dict[str, int] = dict(
-            (
-                await conn.execute(
-                    select(d.c.status, func.count()).where(*where).group_by(d.c.status)
-                )
-            )
-            .tuples()
-            .all()
-        )
-        oldest = await self.oldest_undelivered(conn, destinations)
-        age = (utcnow() - oldest).total_seconds() if oldest is not None else None
-        return OutboxStatus(
-            pending=int(counts.get(PENDING, 0)),
-            claimed=int(counts.get(CLAIMED, 0)),
-            dead=int(counts.get(DEAD, 0)),
-            delivered=int(counts.get(DELIVERED, 0)),
-            oldest_pending_age=age,
+        return case(
+            (and_(d.c.status == PENDING, d.c.next_attempt_at <= now), d.c.next_attempt_at),
+            (and_(d.c.status == CLAIMED, d.c.claimed_until < now), d.c.claimed_until),
+            else_=null(),
         )
 
-    async def oldest_undelivered(
+    async def destination_status(
         self, conn: Executor, destinations: Sequence[str] | None = None
-    ) -> dt.datetime | None:
-        """``occurred_at`` of the oldest event with a pending or claimed delivery, if any."""
+    ) -> list[DestinationStatus]:
+        """One :class:`DestinationStatus` per destination with rows, ordered by name.
+
+        Two statements: counts by destination and state (reads every delivery row,
+        delivered ones kept for retention included), then the lag and the overdue
+        time of the undelivered rows, on the database's clock.
+        """
         d, e = self.deliveries, self.events
         where = [d.c.destination.in_(destinations)] if destinations else []
-        oldest = (
+        counts: dict[str, dict[str, int]] = {}
+        for destination, state, n in await conn.execute(
+            select(d.c.destination, d.c.status, func.count())
+            .where(*where)
+            .group_by(d.c.destination, d.c.status)
+        ):
+            counts.setdefault(destination, {})[state] = int(n)
+        now = database_now()
+        ages: dict[str, tuple[float | None, float | None]] = {
+            destination: (_age(db_now, oldest), _age(db_now, due_since))
+            for destination, oldest, due_since, db_now in (
+                await conn.execute(
+                    select(
+                        d.c.destination,
+                        func.min(e.c.occurred_at),
+                        func.min(self._due_since(now)),
+                        now,
+                    )
+                    .select_from(d.join(e, e.c.id == d.c.event_id))
+                    .where(d.c.status.in_((PENDING, CLAIMED)), *where)
+                    .group_by(d.c.destination)
+                )
+            )
+        }
+        return [
+            DestinationStatus(
+                destination=destination,
+                pending=by_state.get(PENDING, 0),
+                claimed=by_state.get(CLAIMED, 0),
+                dead=by_state.get(DEAD, 0),
+                delivered=by_state.get(DELIVERED, 0),
+                oldest_pending_age=ages.get(destination, (None, None))[0],
+                overdue=ages.get(destination, (None, None))[1],
+            )
+            for destination, by_state in sorted(counts.items())
+        ]
+
+    async def lag(self, conn: Executor, destinations: Sequence[str] | None = None) -> float | None:
+        """Seconds from the oldest undelivered event's ``occurred_at`` to the database's now.
+
+        ``None`` when every row of ``destinations`` (all if None) is delivered or dead.
+        One statement over the undelivered rows only. See :class:`OutboxStatus` for
+        what the writer's clock does to it.
+        """
+        d, e = self.deliveries, self.events
+        where = [d.c.destination.in_(destinations)] if destinations else []
+        oldest, now = (
             await conn.execute(
-                select(func.min(e.c.occurred_at))
+                select(func.min(e.c.occurred_at), database_now())
                 .select_from(d.join(e, e.c.id == d.c.event_id))
                 .where(d.c.status.in_((PENDING, CLAIMED)), *where)
             )
-        ).scalar_one()
-        return _aware(oldest)
+        ).one()
+        return _age(now, oldest)
+
+    async def overdue(
+        self, conn: Executor, *, older_than: float, exclude: Sequence[str] = ()
+    ) -> list[OverdueDestination]:
+        """Destinations (but those in ``exclude``) with rows due for over ``older_than`` seconds.
+
+        A row is due once pending past its ``next_attempt_at`` or claimed past its
+        lease; "over ``older_than`` seconds" is on the database's clock. A destination
+        no relay drains shows up here (there is no registry of relays). One statement
+        over the undelivered rows; ordered by destination.
+        """
+        d = self.deliveries
+        now, cutoff = database_now(), database_now(-older_than)
+        where = [d.c.destination.not_in(exclude)] if exclude else []
+        rows = await conn.execute(
+            select(d.c.destination, func.count(), func.min(self._due_since(now)), now)
+            .where(
+                d.c.status.in_((PENDING, CLAIMED)),
+                or_(
+                    and_(d.c.status == PENDING, d.c.next_attempt_at < cutoff),
+                    and_(d.c.status == CLAIMED, d.c.claimed_until < cutoff),
+                ),
+                *where,
+            )
+            .group_by(d.c.destination)
+            .order_by(d.c.destination)
+        )
+        return [
+            OverdueDestination(destination, int(n), _age(db_now, since) or 0.0)
+            for destination, n, since, db_now in rows
+        ]
+
+    async def undelivered(self, conn: Executor, destinations: Sequence[str]) -> int:
+        """How many rows of ``destinations`` are pending or claimed (none if no destination)."""
+        if not destinations:
+            return 0
+        d = self.deliveries
+        stmt = select(func.count()).where(
+            d.c.destination.in_(destinations), d.c.status.in_((PENDING, CLAIMED))
+        )
+        return int((await conn.execute(stmt)).scalar_one())
 
     async def dead(self, conn: Executor, *, limit: int = 100) -> list[dict[str, Any]]:
         """Dead deliveries, oldest first: id, event id and name, destination, attempts, error."""
@@ -591,7 +828,9 @@ class Outbox:
             stmt = stmt.where(d.c.id.in_(ids))
         if destination is not None:
             stmt = stmt.where(d.c.destination == destination)
-        stmt = stmt.values(status=PENDING, attempts=0, next_attempt_at=utcnow(), last_error=None)
+        stmt = stmt.values(
+            status=PENDING, attempts=0, next_attempt_at=database_now(), last_error=None
+        )
         return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
     async def discard(self, conn: Executor, ids: Sequence[int]) -> int:
@@ -600,7 +839,7 @@ class Outbox:
         stmt = (
             update(d)
             .where(d.c.status == DEAD, d.c.id.in_(ids))
-            .values(status=DELIVERED, delivered_at=utcnow())
+            .values(status=DELIVERED, delivered_at=database_now())
         )
         return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
@@ -618,12 +857,15 @@ class Outbox:
     async def purge(self, conn: Executor, *, older_than: float, batch_size: int = 1000) -> int:
         """Delete up to ``batch_size`` delivered rows older than ``older_than`` seconds.
 
-        Then deletes events older than that which have no delivery row left that is not
-        delivered. Rows being delivered (claimed) or pending are never touched. Returns
-        the number of delivery rows deleted; call again until it returns 0.
+        Then deletes events older than that which have no delivery row left. Rows being
+        delivered (claimed) or pending are never touched. Returns the number of delivery
+        rows deleted; call again until it returns 0. The cutoff is the database's now
+        minus ``older_than``; an event's age is read from its ``occurred_at`` (the
+        writer's clock), which only shifts when an event with nothing left to deliver
+        is deleted.
         """
         d, e = self.deliveries, self.events
-        cutoff = utcnow() - dt.timedelta(seconds=older_than)
+        cutoff = database_now(-older_than)
         picked = (
             select(d.c.id)
             .where(d.c.status == DELIVERED, d.c.delivered_at < cutoff)
@@ -647,7 +889,8 @@ class Outbox:
         """Opt-in: give ``destination`` (a later subscriber) the retained events since ``since``.
 
         New subscribers start from "now": rows are only written for destinations known
-        at commit. This inserts pending rows for older events it has no row for yet.
+        at commit. This inserts pending rows, due at once, for older events it has no
+        row for yet.
         """
         d, e = self.deliveries, self.events
         source = (
@@ -658,7 +901,7 @@ class Outbox:
                 e.c.aggregate_id,
                 literal(PENDING, String),
                 literal(0, Integer),
-                e.c.occurred_at,
+                database_now(),
             )
             .where(
                 e.c.occurred_at >= since,

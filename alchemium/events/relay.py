@@ -16,6 +16,15 @@ Wake-up: on PostgreSQL a dedicated asyncpg connection LISTENs on the outbox
 channel (committing units of work NOTIFY it); the poll interval is the fallback
 and the only mechanism on SQLite. On SQLite run one relay at a time.
 
+Time: leases, due times and backoff are reckoned by the database's clock (the
+outbox computes them in SQL); this module only measures intervals (heartbeat,
+poll, timeouts) with the monotonic clock. Relays on hosts whose clocks disagree
+never take each other's live claims.
+
+Nothing silent: at start and with every lag check the relay warns about
+destinations it does not serve whose rows have been due for longer than
+``stranded_after`` (nobody drains them).
+
 All SQL lives in :mod:`alchemium.events.outbox`; this module only schedules.
 """
 
@@ -23,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import os
 import socket
@@ -39,9 +47,11 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from alchemium.errors import OutboxError
-from alchemium.events.dispatch import retry_at
-from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox, utcnow
+from alchemium.events.dispatch import retry_delay
+from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox
 from alchemium.events.publishers.base import Publisher, destinations_of
+from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
+from alchemium.uow import check_session_factory
 
 __all__ = ["OutboxRelay", "RelayStats"]
 
@@ -75,9 +85,11 @@ else:  # pragma: no cover - Python 3.10
 class RelayStats:
     """Counters of one relay since it was created (not shared between relays).
 
-    ``oldest_pending_age`` is the lag: seconds since the oldest event that still has
-    an undelivered (pending or claimed) row for this relay's destinations occurred,
-    ``None`` when there is none; refreshed at most every ``lag_interval`` seconds.
+    ``oldest_pending_age`` is the lag: seconds from the ``occurred_at`` of the oldest
+    event that still has an undelivered (pending or claimed) row for this relay's
+    destinations to the database's now, ``None`` when there is none; refreshed at
+    most every ``lag_interval`` seconds. ``occurred_at`` is the writer's clock: a
+    writer N seconds ahead makes the lag read up to N seconds low (see OutboxStatus).
     """
 
     delivered: int = 0
@@ -119,6 +131,12 @@ class OutboxRelay:
         publish_timeout: seconds one ``publish`` may take before it counts as failed.
         retention: if set, delivered rows older than this many seconds are purged in
             bounded batches while the relay is idle.
+        lag_interval: seconds between lag checks (``stats.oldest_pending_age``) and
+            stranded-destination checks.
+        stranded_after: seconds a row of a destination this relay does not serve may
+            be due before the relay warns about it (log record ``alchemium.relay``,
+            WARNING, again at most every ``stranded_after`` seconds per destination);
+            default ``max(60, 5 * poll_interval)``.
         outbox: the outbox to drain (default: the one set by ``enable_outbox``).
     """
 
@@ -139,15 +157,18 @@ class OutboxRelay:
         publish_timeout: float | None = 60.0,
         retention: float | None = None,
         lag_interval: float = 5.0,
+        stranded_after: float | None = None,
         outbox: Outbox | None = None,
     ) -> None:
         if batch_size < 1 or max_attempts < 1 or lease <= 0 or poll_interval <= 0:
             raise ValueError("batch_size, max_attempts, lease and poll_interval must be > 0")
+        if stranded_after is not None and stranded_after <= 0:
+            raise ValueError("stranded_after must be > 0")
         box = outbox if outbox is not None else default_outbox()
         if box is None:
             raise OutboxError("no outbox: pass outbox=... or call enable_outbox(metadata)")
         self.outbox = box
-        self.session_factory = session_factory
+        self.session_factory = check_session_factory(session_factory, "OutboxRelay")
         self.publishers: tuple[Publisher, ...] = (
             tuple(publisher) if isinstance(publisher, Sequence) else (publisher,)
         )
@@ -165,7 +186,11 @@ class OutboxRelay:
         self.publish_timeout = publish_timeout
         self.retention = retention
         self.lag_interval = lag_interval
+        self.stranded_after = (
+            stranded_after if stranded_after is not None else max(60.0, 5 * poll_interval)
+        )
         self.stats = RelayStats()
+        self._stranded_warned: dict[str, float] = {}  # destination -> monotonic time
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._listening = asyncio.Event()
@@ -205,6 +230,31 @@ class OutboxRelay:
         """
         _, delivered = await self._round()
         return delivered
+
+    async def drain(self) -> int:
+        """Deliver what is due now, then return how many rows were delivered (one pass).
+
+        Checks the lag and stranded destinations first (logged as :meth:`run` does),
+        then runs rounds until one claims nothing (in ``ordered`` mode, delivering an
+        event makes the next one of its aggregate due), until it has claimed as many
+        rows as were undelivered when it started (so events committed meanwhile cannot
+        keep it going forever), or until :meth:`stop` is called. Purges if
+        ``retention`` is set. No LISTEN; database errors propagate.
+        """
+        destinations = self._destinations()
+        async with self.session_factory() as session:
+            bound = await self.outbox.undelivered(session, destinations)
+        await self._check_lag()
+        before, claimed_total = self.stats.delivered, 0
+        while not self._stopping.is_set() and claimed_total < bound:
+            claimed, _ = await self._round()
+            claimed_total += claimed
+            if not claimed:
+                break
+        if self.retention is not None:
+            while await self._purge(self.retention):
+                pass
+        return self.stats.delivered - before
 
     async def run(self) -> None:
         """Deliver until :meth:`stop` is called; the batch in flight is finished first.
@@ -352,16 +402,16 @@ class OutboxRelay:
             for outcome in failed:
                 row, err = outcome.row, outcome.error
                 give_up = row.attempts >= self.max_attempts
-                when: dt.datetime | None = (
+                delay = (
                     None
                     if give_up
-                    else retry_at(row.attempts, base=self.backoff_base, cap=self.backoff_cap)
+                    else retry_delay(row.attempts, base=self.backoff_base, cap=self.backoff_cap)
                 )
                 written = await self.outbox.mark_failed(
                     session,
                     token,
                     error=f"{type(err).__name__}: {err}",
-                    retry_at=when,
+                    retry_in=delay,
                     row_id=row.id,
                 )
                 if written and give_up:
@@ -423,19 +473,49 @@ class OutboxRelay:
         now = time.monotonic()
         if now - self._lag_checked >= self.lag_interval:
             self._lag_checked = now
-            async with self.session_factory() as session:
-                oldest = await self.outbox.oldest_undelivered(session, self._destinations())
-            self.stats.oldest_pending_age = (
-                None if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
-            )
+            await self._check_lag()
         if idle and self.retention is not None and now - self._purged >= 60.0:
             self._purged = now
-            async with self.session_factory() as session:
-                purged = await self.outbox.purge(session, older_than=self.retention)
-                await session.commit()
-            if purged:
-                logger.info("relay %s purged %d delivered row(s)", self.relay_id, purged)
+            if await self._purge(self.retention):
                 self._purged = -float("inf")  # more may be left: purge again next idle round
+
+    async def _check_lag(self) -> None:
+        """Refresh ``stats.oldest_pending_age`` and warn about stranded destinations."""
+        served = self._destinations()
+        async with self.session_factory() as session:
+            self.stats.oldest_pending_age = (
+                await self.outbox.lag(session, served) if served else None
+            )
+            overdue = await self.outbox.overdue(
+                session, older_than=self.stranded_after, exclude=served
+            )
+        now = time.monotonic()
+        for found in overdue:
+            last = self._stranded_warned.get(found.destination)
+            if last is not None and now - last < self.stranded_after:
+                continue
+            self._stranded_warned[found.destination] = now
+            hint = f"; {MAIN_MODULE_HINT}" if is_main_module_name(found.destination) else ""
+            logger.warning(
+                "relay %s: %d row(s) for destination %r are overdue (the oldest by %.0fs, "
+                "threshold %.0fs) and this relay does not serve it; unless another relay "
+                "does, they stay pending%s",
+                self.relay_id,
+                found.rows,
+                found.destination,
+                found.overdue,
+                self.stranded_after,
+                hint,
+            )
+
+    async def _purge(self, older_than: float) -> int:
+        """Purge one batch of delivered rows older than ``older_than``; returns how many."""
+        async with self.session_factory() as session:
+            purged = await self.outbox.purge(session, older_than=older_than)
+            await session.commit()
+        if purged:
+            logger.info("relay %s purged %d delivered row(s)", self.relay_id, purged)
+        return purged
 
     async def _sleep(self, seconds: float, *, wakeable: bool) -> None:
         waiter = self._wake if wakeable else self._stopping

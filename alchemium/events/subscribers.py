@@ -20,12 +20,22 @@ own and pass it to ``UnitOfWork(registry=...)`` and to the relay.
 
 Unlike ``Signal.send``, dispatch never stops at a failing receiver: alchemium
 calls each receiver itself (see ``alchemium.events.dispatch``).
+
+A handler defined in a script run as ``python shop.py`` lives in module
+``__main__``, so its default name is ``__main__.notify``, while a relay started
+with ``--import shop`` knows it as ``shop.notify``: rows for the ``__main__`` name
+would wait for a relay that never comes. Subscribing such a handler without
+``name=`` emits :class:`MainModuleNameWarning`. It warns rather than refuses:
+the name is right as long as the script delivers its own events (after-commit
+dispatch, a relay running inside the script, tests, notebooks), and refusing
+would break those; the warning says how to make the name stable.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +46,17 @@ from blinker import Namespace
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import EventConfigurationError, EventError
 
-__all__ = ["Handler", "Subscriber", "SubscriberRegistry", "default_registry", "off", "on"]
+__all__ = [
+    "MAIN_MODULE_HINT",
+    "Handler",
+    "MainModuleNameWarning",
+    "Subscriber",
+    "SubscriberRegistry",
+    "default_registry",
+    "is_main_module_name",
+    "off",
+    "on",
+]
 
 Handler = Callable[[DomainEvent], Awaitable[None] | None]
 
@@ -68,6 +88,21 @@ def event_pattern(pattern: str, *, what: str) -> re.Pattern[str] | None:
         ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern
     )
     return re.compile(regex, re.DOTALL)
+
+
+MAIN_MODULE_HINT = (
+    "pass name='...' to on()/subscribe(), or move the handler into a module that the "
+    "relay imports (alchemium relay --import MODULE)"
+)
+
+
+class MainModuleNameWarning(UserWarning):
+    """A subscriber got its default name from ``__main__``: no other process can serve it."""
+
+
+def is_main_module_name(name: str) -> bool:
+    """Whether ``name`` is a default subscriber name taken from a script (``__main__.*``)."""
+    return name.startswith("__main__.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +138,26 @@ class SubscriberRegistry:
 
         ``name`` defaults to ``module.qualname``. Raises EventError for a handler that
         is not callable or a name already taken, EventConfigurationError for a pattern
-        with ``[``/``]``.
+        with ``[``/``]``. A default name from ``__main__`` (a handler in a script) emits
+        :class:`MainModuleNameWarning`: a relay in another process cannot serve it.
         """
+        return self._subscribe(event, handler, name)
+
+    def _subscribe(self, event: str, handler: Handler, name: str | None) -> Subscriber:
+        # Called by subscribe() and by on()'s decorator: a warning points at their caller.
         if not callable(handler):
             raise EventError(f"subscriber for {event!r} must be callable, got {handler!r}")
-        name = name or f"{handler.__module__}.{handler.__qualname__}"
+        if not name:
+            name = f"{handler.__module__}.{handler.__qualname__}"
+            if is_main_module_name(name):
+                warnings.warn(
+                    f"subscriber {handler.__qualname__!r} for {event!r} gets the default "
+                    f"name {name!r} because it is defined in a script run as __main__; a "
+                    "relay in another process never serves that name, so its undelivered "
+                    f"events would stay pending: {MAIN_MODULE_HINT}",
+                    MainModuleNameWarning,
+                    stacklevel=3,
+                )
         matcher = event_pattern(event, what=f"subscriber {name!r}")
         existing = self._by_name.get(name)
         if existing is not None:
@@ -143,7 +193,7 @@ class SubscriberRegistry:
         """Decorator form of :meth:`subscribe`; returns the handler unchanged."""
 
         def decorate(handler: Handler) -> Handler:
-            self.subscribe(event, handler, name=name)
+            self._subscribe(event, handler, name)
             return handler
 
         return decorate

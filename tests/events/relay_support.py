@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import shutil
 import signal
@@ -29,6 +30,8 @@ from alchemium.events.outbox import Outbox
 from tests.rig import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
+
+LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)  # older than any retention
 
 
 # -- outbox helpers ---------------------------------------------------------------------------
@@ -137,6 +140,18 @@ class Sink:
         return [e.id for e in self.received]
 
 
+@dataclass
+class StalledSink(Sink):
+    """A Sink whose publishes wait for ``release``: a relay paused (GC, network) mid-batch."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def publish(self, event: DomainEvent, destination: str) -> None:
+        self.started.set()
+        await self.release.wait()
+        self.received.append(event)
+
+
 # -- relay subprocesses -----------------------------------------------------------------------
 
 
@@ -154,7 +169,7 @@ def relay_process(url: str, sink: Path, *args: str, delay: float = 0.0) -> subpr
             [
                 sys.executable,
                 "-m",
-                "alchemium.cli",
+                "alchemium",
                 "relay",
                 "--url",
                 url,
@@ -194,17 +209,45 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     return int(proc.returncode)
 
 
-def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run the ``alchemium`` command line to completion."""
+def run_cli(
+    *args: str,
+    timeout: float = 60.0,
+    prefix: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    module: str = "alchemium",
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m MODULE ARGS`` (the command line) to completion, after ``prefix``.
+
+    ``prefix`` is a command that runs it (faketime); ``env`` adds to (or, with value
+    "", removes from) this process's environment.
+    """
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key, value in (env or {}).items():
+        if value:
+            environment[key] = value
+        else:
+            environment.pop(key, None)
     return subprocess.run(
-        [sys.executable, "-m", "alchemium.cli", *args],
+        [*prefix, sys.executable, "-m", module, *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=environment,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
     )
+
+
+def faketime(offset: str) -> list[str]:
+    """The command prefix that runs a process with its wall clock off by ``offset``.
+
+    ``offset`` is libfaketime's relative form (``"+60s"``, ``"-60s"``). Only the wall
+    clock moves (``FAKETIME_DONT_FAKE_MONOTONIC``), as with a host whose clock is off.
+    """
+    binary = shutil.which("faketime")
+    if binary is None:
+        pytest.skip("faketime is not installed (apt-get install faketime; scripts/system-deps.sh)")
+    return ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", binary, "-f", offset]
 
 
 # -- brokers ------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def test_events_example_runs() -> None:
     ).stdout
     assert "welcome mail to Alice (user id 1)" in out
     assert "position 'Dev' -> 'Lead'" in out
-    assert "user_created  -> __main__.send_welcome     delivered" in out
+    assert "user_created  -> send_welcome              delivered" in out
     assert "Bob" not in out.split("4. the outbox")[1]
     history = out.split("audit history")[1].splitlines()[1:]
     assert "updated  by hr-bot" in history[0]

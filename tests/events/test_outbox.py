@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import OutboxError, UnitOfWork
 from alchemium.events import DomainEvent, SubscriberRegistry, create_outbox_tables
-from alchemium.events.outbox import Outbox, utcnow
+from alchemium.events.outbox import Outbox, database_now
 from tests.events.conftest import Received, count, deliveries, outbox_events
 from tests.models import OrderLineRepository, Status, User, UserRepository
 
@@ -220,7 +220,7 @@ async def test_a_stale_completion_cannot_overwrite_a_reclaimed_row(
     async def slow(event: DomainEvent) -> None:
         # The handler outlives its lease: the relay takes the row over meanwhile.
         async with engine.begin() as conn:
-            past = utcnow() - dt.timedelta(seconds=1)
+            past = database_now(-1)
             await conn.execute(update(d).values(claimed_until=past))
             claimed = await outbox.claim(
                 conn, ["slow"], limit=10, lease=30, token=relay_token, claimed_by="relay"

@@ -24,9 +24,11 @@ from alchemium.events import (
     OutboxRelay,
     SubscriberRegistry,
 )
-from alchemium.events.outbox import Outbox, utcnow
+from alchemium.events.outbox import Outbox, database_now
 from tests.events.relay_support import (
+    LONG_AGO,
     Sink,
+    StalledSink,
     by_status,
     delivery_rows,
     eventually,
@@ -67,6 +69,23 @@ async def test_run_once_claims_at_most_a_batch(session_factory: Factory, outbox:
     await insert_events(session_factory, outbox, 25)
     relay = OutboxRelay(session_factory, Sink(), batch_size=10, listen=False)
     assert [await relay.run_once() for _ in range(4)] == [10, 10, 5, 0]
+
+
+async def test_drain_delivers_what_is_due_now_then_returns(
+    session_factory: Factory, outbox: Outbox
+) -> None:
+    await insert_events(session_factory, outbox, 6, aggregates=2)
+    relay = OutboxRelay(session_factory, Sink(), ordered=True, listen=False)
+    assert await relay.drain() == 6  # each delivery made the next event of its aggregate due
+
+    class Busy(Sink):
+        async def publish(self, event: DomainEvent, destination: str) -> None:
+            await super().publish(event, destination)
+            await insert_events(session_factory, outbox, 1)  # a steady stream of new events
+
+    await insert_events(session_factory, outbox, 3)
+    relay = OutboxRelay(session_factory, Busy(), batch_size=1, listen=False)
+    assert await relay.drain() == 3  # as many as were undelivered when it started
 
 
 async def test_stats_report_the_lag_of_the_oldest_pending_event(
@@ -153,22 +172,14 @@ async def test_stale_relay_cannot_overwrite_the_outcome_of_the_reclaiming_relay(
     engine: AsyncEngine, session_factory: Factory, outbox: Outbox
 ) -> None:
     [event] = await insert_events(session_factory, outbox, 1)
-    release = asyncio.Event()
-
-    class Stalled(Sink):
-        async def publish(self, event: DomainEvent, destination: str) -> None:
-            self.started.set()
-            await release.wait()  # a relay paused (GC, network) past its lease
-            self.received.append(event)
-
-    stalled = Stalled()
+    stalled = StalledSink()  # relay A pauses past its lease
     relay_a = OutboxRelay(session_factory, stalled, lease=30, listen=False)
     a_round = asyncio.create_task(relay_a.run_once())
     await asyncio.wait_for(stalled.started.wait(), 5)
 
     # A's lease runs out while it is stalled; B reclaims the row and fails on it.
     async with session_factory() as session:
-        await session.execute(update(outbox.deliveries).values(claimed_until=utcnow()))
+        await session.execute(update(outbox.deliveries).values(claimed_until=database_now()))
         await session.commit()
     await asyncio.sleep(0.01)
     relay_b = OutboxRelay(
@@ -179,7 +190,7 @@ async def test_stale_relay_cannot_overwrite_the_outcome_of_the_reclaiming_relay(
     assert (row["status"], row["attempts"]) == ("pending", 2)
 
     # A wakes up and reports success: fenced out, B's state stands.
-    release.set()
+    stalled.release.set()
     assert await asyncio.wait_for(a_round, 5) == 0
     assert stalled.ids() == [event.id]
     assert relay_a.stats.lost_leases == 1
@@ -534,11 +545,11 @@ async def test_purge_never_touches_undelivered_rows(
         await session.commit()
     assert len(claimed) == 2
     async with session_factory() as session:  # everything is "old"
-        await session.execute(update(outbox.events).values(occurred_at=utcnow().replace(year=2000)))
+        await session.execute(update(outbox.events).values(occurred_at=LONG_AGO))
         await session.execute(
             update(outbox.deliveries)
             .where(outbox.deliveries.c.status == "delivered")
-            .values(delivered_at=utcnow().replace(year=2000))
+            .values(delivered_at=LONG_AGO)
         )
         await session.commit()
 
