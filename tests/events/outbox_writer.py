@@ -27,13 +27,15 @@ async def write_one(url: str) -> uuid.UUID:
     try:
         [event] = make_events(1)
         async with async_sessionmaker(engine)() as session:
-            await outbox.write(
-                session,
-                [event],
-                [(event, "local", True), (event, "sink", False)],
-                claim_token=uuid.uuid4(),
-                lease=DISPATCH_LEASE,
-                notify=False,
+            await session.run_sync(
+                lambda sync: outbox.write(
+                    sync,
+                    [event],
+                    [(event, "local", True), (event, "sink", False)],
+                    claim_token=uuid.uuid4(),
+                    lease=DISPATCH_LEASE,
+                    notify=False,
+                )
             )
             await session.commit()
         return event.id

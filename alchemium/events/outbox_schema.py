@@ -1,0 +1,376 @@
+"""The outbox's tables and the SQL built on them: what the rows are and how they are chosen.
+
+``alchemium_outbox`` holds one row per committed event (the retained event log).
+``alchemium_outbox_delivery`` holds one row per event *and destination* (a named
+in-process subscriber or an external publisher), with its delivery state::
+
+    pending --claim--> claimed --success--> delivered
+       ^                  |
+       +----failure-------+  (attempts < max_attempts, next_attempt_at = backoff)
+                          +----failure----> dead  (attempts >= max_attempts; requeue -> pending)
+
+A claim sets a fresh ``claim_token`` and a lease (``claimed_until``). Outcomes are
+written only ``WHERE claim_token = :mine``, so whoever lost its lease can never
+overwrite the state written by the one that reclaimed the row. Rows are claimed
+by state, never by position: a sequence is assigned at insert, not at commit.
+
+Every time a relay compares against (``next_attempt_at``, ``claimed_until``,
+``delivered_at``, purge cutoffs, the lag) is computed in SQL from the database's
+clock, :class:`database_now`, never from the clock of the process that sends the
+statement: relays and writers on hosts whose clocks disagree still agree on who
+holds a lease and what is due. ``occurred_at`` is the writer's clock (a fact
+about the event); only the lag and the retention of events read it.
+
+This module builds; it executes nothing. The operations that run these statements
+are :class:`alchemium.events.outbox.Outbox` (the commit, the relay's claim and
+outcomes) and :class:`alchemium.events.outbox_admin.OutboxAdministration` (what
+operators ask and do).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    and_,
+    bindparam,
+    case,
+    exists,
+    insert,
+    inspect,
+    literal,
+    null,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import CompileError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.functions import FunctionElement
+
+from alchemium.domain_event import DomainEvent
+from alchemium.events.tables import BigId, JsonDocument, existing_table
+
+__all__ = [
+    "CLAIMED",
+    "DEAD",
+    "DELIVERED",
+    "PENDING",
+    "DeliveryRow",
+    "Executor",
+    "OutboxTables",
+    "age_of",
+    "aware",
+    "database_now",
+    "dialect_of",
+    "event_of",
+]
+
+PENDING, CLAIMED, DELIVERED, DEAD = "pending", "claimed", "delivered", "dead"
+
+Executor = AsyncSession | AsyncConnection
+
+
+class database_now(FunctionElement[dt.datetime]):  # noqa: N801 - reads like func.now()
+    """The database's current UTC time, plus ``seconds`` if given, as a SQL expression.
+
+    ``database_now()`` is "now" and ``database_now(30)`` is "30 seconds from now" on
+    the clock of the database server, whatever the clock of this process says;
+    ``seconds`` may also be a SQL expression (a bind parameter). The value is the
+    same for every row of one statement.
+
+    - PostgreSQL: ``statement_timestamp()`` (+ ``make_interval(secs => ...)``): the
+      start of the current statement, so it is current inside a long transaction
+      (unlike ``now()``), and STABLE (unlike ``clock_timestamp()``), so a comparison
+      with it can use an index.
+    - SQLite: ``strftime('%Y-%m-%d %H:%M:%f', 'now', '+N seconds') || '000'``: the
+      text format SQLAlchemy stores a SQLite ``DateTime`` in (microseconds, six
+      digits), so the string comparisons SQLite does on these columns order times
+      correctly. SQLite's clock has millisecond precision, and it is the clock of
+      the process running the statement: an embedded database has one host.
+
+    Other databases raise ``CompileError``.
+    """
+
+    type = DateTime(timezone=True)
+    name = "database_now"
+    inherit_cache = True
+
+    def __init__(self, seconds: float | ColumnElement[Any] | None = None) -> None:
+        if seconds is None:
+            super().__init__()
+        elif isinstance(seconds, ColumnElement):
+            super().__init__(seconds)
+        else:
+            super().__init__(literal(float(seconds), Float()))
+
+
+def _database_now_offset(element: database_now, compiler: SQLCompiler, **kw: Any) -> str | None:
+    clauses = list(element.clauses)
+    return compiler.process(clauses[0], **kw) if clauses else None
+
+
+@compiles(database_now, "postgresql")
+def _database_now_postgresql(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    offset = _database_now_offset(element, compiler, **kw)
+    if offset is None:
+        return "statement_timestamp()"
+    return f"(statement_timestamp() + make_interval(secs => {offset}))"
+
+
+@compiles(database_now, "sqlite")
+def _database_now_sqlite(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    offset = _database_now_offset(element, compiler, **kw)
+    # %f is seconds with milliseconds ("SS.SSS"): three more digits make SQLAlchemy's
+    # "YYYY-MM-DD HH:MM:SS.ffffff", so text comparisons with stored values hold.
+    modifier = "" if offset is None else f", printf('%+.6f seconds', {offset})"
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now'{modifier}) || '000')"
+
+
+@compiles(database_now)
+def _database_now_other(element: database_now, compiler: SQLCompiler, **kw: Any) -> str:
+    raise CompileError(
+        f"the outbox reads the database clock on PostgreSQL and SQLite only, "
+        f"not on {compiler.dialect.name}"
+    )
+
+
+def dialect_of(conn: Executor) -> str:
+    """The dialect name of what ``conn`` runs on (\"\" if unbound)."""
+    bind = conn.bind if isinstance(conn, AsyncSession) else conn.engine
+    return bind.dialect.name if bind is not None else ""
+
+
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    """``value`` with UTC attached if naive: SQLite gives naive datetimes back."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.timezone.utc)
+    return value
+
+
+def age_of(now: dt.datetime | None, then: dt.datetime | None) -> float | None:
+    """Seconds from ``then`` to ``now`` (``now`` read from the database), at least 0."""
+    now, then = aware(now), aware(then)
+    if now is None or then is None:
+        return None
+    return max(0.0, (now - then).total_seconds())
+
+
+def event_of(row: Mapping[Any, Any], prefix: str = "") -> DomainEvent:
+    """The DomainEvent of an outbox event row (its columns named ``prefix + column``)."""
+    fields = ("id", "name", "aggregate_type", "aggregate_id", "payload", "metadata")
+    data = {f: row[prefix + f] for f in fields}
+    data["occurred_at"] = aware(row[prefix + "occurred_at"])
+    return DomainEvent.from_dict(data)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    """A claimed delivery: the event, where it goes, and which attempt this is."""
+
+    id: int
+    destination: str
+    attempts: int
+    event: DomainEvent
+
+
+class OutboxTables:
+    """The two outbox tables in ``metadata`` (declared, or reused if already there).
+
+    Also builds the statements the operations share: the INSERT of delivery rows,
+    the condition that makes a row due, PostgreSQL's one-statement claim.
+    """
+
+    def __init__(
+        self,
+        metadata: MetaData,
+        *,
+        table_name: str = "alchemium_outbox",
+        schema: str | None = None,
+    ) -> None:
+        self.metadata = metadata
+        events = existing_table(metadata, table_name, schema)
+        deliveries = existing_table(metadata, f"{table_name}_delivery", schema)
+        if events is not None and deliveries is not None:
+            self.events, self.deliveries = events, deliveries
+            return
+        self.events = Table(
+            table_name,
+            metadata,
+            Column("sequence", BigId, primary_key=True, autoincrement=True),
+            Column("id", Uuid(), nullable=False, unique=True),
+            Column("name", String(200), nullable=False),
+            Column("aggregate_type", String(100), nullable=False),
+            Column("aggregate_id", String(200), nullable=False),
+            Column("payload", JsonDocument, nullable=False),
+            Column("metadata", JsonDocument, nullable=False),
+            Column("occurred_at", DateTime(timezone=True), nullable=False),
+            schema=schema,
+        )
+        self.deliveries = Table(
+            f"{table_name}_delivery",
+            metadata,
+            Column("id", BigId, primary_key=True, autoincrement=True),
+            Column(
+                "event_id",
+                Uuid(),
+                ForeignKey(self.events.c.id, ondelete="CASCADE"),
+                nullable=False,
+            ),
+            Column("destination", String(200), nullable=False),
+            Column("aggregate_type", String(100), nullable=False),
+            Column("aggregate_id", String(200), nullable=False),
+            Column("status", String(16), nullable=False),
+            Column("attempts", Integer, nullable=False, default=0),
+            Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+            Column("claim_token", Uuid(), nullable=True),
+            Column("claimed_until", DateTime(timezone=True), nullable=True),
+            Column("claimed_by", String(100), nullable=True),
+            Column("last_error", Text, nullable=True),
+            Column("delivered_at", DateTime(timezone=True), nullable=True),
+            UniqueConstraint("event_id", "destination", name=f"uq_{table_name}_delivery_event"),
+            schema=schema,
+        )
+        undelivered = text("status IN ('pending', 'claimed')")
+        Index(
+            f"ix_{table_name}_delivery_due",
+            self.deliveries.c.destination,
+            self.deliveries.c.next_attempt_at,
+            postgresql_where=undelivered,
+            sqlite_where=undelivered,
+        )
+        open_rows = text("status <> 'delivered'")
+        Index(
+            f"ix_{table_name}_delivery_aggregate",
+            self.deliveries.c.destination,
+            self.deliveries.c.aggregate_type,
+            self.deliveries.c.aggregate_id,
+            self.deliveries.c.id,
+            postgresql_where=open_rows,
+            sqlite_where=open_rows,
+        )
+        Index(f"ix_{table_name}_delivery_token", self.deliveries.c.claim_token)
+        Index(f"ix_{table_name}_occurred", self.events.c.occurred_at)
+
+    def tables_exist(self, bind: Engine | Connection) -> bool:
+        """Whether both outbox tables exist (asked on a connection of its own).
+
+        Synchronous: call it inside ``run_sync`` (or through ``AsyncConnection.run_sync``).
+        """
+        engine = bind if isinstance(bind, Engine) else bind.engine
+        with engine.connect() as conn:
+            inspector = inspect(conn)
+            return all(
+                inspector.has_table(t.name, schema=t.schema) for t in (self.events, self.deliveries)
+            )
+
+    def insert_deliveries(self, lease: float) -> Any:
+        """The INSERT of delivery rows: due now, claimed ones leased, on the database clock."""
+        claimed = bindparam("claim_now", type_=Boolean())
+        return insert(self.deliveries).values(
+            next_attempt_at=database_now(),
+            claimed_until=case((claimed, database_now(lease)), else_=null()),
+        )
+
+    # -- choosing rows ----------------------------------------------------------------------
+
+    def due(self, destinations: Sequence[str], ordered: bool) -> Any:
+        """Rows of ``destinations`` a relay may claim now (by the database's clock)."""
+        d = self.deliveries
+        now = database_now()
+        condition = and_(
+            d.c.destination.in_(destinations),
+            # Implied by the OR below; spelled out so the planner can prove it and walk
+            # the partial "due" index instead of the primary key past delivered rows.
+            d.c.status.in_((PENDING, CLAIMED)),
+            or_(
+                and_(d.c.status == PENDING, d.c.next_attempt_at <= now),
+                and_(d.c.status == CLAIMED, d.c.claimed_until < now),
+            ),
+        )
+        if ordered:
+            earlier = d.alias("earlier")
+            condition = and_(
+                condition,
+                ~exists().where(
+                    earlier.c.destination == d.c.destination,
+                    earlier.c.aggregate_type == d.c.aggregate_type,
+                    earlier.c.aggregate_id == d.c.aggregate_id,
+                    earlier.c.id < d.c.id,
+                    earlier.c.status != DELIVERED,
+                ),
+            )
+        return condition
+
+    def claim_statement(self, destinations: Sequence[str], ordered: bool) -> Any:
+        """PostgreSQL's claim, one statement: lock the due rows, claim them, read their events.
+
+        A materialized CTE runs the locking SELECT exactly once; as a plain ``IN
+        (subquery)`` the planner may re-run it and claim more than ``limit``. Parameters:
+        ``limit``, ``token``, ``lease`` (seconds), ``claimed_by``; "now" is the database's.
+        """
+        d, e = self.deliveries, self.events
+        picked = (
+            select(d.c.id)
+            .where(self.due(destinations, ordered))
+            # Due order, in the order of the "due" index: claiming costs the same with
+            # millions of delivered rows kept for retention as with none.
+            .order_by(d.c.next_attempt_at)
+            .limit(bindparam("limit", type_=Integer()))
+            .with_for_update(skip_locked=True)
+            .cte("picked")
+            .prefix_with("MATERIALIZED")
+        )
+        claimed = (
+            update(d)
+            .where(d.c.id.in_(select(picked.c.id)))
+            .values(
+                status=CLAIMED,
+                claim_token=bindparam("token", type_=d.c.claim_token.type),
+                claimed_until=database_now(bindparam("lease", type_=Float())),
+                claimed_by=bindparam("claimed_by", type_=d.c.claimed_by.type),
+                attempts=d.c.attempts + 1,
+            )
+            .returning(d.c.id, d.c.event_id, d.c.destination, d.c.attempts)
+            .cte("claimed")
+        )
+        return (
+            select(
+                claimed.c.id,
+                claimed.c.destination,
+                claimed.c.attempts,
+                *(c.label(f"event_{c.name}") for c in e.c),
+            )
+            .join(e, e.c.id == claimed.c.event_id)
+            .order_by(claimed.c.id)
+        )
+
+    def due_since(self, now: Any) -> Any:
+        """When an undelivered row became due (NULL if it is not due at ``now``)."""
+        d = self.deliveries
+        return case(
+            (and_(d.c.status == PENDING, d.c.next_attempt_at <= now), d.c.next_attempt_at),
+            (and_(d.c.status == CLAIMED, d.c.claimed_until < now), d.c.claimed_until),
+            else_=null(),
+        )
