@@ -47,6 +47,10 @@ PostgreSQL errors are mapped by SQLSTATE, SQLite errors by their extended error
 code (``sqlite_errorcode``), never by searching the message text. The only text
 read from a message is the SQLite column name, which that driver gives nowhere
 else.
+
+Why this module is long (about 650 lines): one class per error, each building its
+message from its fields, and the one mapping from driver errors to them; the tree
+above is only true if they stay together.
 """
 
 from __future__ import annotations

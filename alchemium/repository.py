@@ -13,6 +13,11 @@ a QueryError. Database errors are mapped to alchemium exceptions.
 Soft delete and tenant scoping are opt-in class options (``soft_delete_column``,
 ``tenant_column``); they are facts about the model (see ``modelinfo.configure_model``)
 and every read, write and relationship filter of every repository honours them.
+
+Why this module is long (about 750 lines): it is the public API, CrudRepository's
+methods with the docstrings users read. What they are built from lives beside it:
+``query`` (SELECTs, the statement cache, keyset cursors), ``writes`` (data checks,
+upserts, bulk inserts, reloading rows for a write), ``tenancy`` (write-time checks).
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ destinations it does not serve whose rows have been due for longer than
 ``stranded_after`` (nobody drains them).
 
 All SQL lives in :mod:`alchemium.events.outbox`; this module only schedules.
+
+Why this module is long (about 600 lines): the loop, its heartbeat, the recording
+of outcomes and the LISTEN connection are one scheduler whose parts share state;
+SQL stays in the outbox modules.
 """
 
 from __future__ import annotations
