@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from alchemium import register_encoder, unregister_encoder
-from alchemium.events import SubscriberRegistry, disable_outbox, enable_outbox
+from alchemium.events import SubscriberRegistry, disable_outbox, enable_outbox, flush_delivery_marks
 from alchemium.events.outbox import Outbox
 from tests.models import Base, Money, money_text, parse_money
 from tests.rig import PostgresServer, postgres_server
@@ -108,6 +108,7 @@ async def engine(db_url: str, outbox: Outbox) -> AsyncIterator[AsyncEngine]:
     )
     await reset_schema(eng)
     yield eng
+    await flush_delivery_marks()  # marks in flight hold a connection
     checked_out = eng.pool.checkedout() if hasattr(eng.pool, "checkedout") else 0
     await eng.dispose()
     assert checked_out == 0, f"{checked_out} connection(s) still checked out at test end"

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from alchemium import UniqueViolation, UnitOfWork
+from alchemium.events import flush_delivery_marks
 from tests.conftest import reset_schema
 from tests.models import User, UserRepository
 from tests.rig import PostgresServer, free_port, wait_port
@@ -90,6 +91,7 @@ async def bouncer_factory(pgbouncer: str) -> AsyncIterator[async_sessionmaker[As
     engine = pgbouncer_engine(pgbouncer)
     await reset_schema(engine)
     yield async_sessionmaker(engine, expire_on_commit=False)
+    await flush_delivery_marks()  # marks in flight hold a connection
     checked_out = engine.pool.checkedout()  # type: ignore[attr-defined]
     await engine.dispose()
     assert checked_out == 0

@@ -18,6 +18,7 @@ from alchemium import (
     UnitOfWorkError,
     run_in_transaction,
 )
+from alchemium.events import flush_delivery_marks
 from tests.conftest import make_engine
 from tests.models import User, UserRepository
 
@@ -199,9 +200,11 @@ async def test_cancelled_tasks_roll_back_and_return_every_connection(
         task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    await flush_delivery_marks()  # marks in flight hold a connection
     assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
     async with factory() as session:
         assert await session.scalar(select(func.count()).select_from(User)) == 0
+    await flush_delivery_marks()  # marks in flight hold a connection
     assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
@@ -224,6 +227,7 @@ async def test_cancellation_at_random_points_leaves_only_whole_units(
         await asyncio.sleep(rng.uniform(0, 0.02))
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await flush_delivery_marks()  # marks in flight hold a connection
     assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
     names = await user_names(factory)
     firsts = {n[1:] for n in names if n.startswith("a")}
@@ -262,6 +266,7 @@ async def test_final_flush_blocked_on_a_lock_stays_cancellable(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert await user_names(factory) == ["Alice"]
+    await flush_delivery_marks()  # marks in flight hold a connection
     assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 

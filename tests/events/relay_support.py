@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from alchemium.events import DomainEvent
+from alchemium.events import DomainEvent, flush_delivery_marks
 from alchemium.events.outbox import Outbox
 from tests.rig import free_port, wait_port
 
@@ -97,7 +97,8 @@ async def delivery_rows(engine: AsyncEngine, outbox: Outbox) -> list[dict[str, A
 
 
 async def by_status(engine: AsyncEngine, outbox: Outbox) -> dict[str, int]:
-    """Count of delivery rows per status."""
+    """Count of delivery rows per status (after-commit marks still queued written first)."""
+    await flush_delivery_marks()
     counts: dict[str, int] = {}
     for row in await delivery_rows(engine, outbox):
         counts[row["status"]] = counts.get(row["status"], 0) + 1

@@ -23,7 +23,6 @@ import sys
 
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
-import alchemium.events.dispatch
 from alchemium import AlchemiumError, UnitOfWork
 from alchemium.events import SubscriberRegistry, enable_outbox
 from tests.conftest import make_engine
@@ -36,8 +35,7 @@ DISPATCH_LEASE = 1.0
 
 
 async def main(url: str, journal: str, tag: str) -> None:
-    alchemium.events.dispatch.DISPATCH_LEASE = DISPATCH_LEASE
-    enable_outbox(Base.metadata)
+    enable_outbox(Base.metadata, dispatch_lease=DISPATCH_LEASE)
     fd = os.open(f"{journal}.{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 
     def log(line: str) -> None:

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import AlchemiumError, UnitOfWork
+from alchemium.events import flush_delivery_marks
 from tests.conftest import make_engine, reset_schema
 from tests.models import UserRepository
 
@@ -59,6 +60,7 @@ async def _load(db_url: str, rounds: int, per_round: int, stats: Counter[str]) -
             committed |= done
             stats["units_of_work"] += per_round
             stats["faults_injected"] += cancelled
+            await flush_delivery_marks()  # marks in flight hold a connection
             assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
             gc.collect()
             sizes.append(tracemalloc.get_traced_memory()[0])
@@ -69,6 +71,7 @@ async def _load(db_url: str, rounds: int, per_round: int, stats: Counter[str]) -
         assert committed <= names
     finally:
         tracemalloc.stop()
+        await flush_delivery_marks()  # marks in flight hold a connection
         leaked = engine.pool.checkedout()  # type: ignore[attr-defined]
         stats["connections_leaked"] += leaked
         await engine.dispose()
