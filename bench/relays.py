@@ -12,7 +12,8 @@ pending deliveries for one destination, then times until N concurrent drainers
   (claim + commit, publish, record + commit), which costs one more transaction
   per batch and buys safety when a handler does slow I/O.
 - ``raw``: the same loop on asyncpg.
-- ``alchemium``: ``OutboxRelay(...).run_once()`` until it returns 0.
+- ``alchemium``: ``OutboxRelay(...).drain()``, the relay's own loop (what ``alchemium relay
+  --once`` runs): it claims the next batch while it publishes the current one.
 
 L1 commits one event at a time (spaced so the machine is otherwise idle) and
 measures from just before the commit to the moment the handler runs, with the
@@ -155,8 +156,7 @@ async def _drain_alchemium(env: Env, handler: Counter) -> None:
     relay = OutboxRelay(
         env.sessions, CallPublisher(handler), batch_size=BATCH, outbox=outbox, listen=False
     )
-    while await relay.run_once():
-        pass
+    await relay.drain()
 
 
 Drainer = Callable[[Env, Counter], Awaitable[None]]
