@@ -124,7 +124,7 @@ class OutboxAdministration(OutboxTables):
         delivered ones kept for retention included), then the lag and the overdue
         time of the undelivered rows, on the database's clock.
         """
-        d, e = self.deliveries, self.events
+        d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         counts: dict[str, dict[str, int]] = {}
         for destination, state, n in await conn.execute(
@@ -140,11 +140,10 @@ class OutboxAdministration(OutboxTables):
                 await conn.execute(
                     select(
                         d.c.destination,
-                        func.min(e.c.occurred_at),
+                        func.min(self.occurred_at_of_row()),
                         func.min(self.due_since(now)),
                         now,
                     )
-                    .select_from(d.join(e, e.c.id == d.c.event_id))
                     .where(d.c.status.in_((PENDING, CLAIMED)), *where)
                     .group_by(d.c.destination)
                 )
@@ -170,13 +169,13 @@ class OutboxAdministration(OutboxTables):
         One statement over the undelivered rows only. See :class:`OutboxStatus` for
         what the writer's clock does to it.
         """
-        d, e = self.deliveries, self.events
+        d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         oldest, now = (
             await conn.execute(
-                select(func.min(e.c.occurred_at), database_now())
-                .select_from(d.join(e, e.c.id == d.c.event_id))
-                .where(d.c.status.in_((PENDING, CLAIMED)), *where)
+                select(func.min(self.occurred_at_of_row()), database_now()).where(
+                    d.c.status.in_((PENDING, CLAIMED)), *where
+                )
             )
         ).one()
         return age_of(now, oldest)
@@ -280,34 +279,37 @@ class OutboxAdministration(OutboxTables):
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def purge(self, conn: Executor, *, older_than: float, batch_size: int = 1000) -> int:
-        """Delete up to ``batch_size`` delivered rows older than ``older_than`` seconds.
+        """Delete up to ``batch_size`` events older than ``older_than`` seconds, and their rows.
 
-        Then deletes events older than that which have no delivery row left. Rows being
-        delivered (claimed) or pending are never touched. Returns the number of delivery
-        rows deleted; call again until it returns 0. The cutoff is the database's now
-        minus ``older_than``; an event's age is read from its ``occurred_at`` (the
-        writer's clock), which only shifts when an event with nothing left to deliver
-        is deleted.
+        Only events every delivery row of which is delivered (or that have none) go:
+        pending, claimed and dead rows, and their events, are never touched. Returns
+        the number of delivery rows deleted; call again until it returns 0. An event's
+        age is read from its ``occurred_at`` (the writer's clock) against the
+        database's now: retention, not a comparison anything is decided by.
+
+        The events are chosen by the ``occurred_at`` index, oldest first, each checked
+        for undelivered rows by the (event, destination) unique index, and locked
+        ``SKIP LOCKED``: a purge costs the same with millions of rows kept as with
+        none, whether or not anything is left to purge, and never waits for a relay.
         """
         d, e = self.deliveries, self.events
-        cutoff = database_now(-older_than)
         picked = (
-            select(d.c.id)
-            .where(d.c.status == DELIVERED, d.c.delivered_at < cutoff)
+            select(e.c.id)
+            .where(
+                e.c.occurred_at < database_now(-older_than),
+                ~exists().where(d.c.event_id == e.c.id, d.c.status != DELIVERED),
+            )
+            .order_by(e.c.occurred_at)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
+        ids = list((await conn.execute(picked)).scalars())
+        if not ids:
+            return 0
         removed = int(
-            getattr(await conn.execute(delete(d).where(d.c.id.in_(picked))), "rowcount", 0)
+            getattr(await conn.execute(delete(d).where(d.c.event_id.in_(ids))), "rowcount", 0)
         )
-        stale = (
-            select(e.c.sequence)
-            .where(e.c.occurred_at < cutoff, ~exists().where(d.c.event_id == e.c.id))
-            .limit(batch_size)
-            .scalar_subquery()
-        )
-        await conn.execute(delete(e).where(e.c.sequence.in_(stale)))
+        await conn.execute(delete(e).where(e.c.id.in_(ids)))
         return removed
 
     async def backfill(self, conn: Executor, destination: str, *, since: dt.datetime) -> int:
