@@ -35,6 +35,7 @@ from alchemium.events.outbox_schema import (
     OutboxTables,
     age_of,
     database_now,
+    dialect_of,
 )
 
 __all__ = ["DestinationStatus", "OutboxAdministration", "OutboxStatus", "OverdueDestination"]
@@ -258,14 +259,43 @@ class OutboxAdministration(OutboxTables):
         return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
     async def discard(self, conn: Executor, ids: Sequence[int]) -> int:
-        """Give up on dead deliveries (marked delivered with their error kept)."""
+        """Give up on dead deliveries: completed like delivered rows, their error kept."""
         d = self.deliveries
-        stmt = (
-            update(d)
-            .where(d.c.status == DEAD, d.c.id.in_(ids))
-            .values(status=DELIVERED, delivered_at=database_now())
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        return await self.complete(conn, d.c.status == DEAD, d.c.id.in_(ids), keep_claim=True)
+
+    async def complete(self, conn: Executor, *where: Any, keep_claim: bool = False) -> int:
+        """Complete the rows matching ``where`` as delivered, by the outbox's ``completion``.
+
+        ``keep``: status ``delivered`` and ``delivered_at`` the database's now (the claim
+        cleared unless ``keep_claim``). ``delete``: the rows are deleted. ``archive``:
+        moved to the archive table, delivered (one statement on PostgreSQL; an INSERT
+        and a DELETE in the caller's transaction on SQLite). Returns how many rows.
+        """
+        d = self.deliveries
+        if self.completion == "keep":
+            values: dict[str, Any] = {"status": DELIVERED, "delivered_at": database_now()}
+            if not keep_claim:
+                values |= {"claim_token": None, "claimed_until": None}
+            stmt = update(d).where(*where).values(**values)
+            return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        if self.completion == "delete":
+            return int(getattr(await conn.execute(delete(d).where(*where)), "rowcount", 0))
+        archive = self.archive
+        assert archive is not None
+        names = [c.name for c in d.c]
+        if dialect_of(conn) == "postgresql":
+            moved = delete(d).where(*where).returning(*d.c).cte("moved")
+            source: Any = moved
+        else:
+            source = d
+        done = {"status": literal(DELIVERED, String), "delivered_at": database_now()}
+        rows = select(*(done.get(n, source.c[n]) for n in names))
+        if source is d:
+            rows = rows.where(*where)
+        inserted = await conn.execute(insert(archive).from_select(names, rows))
+        if source is d:
+            await conn.execute(delete(d).where(*where))
+        return int(getattr(inserted, "rowcount", 0))
 
     async def blocked_aggregates(self, conn: Executor) -> list[tuple[str, str, str]]:
         """(destination, aggregate type, aggregate id) held up by a dead delivery (ordered mode)."""
