@@ -41,7 +41,7 @@ from bench.workloads import (
     workload,
 )
 
-__all__ = ["BACKENDS", "IMPL_ORDER", "KEYS", "main", "parse_count"]
+__all__ = ["BACKENDS", "IMPL_ORDER", "KEYS", "main", "make_entry", "parse_count"]
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("postgresql", "sqlite")
@@ -100,6 +100,38 @@ def _median(samples: list[float]) -> float | None:
 
 def _failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
+
+
+def make_entry(
+    title: str,
+    unit: str,
+    baseline: str,
+    samples: dict[str, list[float]],
+    cpu: dict[str, list[float]] | None = None,
+    errors: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A workload's result: samples by implementation (one per round, rounds aligned),
+    medians, and the spread of each implementation's per-round ratio to ``baseline``."""
+    base = samples.get(baseline)
+    entry: dict[str, Any] = {
+        "title": title,
+        "unit": unit,
+        "baseline": baseline,
+        "samples": samples,
+        "median": {n: _median(s) for n, s in samples.items()},
+        "paired": {n: paired(s, base) for n, s in samples.items()} if base else {},
+        "errors": errors or {},
+    }
+    if cpu:
+        # The client's CPU per unit: steadier than throughput on a shared machine, and
+        # what a library adds on top of SQLAlchemy shows up here first.
+        cpu_base = cpu.get(baseline)
+        entry.update(
+            cpu_samples=cpu,
+            cpu_us={n: _median(s) for n, s in cpu.items()},
+            cpu_paired={n: paired(s, cpu_base) for n, s in cpu.items()} if cpu_base else {},
+        )
+    return entry
 
 
 class Runner:
@@ -279,26 +311,8 @@ class Runner:
         errors: dict[str, str],
         extra: dict[str, Any],
     ) -> None:
-        base = samples.get(baseline)
-        entry: dict[str, Any] = {
-            "title": title,
-            "unit": unit,
-            "baseline": baseline,
-            "samples": samples,
-            "median": {n: _median(s) for n, s in samples.items()},
-            "paired": {n: paired(s, base) for n, s in samples.items()} if base else {},
-            "errors": errors,
-            **extra,
-        }
-        if cpu:
-            # The client's CPU per unit: steadier than throughput on a shared machine, and
-            # what a library adds on top of SQLAlchemy shows up here first.
-            cpu_base = cpu.get(baseline)
-            entry.update(
-                cpu_samples=cpu,
-                cpu_us={n: _median(s) for n, s in cpu.items()},
-                cpu_paired={n: paired(s, cpu_base) for n, s in cpu.items()} if cpu_base else {},
-            )
+        entry = make_entry(title, unit, baseline, samples, cpu, errors)
+        entry.update(extra)
         self.results[key] = entry
         shown = ", ".join(
             f"{n} {m:,.0f}"

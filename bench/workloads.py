@@ -50,6 +50,7 @@ class Sizes:
     d1_sizes: tuple[int, ...]  # D1: delivered rows retained (0 is the baseline)
     d1_pending: int  # D1: pending rows drained at each size
     d1_reps: int
+    d1_budget: float  # D1: seconds a drain may take before it is stopped and rated
     latency_rates: tuple[int, ...]  # L1/L2: events per second offered
     latency_seconds: float  # L1/L2: measured seconds per rate (after a warm-up)
     latency_warmup: float  # L1/L2: seconds of untimed events first
@@ -70,6 +71,7 @@ FULL = Sizes(
     d1_sizes=(0, 100_000, 1_000_000, 5_000_000),
     d1_pending=20_000,
     d1_reps=3,
+    d1_budget=15.0,
     latency_rates=(50, 1000),
     latency_seconds=10.0,
     latency_warmup=1.0,
@@ -89,6 +91,7 @@ QUICK = Sizes(
     d1_sizes=(0, 5_000),
     d1_pending=500,
     d1_reps=1,
+    d1_budget=10.0,
     latency_rates=(50, 1000),
     latency_seconds=1.0,
     latency_warmup=0.2,
