@@ -373,12 +373,31 @@ class AdvancedAlchemy(Implementation):
 # -- alchemium --------------------------------------------------------------------------------
 
 
-class Alchemium(Implementation):
+class AlchemiumBulk(Implementation):
+    """alchemium's bulk calls (W5, W7, W8) in the unit of work :meth:`uow` opens."""
+
+    def uow(self) -> UnitOfWork:
+        raise NotImplementedError
+
+    async def w5(self, rows: Sequence[Row]) -> None:
+        async with self.uow() as uow:
+            await WriteRepository.create_many(uow.session, rows)
+
+    async def w7(self, category: str) -> None:
+        async with self.uow() as uow:
+            await WriteRepository.update_where(uow.session, {"category": category}, BULK_VALUES)
+
+    async def w8(self, category: str) -> None:
+        async with self.uow() as uow:
+            await WriteRepository.delete_where(uow.session, {"category": category})
+
+
+class Alchemium(AlchemiumBulk):
     name = "alchemium"
 
     def __init__(self, env: Env) -> None:
         super().__init__(env)
-        # A registry of its own: W1-W6 dispatch to nobody, O1 to one subscriber.
+        # A registry of its own: W1-W8 dispatch to nobody, O1 to one subscriber.
         self.quiet = SubscriberRegistry("bench-quiet")
         self.o1_registry = SubscriberRegistry("bench-o1")
         self.o1_registry.subscribe(EVENT, handle_event, name="bench.handle_event")
@@ -406,18 +425,6 @@ class Alchemium(Implementation):
             assert item is not None
             ItemRepository.update(item, {"score": item.score + 1})
 
-    async def w5(self, rows: Sequence[Row]) -> None:
-        async with self.uow() as uow:
-            await WriteRepository.create_many(uow.session, rows)
-
-    async def w7(self, category: str) -> None:
-        async with self.uow() as uow:
-            await WriteRepository.update_where(uow.session, {"category": category}, BULK_VALUES)
-
-    async def w8(self, category: str) -> None:
-        async with self.uow() as uow:
-            await WriteRepository.delete_where(uow.session, {"category": category})
-
     async def o1(self, row: Row) -> None:
         # WriteRepository records "write_created" itself; the outbox makes it durable.
         async with UnitOfWork(self.env.sessions, registry=self.o1_registry, outbox=outbox) as uow:
@@ -428,7 +435,7 @@ class Alchemium(Implementation):
         await flush_delivery_marks()
 
 
-class AlchemiumOutbox(Implementation):
+class AlchemiumOutbox(AlchemiumBulk):
     """alchemium's bulk calls with the outbox on: one event + one delivery row per row.
 
     Only the bulk workloads: the single-row outbox cost is O1's.
@@ -443,18 +450,6 @@ class AlchemiumOutbox(Implementation):
 
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.env.sessions, registry=self.routed, outbox=outbox)
-
-    async def w5(self, rows: Sequence[Row]) -> None:
-        async with self.uow() as uow:
-            await WriteRepository.create_many(uow.session, rows)
-
-    async def w7(self, category: str) -> None:
-        async with self.uow() as uow:
-            await WriteRepository.update_where(uow.session, {"category": category}, BULK_VALUES)
-
-    async def w8(self, category: str) -> None:
-        async with self.uow() as uow:
-            await WriteRepository.delete_where(uow.session, {"category": category})
 
 
 _COMMON: dict[str, type[Implementation]] = {
