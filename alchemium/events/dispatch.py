@@ -268,6 +268,13 @@ class EventDelivery(UnitOfWorkHooks):
         commit.events = events
         commit.info[self] = write_events(uow, session, events)
 
+    def wants_event(self, uow: UnitOfWork, name: str) -> bool:
+        """An outbox writes every event; else a watcher, subscriber or destination wants it."""
+        if outbox_of(uow) is not None or _watchers.get():
+            return True
+        registry = registry_of(uow)
+        return bool(registry.subscribers_for(name) or registry.destinations_for(name))
+
     async def after_commit(self, uow: UnitOfWork, commit: Commit) -> None:
         """Tell ``watch_commits`` watchers, call the subscribers, record the outcomes."""
         delivery: Delivery | None = commit.info.get(self)
