@@ -4,6 +4,11 @@ Runs the machine's PostgreSQL binaries (``pg_config --bindir`` or
 ``/usr/lib/postgresql/*/bin``) on a free loopback port with a temporary data
 directory, as the ``postgres`` user when we are root (initdb refuses root).
 ``ALCHEMIUM_TEST_POSTGRES_URL`` points everything at an existing server instead.
+
+The throwaway server has no TLS, so its URLs say ``ssl=disable``: with asyncpg's default
+(``prefer``) every connection first asks for TLS, and a socket closed before the server
+answers (a restart, a killed backend) leaves a "Future exception was never retrieved"
+behind (MagicStack/asyncpg#1211).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ class PostgresServer:
         if self.external_url:
             base = self.external_url.rsplit("/", 1)[0]
             return f"{base}/{database}".replace("postgresql://", f"{driver}://", 1)
-        return f"{driver}://postgres@127.0.0.1:{self.port}/{database}"
+        return f"{driver}://postgres@127.0.0.1:{self.port}/{database}?ssl=disable"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = list(args)
@@ -96,6 +101,16 @@ class PostgresServer:
         """Stop (immediately, like a crash) and start again on the same port."""
         self.stop("immediate")
         self.start()
+
+
+def libpq_dsn(url: str) -> str:
+    """``url`` (SQLAlchemy's asyncpg form) as a DSN for ``asyncpg.connect`` or ``psql``.
+
+    SQLAlchemy hands ``ssl=<mode>`` to ``asyncpg.connect(ssl=...)``; a DSN spells it
+    ``sslmode`` (asyncpg would send an unknown ``ssl`` key to the server as a setting).
+    """
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    return dsn.replace("?ssl=", "?sslmode=").replace("&ssl=", "&sslmode=")
 
 
 @contextlib.contextmanager
