@@ -4,14 +4,23 @@ Every database test takes ``engine`` (or ``session_factory``) and so runs twice,
 once per backend. Each test gets a clean schema with the tables of
 ``tests.models`` and the outbox; the pool must have no checked-out connection
 when the test ends.
+
+Two checks on the whole run:
+
+* A test that cannot run because a server the rig starts (PostgreSQL, Redis,
+  RabbitMQ, PgBouncer) is missing skips with the reason (:func:`skip_without_server`);
+  with ``CI`` set (as ``.ci/run`` runs) that skip is a failure instead.
+* An asyncio "Future/Task exception was never retrieved" logged during the run fails it.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from sqlalchemy import event, text
@@ -25,13 +34,78 @@ from sqlalchemy.ext.asyncio import (
 from alchemium.events import SubscriberRegistry, disable_outbox, enable_outbox
 from alchemium.events.outbox import Outbox
 from tests.models import Base
-from tests.rig import PostgresServer, postgres_server
+from tests.rig import PostgresServer, postgres_bindir, postgres_server
 
 BACKENDS = ["sqlite", "postgresql"]
 
 
+SERVER_MISSING = "needs a server the test rig starts, "
+
+
+def skip_without_server(server: str, why: str) -> NoReturn:
+    """Skip the test: ``server``, which the rig should start, is not available (why).
+
+    Under CI (``CI`` set) the skip is turned into a failure: there the rig must run
+    every test.
+    """
+    pytest.skip(f"{SERVER_MISSING}{server}: {why}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome: Any = yield
+    report: pytest.TestReport = outcome.get_result()
+    reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
+    if SERVER_MISSING in reason and os.environ.get("CI"):
+        report.outcome = "failed"
+        report.longrepr = f"CI is set, so the rig must provide every server; {reason}"
+
+
+class _UnretrievedExceptions(logging.Handler):
+    """Collects asyncio's "Future/Task exception was never retrieved" reports."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "exception was never retrieved" in message:
+            self.reports.append(message)
+
+
+_unretrieved = _UnretrievedExceptions()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("asyncio").addHandler(_unretrieved)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    gc.collect()  # futures dropped by the last tests report when they are collected
+    if not _unretrieved.reports:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.section("asyncio exceptions never retrieved", red=True)
+        for message in _unretrieved.reports:
+            reporter.write_line(message)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Reports after the session (at interpreter exit) reach stderr again: scripts/test.sh
+    # looks for them in the output.
+    logging.getLogger("asyncio").removeHandler(_unretrieved)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
+    if not os.environ.get("ALCHEMIUM_TEST_POSTGRES_URL"):
+        try:
+            postgres_bindir()
+        except RuntimeError as err:
+            skip_without_server("PostgreSQL", str(err))
     with postgres_server() as server:
         yield server
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def _bindir() -> Path:
+def postgres_bindir() -> Path:
+    """Where the PostgreSQL server binaries are; RuntimeError saying what to install if nowhere."""
     pg_config = shutil.which("pg_config")
     candidates = []
     if pg_config:
@@ -119,7 +120,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if external:
         yield PostgresServer(port=0, external_url=external)
         return
-    bindir = _bindir()
+    bindir = postgres_bindir()
     tmp = Path(tempfile.mkdtemp(prefix="alchemium-pg-"))
     user = None
     if os.geteuid() == 0:

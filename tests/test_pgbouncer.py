@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from alchemium import UniqueViolation, UnitOfWork
-from tests.conftest import reset_schema
+from tests.conftest import reset_schema, skip_without_server
 from tests.models import User, UserRepository
 from tests.rig import PostgresServer, free_port, wait_port
 
@@ -48,8 +48,14 @@ def pgbouncer_engine(url: str) -> AsyncEngine:
 
 @pytest.fixture(scope="module")
 def pgbouncer(pg_server: PostgresServer) -> Iterator[str]:
-    if pg_server.external_url or not os.path.exists(PGBOUNCER):
-        pytest.skip("needs the rig's own PostgreSQL and the pgbouncer package")
+    if pg_server.external_url:
+        skip_without_server(
+            "PgBouncer",
+            "it fronts the rig's own PostgreSQL (its port, trust authentication), and "
+            "ALCHEMIUM_TEST_POSTGRES_URL points the suite at another server",
+        )
+    if not os.path.exists(PGBOUNCER):
+        skip_without_server("PgBouncer", "pgbouncer is not installed (apt-get install pgbouncer)")
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="alchemium-pgb-"))
     (tmp / "userlist.txt").write_text('"postgres" ""\n')

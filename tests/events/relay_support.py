@@ -26,9 +26,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.events import DomainEvent
 from alchemium.events.outbox import Outbox
+from tests.conftest import skip_without_server
 from tests.rig import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of every Python process the tests start: this checkout comes first.
+
+    ``PYTHONPATH`` is the repository root, so the process imports the code under test
+    even where another copy of alchemium is installed (``scripts/mutations.py`` runs
+    the tests on mutated copies of the repository).
+    """
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
 
 
 # -- outbox helpers ---------------------------------------------------------------------------
@@ -142,12 +153,7 @@ class Sink:
 
 def relay_process(url: str, sink: Path, *args: str, delay: float = 0.0) -> subprocess.Popen[bytes]:
     """Start ``alchemium relay`` in a subprocess with the file-sink handler of sink_handlers."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "ALCHEMIUM_SINK": str(sink),
-        "ALCHEMIUM_SINK_DELAY": str(delay),
-    }
+    env = subprocess_env(ALCHEMIUM_SINK=str(sink), ALCHEMIUM_SINK_DELAY=str(delay))
     log = sink.parent / f"relay-{uuid.uuid4().hex[:8]}.log"
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -199,7 +205,7 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[st
     return subprocess.run(
         [sys.executable, "-m", "alchemium.cli", *args],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -252,7 +258,7 @@ class RedisServer:
 def redis_server() -> Iterator[RedisServer]:
     binary = _binary("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        skip_without_server("Redis", "redis-server is not installed (apt-get install redis-server)")
     server = RedisServer(binary)
     server.start()
     try:
@@ -276,7 +282,9 @@ class RabbitServer:
 def rabbitmq_server() -> Iterator[RabbitServer]:
     binary = _binary("rabbitmq-server", "/usr/lib/rabbitmq/bin")
     if binary is None:
-        pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+        skip_without_server(
+            "RabbitMQ", "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
+        )
     # The /usr/sbin wrapper switches to the rabbitmq user; the real script runs as us.
     direct = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
     if direct.exists():

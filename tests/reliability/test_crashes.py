@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.events import DomainEvent, InProcessPublisher, OutboxRelay, SubscriberRegistry
 from alchemium.events.outbox import Outbox
-from tests.events.relay_support import REPO, Sink, by_status, eventually
+from tests.events.relay_support import REPO, Sink, by_status, eventually, subprocess_env
 from tests.models import User
 
 KILLS = 5
@@ -50,7 +50,7 @@ def _writer(url: str, journal: Path, tag: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, "-m", "tests.reliability.crash_writer", url, str(journal), tag],
             cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env=subprocess_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
