@@ -154,20 +154,25 @@ CATALOG: tuple[Mutation, ...] = (
             self._state = "closed"
             globals().setdefault("_MUTATION_LEAK", []).append(bytearray(8192))
             """,
-        tests=("tests/reliability/test_load.py::test_memory_per_unit_of_work_stays_flat[sqlite]",),
+        tests=(
+            "tests/reliability/test_load.py::test_memory_per_unit_of_work_stays_flat[sqlite]",
+            "tests/reliability/test_load.py::test_memory_per_unit_of_work_stays_flat[postgresql]",
+        ),
     ),
     Mutation(
-        name="session_never_closed",
+        name="session_left_open_on_error",
         guarantee="every connection goes back to the pool",
         where="alchemium/uow.py",
         find="""
-                finally:
-                    session.info.pop(UOW_KEY, None)
-                    await session.close()
+            try:
+                if rollback:
+                    await session.rollback()
+            finally:
+                session.info.pop(UOW_KEY, None)
+                await session.close()
             """,
         replace="""
-                finally:
-                    session.info.pop(UOW_KEY, None)
+            session.info.pop(UOW_KEY, None)  # mutation: neither rolled back nor closed
             """,
         tests=(
             "tests/reliability/test_load.py::test_thousand_concurrent_units_with_cancellation"

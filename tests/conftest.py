@@ -146,6 +146,8 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
 async def reset_schema(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
+            # A transaction an earlier test leaked would hold its locks forever: fail, not hang.
+            await conn.execute(text("SET LOCAL lock_timeout = '20s'"))
             await conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
             await conn.execute(text("CREATE SCHEMA public"))
         await conn.run_sync(Base.metadata.create_all)
