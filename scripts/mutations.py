@@ -271,7 +271,7 @@ CATALOG: tuple[Mutation, ...] = (
         replace="pass  # mutation: filter values go to the database unchecked",
         tests=(
             "tests/reliability/test_hostile_input.py::"
-            "test_junk_input_raises_alchemium_errors_only[postgresql]",
+            "test_junk_input_is_rejected_before_any_sql_or_answered[postgresql]",
         ),
         args=("--hypothesis-seed=0",),
     ),
