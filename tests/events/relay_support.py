@@ -269,13 +269,53 @@ def redis_server() -> Iterator[RedisServer]:
 
 @dataclass
 class RabbitServer:
-    """A throwaway RabbitMQ node on loopback (default guest user, no plugins)."""
+    """A throwaway RabbitMQ node on loopback (default guest user, no plugins).
 
-    port: int
+    ``stop()`` shuts the node down (SIGTERM: durable queues and confirmed persistent
+    messages survive); ``start()`` brings it back on the same port with the same data.
+    """
+
+    binary: str
+    base: Path
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        (self.base / "enabled_plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "HOME": str(self.base),
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_NODENAME": f"alchemium{self.port}@localhost",
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
+        }
+        with (self.base / "server.out").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_port(self.port, 90)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -289,38 +329,13 @@ def rabbitmq_server() -> Iterator[RabbitServer]:
     direct = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
     if direct.exists():
         binary = str(direct)
-    base = Path(tempfile.mkdtemp(prefix="alchemium-rabbit-"))
-    port = free_port()
-    (base / "enabled_plugins").write_text("[].\n")
-    env = {
-        **os.environ,
-        "HOME": str(base),
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_DIST_PORT": str(free_port()),
-        "RABBITMQ_NODENAME": f"alchemium{port}@localhost",
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
-    }
-    log = (base / "server.out").open("wb")
-    proc = subprocess.Popen(
-        [binary], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    server = RabbitServer(binary, Path(tempfile.mkdtemp(prefix="alchemium-rabbit-")))
     try:
-        wait_port(port, 90)
-        yield RabbitServer(port)
+        server.start()
+        yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(server.base, ignore_errors=True)
 
 
 @pytest.fixture
