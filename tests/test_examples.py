@@ -50,6 +50,37 @@ def test_example_runs(script: Path) -> None:
     )
 
 
+REFUSING_PUBLISHER = """
+import runpy
+
+from alchemium.events import InProcessPublisher
+
+
+async def refuse(self, event, destination):
+    raise ConnectionError("the relay's publisher is down")
+
+
+InProcessPublisher.publish = refuse
+runpy.run_path("examples/relay.py", run_name="__main__")
+"""
+
+
+def test_relay_example_fails_when_it_delivers_less_than_it_should() -> None:
+    """With the relay's publisher refusing everything, examples/relay.py exits 1."""
+    result = subprocess.run(
+        [sys.executable, "-c", REFUSING_PUBLISHER],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    # Only the after-commit dispatch delivered: the three welcome mails.
+    assert "FAILED: 3 of 6 deliveries made" in result.stdout, result.stdout
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
