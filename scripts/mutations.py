@@ -505,12 +505,19 @@ CATALOG: tuple[Mutation, ...] = (
         slow=True,
     ),
     Mutation(
-        name="audit_only_dispatched_events",
+        name="audit_in_own_transaction",
         guarantee="audit rows exist iff the change committed",
         where="alchemium/events/**/*.py",
         find="_default[0].write(session, commit.all_events())",
-        replace="_default[0].write(session, commit.events)  # mutation",
-        tests=("tests/events/test_audit.py::test_audit_works_without_the_outbox[sqlite-keep]",),
+        replace=(
+            "with Session(session.get_bind()) as own:  # mutation: a transaction of its own\n"
+            "                _default[0].write(own, commit.all_events())\n"
+            "                own.commit()"
+        ),
+        tests=(
+            "tests/events/test_audit.py::"
+            "test_no_audit_row_when_the_change_is_rolled_back[postgresql-keep-failed_commit]",
+        ),
     ),
 )
 
