@@ -51,6 +51,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARANTEES = "docs/guarantees.md"
+BASE = "_unmutated"  # the snapshot of the repository every copy is made from
 SMOKE = "tests/test_rig.py::test_the_suite_and_the_processes_it_starts_import_this_checkout"
 # A failure mentioning one of these broke the code, not the guarantee.
 BROKEN = re.compile(r"\b(ImportError|ModuleNotFoundError|SyntaxError|IndentationError|NameError)\b")
@@ -654,11 +655,11 @@ def repository_files(root: Path) -> list[str]:
     return [f for f in out.stdout.decode().split("\0") if f and (root / f).is_file()]
 
 
-def copy_repository(files: list[str], destination: Path) -> None:
+def copy_repository(files: list[str], source: Path, destination: Path) -> None:
     for name in files:
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
+        shutil.copy2(source / name, target)
 
 
 def run_pytest(
@@ -743,7 +744,7 @@ def judge(mutation: Mutation, code: int | None, report: Path) -> tuple[str, str]
 def run_mutation(mutation: Mutation, files: list[str], work: Path, timeout: float) -> Result:
     started = time.monotonic()
     copy = work / mutation.name
-    copy_repository(files, copy)
+    copy_repository(files, work / BASE, copy)
     try:
         apply(copy, mutation)
     except (CatalogError, subprocess.CalledProcessError) as err:
@@ -757,7 +758,7 @@ def run_mutation(mutation: Mutation, files: list[str], work: Path, timeout: floa
 def smoke(files: list[str], work: Path, timeout: float, tests: set[str]) -> None:
     """In an unmutated copy: pytest and its subprocesses import the copy; ``tests`` exist."""
     copy = work / "_smoke"
-    copy_repository(files, copy)
+    copy_repository(files, work / BASE, copy)
     code, report, log = run_pytest(copy, (SMOKE,), (), timeout, "smoke")
     if code != 0 or junit_outcomes(report).get(SMOKE, ("",))[0] != "passed":
         sys.stdout.write(log.read_text(errors="replace")[-4000:])
@@ -809,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     files = repository_files(ROOT)
     work = Path(tempfile.mkdtemp(prefix="alchemium-mutations-"))
+    copy_repository(files, ROOT, work / BASE)  # a snapshot: later edits do not leak in
     results: list[Result] = []
     try:
         smoke(files, work, options.timeout, {t for m in chosen for t in m.tests})

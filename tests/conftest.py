@@ -15,6 +15,7 @@ Two checks on the whole run:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -122,6 +123,24 @@ def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
     server: PostgresServer = request.getfixturevalue("pg_server")
     return server.url("postgres")
+
+
+@contextlib.contextmanager
+def statements(engine: AsyncEngine) -> Iterator[list[str]]:
+    """Collect the SQL statements sent through ``engine`` inside the block, in order.
+
+    Counted at SQLAlchemy's ``before_cursor_execute``: what reached the driver.
+    """
+    seen: list[str] = []
+
+    def listener(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", listener)
+    try:
+        yield seen
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", listener)
 
 
 def sqlite_pragmas(engine: AsyncEngine) -> None:

@@ -29,14 +29,10 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def test_there_are_examples() -> None:
-    assert any(p.name == "quickstart.py" for p in EXAMPLES)
-
-
-@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_runs(script: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(script.relative_to(ROOT))],
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` from the repository root, as on a fresh clone."""
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=ROOT,
         env=clean_env(),
         capture_output=True,
@@ -44,6 +40,15 @@ def test_example_runs(script: Path) -> None:
         timeout=180,
         check=False,
     )
+
+
+def test_there_are_examples() -> None:
+    assert any(p.name == "quickstart.py" for p in EXAMPLES)
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(script: Path) -> None:
+    result = run_python(str(script.relative_to(ROOT)))
     assert result.returncode == 0, (
         f"{script.name} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
         f"\n--- stderr\n{result.stderr[-4000:]}"
@@ -67,15 +72,7 @@ runpy.run_path("examples/relay.py", run_name="__main__")
 
 def test_relay_example_fails_when_it_delivers_less_than_it_should() -> None:
     """With the relay's publisher refusing everything, examples/relay.py exits 1."""
-    result = subprocess.run(
-        [sys.executable, "-c", REFUSING_PUBLISHER],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    result = run_python("-c", REFUSING_PUBLISHER)
     assert result.returncode == 1, result.stdout + result.stderr
     # Only the after-commit dispatch delivered: the three welcome mails.
     assert "FAILED: 3 of 6 deliveries made" in result.stdout, result.stdout

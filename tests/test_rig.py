@@ -43,19 +43,16 @@ def test_needs_redis():
 """
 
 
-@pytest.mark.parametrize("ci", [False, True], ids=["local", "ci"])
-def test_a_missing_rig_server_skips_with_its_reason_and_fails_in_ci(
-    tmp_path: Path, ci: bool
-) -> None:
-    (tmp_path / "test_needs.py").write_text(NEEDS_REDIS)
+def run_with_the_suite_hooks(test_file: Path, *, ci: bool) -> tuple[int, str]:
+    """Run ``test_file`` with this suite's conftest as a plugin: (exit code, output)."""
     env = {k: v for k, v in subprocess_env().items() if k != "CI"}
     if ci:
         env["CI"] = "1"
     done = subprocess.run(
         [
             *(sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider"),
-            *("-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path), "-rs"),
-            str(tmp_path / "test_needs.py"),
+            *("-c", str(REPO / "pyproject.toml"), "--rootdir", str(test_file.parent), "-rs"),
+            str(test_file),
         ],
         cwd=REPO,
         env=env,
@@ -64,11 +61,41 @@ def test_a_missing_rig_server_skips_with_its_reason_and_fails_in_ci(
         timeout=120,
         check=False,
     )
-    output = done.stdout + done.stderr
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("ci", [False, True], ids=["local", "ci"])
+def test_a_missing_rig_server_skips_with_its_reason_and_fails_in_ci(
+    tmp_path: Path, ci: bool
+) -> None:
+    (tmp_path / "test_needs.py").write_text(NEEDS_REDIS)
+    code, output = run_with_the_suite_hooks(tmp_path / "test_needs.py", ci=ci)
     assert "Redis: redis-server is not installed" in output, output
     if ci:
-        assert done.returncode == pytest.ExitCode.TESTS_FAILED, output
+        assert code == pytest.ExitCode.TESTS_FAILED, output
         assert "1 failed" in output, output
     else:
-        assert done.returncode == pytest.ExitCode.OK, output
+        assert code == pytest.ExitCode.OK, output
         assert "1 skipped" in output, output
+
+
+DROPS_AN_EXCEPTION = """
+import asyncio
+import gc
+
+
+async def test_passes_but_drops_an_exception():
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(ConnectionError("unexpected connection_lost() call"))
+    del future
+    gc.collect()
+"""
+
+
+def test_an_asyncio_exception_nobody_retrieved_fails_the_run(tmp_path: Path) -> None:
+    (tmp_path / "test_drops.py").write_text(DROPS_AN_EXCEPTION)
+    code, output = run_with_the_suite_hooks(tmp_path / "test_drops.py", ci=False)
+    assert code == pytest.ExitCode.TESTS_FAILED, output
+    assert "1 passed" in output, output
+    assert "asyncio exceptions never retrieved" in output, output
+    assert "Future exception was never retrieved" in output, output

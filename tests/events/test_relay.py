@@ -150,28 +150,47 @@ async def test_failing_delivery_is_retried_then_dead_and_others_unaffected(
     assert await by_status(engine, outbox) == {"delivered": 5}
 
 
+class Gated(Sink):
+    """A sink whose publish waits until ``gate`` is set (a relay paused mid-batch)."""
+
+    def __init__(self, gate: asyncio.Event, **options: Any) -> None:
+        super().__init__(**options)
+        self.gate = gate
+
+    async def publish(self, event: DomainEvent, destination: str) -> None:
+        self.started.set()
+        await self.gate.wait()
+        await super().publish(event, destination)
+
+
+async def stalled_relay(
+    factory: Factory, gate: asyncio.Event
+) -> tuple[OutboxRelay, Gated, asyncio.Task[int]]:
+    """A relay whose round has claimed its rows and waits for ``gate`` to publish them."""
+    sink = Gated(gate)
+    relay = OutboxRelay(factory, sink, lease=30, listen=False)
+    round_ = asyncio.create_task(relay.run_once())
+    await asyncio.wait_for(sink.started.wait(), 5)
+    return relay, sink, round_
+
+
+async def expire_leases(factory: Factory, outbox: Outbox) -> None:
+    """Every claim's lease runs out now, as if its relay had paused past it."""
+    async with factory() as session:
+        await session.execute(update(outbox.deliveries).values(claimed_until=utcnow()))
+        await session.commit()
+    await asyncio.sleep(0.01)
+
+
 async def test_stale_relay_cannot_overwrite_the_outcome_of_the_reclaiming_relay(
     engine: AsyncEngine, session_factory: Factory, outbox: Outbox
 ) -> None:
     [event] = await insert_events(session_factory, outbox, 1)
-    release = asyncio.Event()
-
-    class Stalled(Sink):
-        async def publish(self, event: DomainEvent, destination: str) -> None:
-            self.started.set()
-            await release.wait()  # a relay paused (GC, network) past its lease
-            self.received.append(event)
-
-    stalled = Stalled()
-    relay_a = OutboxRelay(session_factory, stalled, lease=30, listen=False)
-    a_round = asyncio.create_task(relay_a.run_once())
-    await asyncio.wait_for(stalled.started.wait(), 5)
+    release = asyncio.Event()  # relay A paused (GC, network) past its lease
+    relay_a, stalled, a_round = await stalled_relay(session_factory, release)
 
     # A's lease runs out while it is stalled; B reclaims the row and fails on it.
-    async with session_factory() as session:
-        await session.execute(update(outbox.deliveries).values(claimed_until=utcnow()))
-        await session.commit()
-    await asyncio.sleep(0.01)
+    await expire_leases(session_factory, outbox)
     relay_b = OutboxRelay(
         session_factory, Sink(fail=lambda _e: True), lease=30, backoff_base=60, listen=False
     )
@@ -190,37 +209,16 @@ async def test_stale_relay_cannot_overwrite_the_outcome_of_the_reclaiming_relay(
     assert after["next_attempt_at"] == row["next_attempt_at"]
 
 
-class Gated(Sink):
-    """A sink whose publish waits until ``gate`` is set (a relay paused mid-batch)."""
-
-    def __init__(self, gate: asyncio.Event, **options: Any) -> None:
-        super().__init__(**options)
-        self.gate = gate
-
-    async def publish(self, event: DomainEvent, destination: str) -> None:
-        self.started.set()
-        await self.gate.wait()
-        await super().publish(event, destination)
-
-
 async def test_stale_relay_cannot_complete_rows_the_reclaiming_relay_still_holds(
     engine: AsyncEngine, session_factory: Factory, outbox: Outbox
 ) -> None:
     [event] = await insert_events(session_factory, outbox, 1)
     release_a, release_b = asyncio.Event(), asyncio.Event()
-    stalled_a, stalled_b = Gated(release_a), Gated(release_b)
-    relay_a = OutboxRelay(session_factory, stalled_a, lease=30, listen=False)
-    a_round = asyncio.create_task(relay_a.run_once())
-    await asyncio.wait_for(stalled_a.started.wait(), 5)
+    relay_a, stalled_a, a_round = await stalled_relay(session_factory, release_a)
 
     # A's lease runs out while it is stalled; B reclaims the row and stalls in turn.
-    async with session_factory() as session:
-        await session.execute(update(outbox.deliveries).values(claimed_until=utcnow()))
-        await session.commit()
-    await asyncio.sleep(0.01)
-    relay_b = OutboxRelay(session_factory, stalled_b, lease=30, listen=False)
-    b_round = asyncio.create_task(relay_b.run_once())
-    await asyncio.wait_for(stalled_b.started.wait(), 5)
+    await expire_leases(session_factory, outbox)
+    relay_b, stalled_b, b_round = await stalled_relay(session_factory, release_b)
     [held] = await delivery_rows(engine, outbox)
     assert (held["status"], held["claimed_by"]) == ("claimed", relay_b.relay_id)
 

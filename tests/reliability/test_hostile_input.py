@@ -16,14 +16,13 @@ Two properties, on SQLite and PostgreSQL, driven by hypothesis:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import (
@@ -33,6 +32,7 @@ from alchemium import (
     RepositoryUsageError,
     UnitOfWork,
 )
+from tests.conftest import statements
 from tests.models import UserRepository
 
 ROWS: list[dict[str, Any]] = [
@@ -203,24 +203,9 @@ junk_page = st.one_of(
 REJECTED_BEFORE_SQL = (QueryError, DataValidationError, RepositoryUsageError)
 
 
-@contextlib.contextmanager
-def statements_sent(engine: AsyncEngine) -> Iterator[list[str]]:
-    """The statements the driver is asked to execute inside the block, in order."""
-    sent: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        sent.append(statement)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", record)
-    try:
-        yield sent
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", record)
-
-
 async def answered_or_rejected_before_sql(engine: AsyncEngine, call: Awaitable[Any]) -> Any:
     """``await call``: its result, or None if it was rejected before sending any SQL."""
-    with statements_sent(engine) as sent:
+    with statements(engine) as sent:
         try:
             return await call
         except AlchemiumError as err:
