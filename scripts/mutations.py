@@ -21,7 +21,7 @@ this script
    error, a setup error, a timeout.
 
 It prints a summary table and exits non-zero if any mutation survived or errored.
-Mutations run in parallel (``--jobs``, default 3: the tests mostly wait on servers).
+Mutations run in parallel (``--jobs``, default 4: the tests mostly wait on servers).
 
 Usage::
 
@@ -159,6 +159,7 @@ CATALOG: tuple[Mutation, ...] = (
             "tests/reliability/test_load.py::test_memory_per_unit_of_work_stays_flat[sqlite]",
             "tests/reliability/test_load.py::test_memory_per_unit_of_work_stays_flat[postgresql]",
         ),
+        slow=True,
     ),
     Mutation(
         name="session_left_open_on_error",
@@ -179,6 +180,7 @@ CATALOG: tuple[Mutation, ...] = (
             "tests/reliability/test_load.py::test_thousand_concurrent_units_with_cancellation"
             "[postgresql]",
         ),
+        slow=True,
     ),
     Mutation(
         name="keep_savepoint_events",
@@ -783,7 +785,7 @@ def smoke(files: list[str], work: Path, timeout: float, tests: set[str]) -> None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", action="append", default=[], metavar="NAME")
-    parser.add_argument("--jobs", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=480.0, help="seconds per mutation")
     parser.add_argument("--list", action="store_true", help="print the catalog and exit")
     parser.add_argument("--keep", action="store_true", help="keep the mutated copies")

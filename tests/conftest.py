@@ -59,7 +59,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
     if SERVER_MISSING in reason and os.environ.get("CI"):
         report.outcome = "failed"
-        report.longrepr = f"CI is set, so the rig must provide every server; {reason}"
+        why = reason.removeprefix("Skipped: ")
+        report.longrepr = f"CI is set, so the rig must provide every server; this test {why}"
 
 
 class _UnretrievedExceptions(logging.Handler):

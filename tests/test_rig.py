@@ -42,43 +42,6 @@ def test_needs_redis():
     skip_without_server("Redis", "redis-server is not installed")
 """
 
-
-def run_with_the_suite_hooks(test_file: Path, *, ci: bool) -> tuple[int, str]:
-    """Run ``test_file`` with this suite's conftest as a plugin: (exit code, output)."""
-    env = {k: v for k, v in subprocess_env().items() if k != "CI"}
-    if ci:
-        env["CI"] = "1"
-    done = subprocess.run(
-        [
-            *(sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider"),
-            *("-c", str(REPO / "pyproject.toml"), "--rootdir", str(test_file.parent), "-rs"),
-            str(test_file),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    return done.returncode, done.stdout + done.stderr
-
-
-@pytest.mark.parametrize("ci", [False, True], ids=["local", "ci"])
-def test_a_missing_rig_server_skips_with_its_reason_and_fails_in_ci(
-    tmp_path: Path, ci: bool
-) -> None:
-    (tmp_path / "test_needs.py").write_text(NEEDS_REDIS)
-    code, output = run_with_the_suite_hooks(tmp_path / "test_needs.py", ci=ci)
-    assert "Redis: redis-server is not installed" in output, output
-    if ci:
-        assert code == pytest.ExitCode.TESTS_FAILED, output
-        assert "1 failed" in output, output
-    else:
-        assert code == pytest.ExitCode.OK, output
-        assert "1 skipped" in output, output
-
-
 DROPS_AN_EXCEPTION = """
 import asyncio
 import gc
@@ -92,10 +55,44 @@ async def test_passes_but_drops_an_exception():
 """
 
 
-def test_an_asyncio_exception_nobody_retrieved_fails_the_run(tmp_path: Path) -> None:
-    (tmp_path / "test_drops.py").write_text(DROPS_AN_EXCEPTION)
-    code, output = run_with_the_suite_hooks(tmp_path / "test_drops.py", ci=False)
+@pytest.fixture(scope="module")
+def run_under_ci(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str]:
+    """Both files above run with this suite's conftest as a plugin and ``CI`` set.
+
+    Returns the exit code and the output (one pytest process for both: each costs seconds).
+    """
+    here = tmp_path_factory.mktemp("hooks")
+    (here / "test_needs.py").write_text(NEEDS_REDIS)
+    (here / "test_drops.py").write_text(DROPS_AN_EXCEPTION)
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider"),
+            *("-c", str(REPO / "pyproject.toml"), "--rootdir", str(here), "-ra", str(here)),
+        ],
+        cwd=REPO,
+        env={**subprocess_env(), "CI": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_under_ci_a_missing_rig_server_fails_the_test_with_its_reason(
+    run_under_ci: tuple[int, str],
+) -> None:
+    code, output = run_under_ci
     assert code == pytest.ExitCode.TESTS_FAILED, output
-    assert "1 passed" in output, output
+    assert "test_needs.py::test_needs_redis - CI is set" in output, output
+    assert "Redis: redis-server is not installed" in output, output
+
+
+def test_an_asyncio_exception_nobody_retrieved_fails_the_run(
+    run_under_ci: tuple[int, str],
+) -> None:
+    code, output = run_under_ci
+    assert code == pytest.ExitCode.TESTS_FAILED, output
+    assert "1 passed" in output, output  # the test itself passed: the session fails
     assert "asyncio exceptions never retrieved" in output, output
     assert "Future exception was never retrieved" in output, output
