@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, insert, text
+from sqlalchemy import event, insert, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -135,11 +135,24 @@ async def _reset_schema(engine: AsyncEngine) -> None:
         await conn.run_sync(Base.metadata.create_all)
 
 
+def asyncpg_dsn(url: str) -> str:
+    """``url`` (SQLAlchemy's asyncpg form) as a DSN asyncpg accepts.
+
+    The asyncpg dialect takes ``ssl=<mode>`` in the URL; a DSN spells it ``sslmode``
+    (asyncpg would send an unknown ``ssl`` key to the server as a setting and fail).
+    """
+    parsed = make_url(url)
+    query = dict(parsed.query)
+    if "ssl" in query:
+        query.setdefault("sslmode", query.pop("ssl"))
+    return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+
+
 async def _open_raw(backend: str, url: str) -> Any:
     if backend == "postgresql":
         import asyncpg
 
-        dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        dsn = asyncpg_dsn(url)
         return await asyncpg.create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
     import aiosqlite
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.env import Env
+from bench.env import Env, asyncpg_dsn
 from bench.impls import DESTINATION
 from bench.relays import BATCH, RELAY_AVAILABLE, CallPublisher, OutboxRelay
 from bench.schema import outbox
@@ -87,7 +87,7 @@ async def _hand_sink(env: Env, probe: Probe, _redis: str | None) -> AsyncIterato
 
     wake = asyncio.Event()
     ready = asyncio.Event()
-    dsn = env.url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    dsn = asyncpg_dsn(env.url)
 
     async def loop() -> None:
         listen = await asyncpg.connect(dsn)
@@ -192,7 +192,7 @@ if RELAY_AVAILABLE:
 
 async def _generate(env: Env, kind: str, rate: float, count: int, warmup: int) -> dict[str, Any]:
     """Run bench/loadgen.py to completion; its JSON report."""
-    dsn = env.url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    dsn = asyncpg_dsn(env.url)
     args = [
         "--dsn",
         dsn,

@@ -209,7 +209,7 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="a SIGKILLed writer's committed events reach every destination",
         where="alchemium/events/**/*.py",
         find='"status": CLAIMED if claim_now else PENDING,',
-        replace='"status": DELIVERED if claim_now else PENDING,',
+        replace='"status": "delivered" if claim_now else PENDING,',
         tests=(
             "tests/reliability/test_crashes.py::test_sigkilled_writer_loses_no_committed_event"
             "[sqlite]",
@@ -300,15 +300,13 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="a rollback leaves no outbox row and calls no handler",
         where="alchemium/events/**/*.py",
         find="""
-            outbox.write(
-                session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
-            )
+            lease = outbox.dispatch_lease
+            outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
             """,
         replace="""
+            lease = outbox.dispatch_lease
             with Session(session.get_bind()) as own:  # mutation: a transaction of its own
-                outbox.write(
-                    own, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
-                )
+                outbox.write(own, events, rows, claim_token=token, lease=lease, notify=external)
                 own.commit()
             """,
         tests=(
@@ -363,11 +361,11 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="a stale relay cannot overwrite the reclaiming relay's outcome",
         where="alchemium/events/**/*.py",
         find="""
-            stmt = update(d).where(d.c.claim_token == token, d.c.status == CLAIMED)
+            where = [d.c.claim_token == token, d.c.status == CLAIMED]
             if ids is not None:
             """,
         replace="""
-            stmt = update(d).where(d.c.status == CLAIMED)  # mutation: not fenced by token
+            where = [d.c.status == CLAIMED]  # mutation: not fenced by the claim token
             if ids is not None:
             """,
         tests=(
@@ -375,6 +373,47 @@ CATALOG: tuple[Mutation, ...] = (
             "test_stale_relay_cannot_complete_rows_the_reclaiming_relay_still_holds[sqlite]",
             "tests/events/test_relay.py::"
             "test_stale_relay_cannot_complete_rows_the_reclaiming_relay_still_holds[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="lease_from_python_clock",
+        guarantee="leases and due times come from the database's clock",
+        where="alchemium/events/outbox_schema.py",
+        find="""
+            if offset is None:
+                return "statement_timestamp()"
+            return f"(statement_timestamp() + make_interval(secs => {offset}))"
+            """,
+        replace="""
+            import datetime as _dt  # mutation: the clock of the process, not the database's
+
+            now = f"'{_dt.datetime.now(_dt.timezone.utc).isoformat()}'::timestamptz"
+            if offset is None:
+                return now
+            return f"({now} + make_interval(secs => {offset}))"
+            """,
+        tests=(
+            "tests/events/test_database_clock.py::"
+            "test_a_relay_60s_ahead_does_not_take_a_claim_kept_alive_by_heartbeats[postgresql]",
+            "tests/events/test_database_clock.py::"
+            "test_an_event_committed_by_a_writer_20s_ahead_is_delivered_at_once[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="no_stranded_warning",
+        guarantee="nothing is stranded silently",
+        where="alchemium/events/subscribers.py",
+        find="""
+            if is_main_module_name(name):
+                warnings.warn(
+            """,
+        replace="""
+            if is_main_module_name(name) and False:  # mutation: no warning
+                warnings.warn(
+            """,
+        tests=(
+            "tests/events/test_stranded_destinations.py::"
+            "test_a_script_shows_the_warning_at_its_decorator",
         ),
     ),
     Mutation(

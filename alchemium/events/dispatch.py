@@ -175,9 +175,8 @@ def write_events(
             rows.append((event, destination, False))
             external = True
     try:
-        outbox.write(
-            session, events, rows, claim_token=token, lease=outbox.dispatch_lease, notify=external
-        )
+        lease = outbox.dispatch_lease
+        outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
     except sa_exc.DBAPIError as err:
         if not outbox.tables_exist(session.get_bind()):
             raise OutboxError(

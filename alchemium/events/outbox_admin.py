@@ -26,6 +26,7 @@ from sqlalchemy import (
     update,
 )
 
+from alchemium.events.marks import flush_marks_before_reading
 from alchemium.events.outbox_schema import (
     CLAIMED,
     DEAD,
@@ -107,6 +108,15 @@ class OverdueDestination:
 class OutboxAdministration(OutboxTables):
     """Status, lag and maintenance of the outbox tables; :class:`Outbox` inherits them."""
 
+    async def settle_marks(self, conn: Executor) -> None:
+        """Write this process's queued "delivered" marks of after-commit dispatches first.
+
+        The reads of the delivery states call it, so a status read right after a
+        commit in the same process shows what the commit's subscribers did (see
+        :mod:`alchemium.events.marks`).
+        """
+        await flush_marks_before_reading(self, conn.in_transaction(), dialect_of(conn))
+
     async def status(
         self, conn: Executor, destinations: Sequence[str] | None = None
     ) -> OutboxStatus:
@@ -125,6 +135,7 @@ class OutboxAdministration(OutboxTables):
         delivered ones kept for retention included), then the lag and the overdue
         time of the undelivered rows, on the database's clock.
         """
+        await self.settle_marks(conn)
         d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         counts: dict[str, dict[str, int]] = {}
@@ -170,6 +181,7 @@ class OutboxAdministration(OutboxTables):
         One statement over the undelivered rows only. See :class:`OutboxStatus` for
         what the writer's clock does to it.
         """
+        await self.settle_marks(conn)
         d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         oldest, now = (
@@ -216,6 +228,7 @@ class OutboxAdministration(OutboxTables):
         """How many rows of ``destinations`` are pending or claimed (none if no destination)."""
         if not destinations:
             return 0
+        await self.settle_marks(conn)
         d = self.deliveries
         stmt = select(func.count()).where(
             d.c.destination.in_(destinations), d.c.status.in_((PENDING, CLAIMED))

@@ -217,7 +217,7 @@ async def test_stale_relay_cannot_overwrite_the_outcome_of_the_reclaiming_relay(
     assert (row["status"], row["attempts"]) == ("pending", 2)
 
     # A wakes up and reports success: fenced out, B's state stands.
-    stalled.release.set()
+    release.set()
     assert await asyncio.wait_for(a_round, 5) == 0
     assert stalled.ids() == [event.id]
     assert relay_a.stats.lost_leases == 1
