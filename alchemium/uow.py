@@ -49,6 +49,7 @@ from alchemium.errors import (
     UnitOfWorkError,
     db_errors,
     is_disconnect,
+    map_db_error,
     raise_mapped,
 )
 from alchemium.shielding import uncancellable
@@ -365,6 +366,13 @@ class UnitOfWork:
             return
         if exc is not None:
             await self._finish(rollback=True)
+            if isinstance(exc, sa_exc.StatementError):
+                # The body's own SQL (``uow.session.execute(...)``) failed: raise it as the
+                # alchemium error a repository call would have raised, so callers and
+                # run_in_transaction classify it the same way (transient or a bug).
+                mapped = map_db_error(exc)
+                if mapped is not None and mapped is not exc:
+                    raise mapped from exc
             return
         try:
             await self.commit()

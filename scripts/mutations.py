@@ -80,12 +80,12 @@ CATALOG: tuple[Mutation, ...] = (
         find="""
             if exc is not None:
                 await self._finish(rollback=True)
-                return
+                if isinstance(exc, sa_exc.StatementError):
             """,
         replace="""
             if exc is not None and not isinstance(exc, Exception):
                 await self._finish(rollback=True)
-                return
+                if isinstance(exc, sa_exc.StatementError):
             """,
         tests=("tests/test_uow.py::test_exception_rolls_back_and_propagates[outbox-sqlite]",),
     ),
@@ -96,12 +96,12 @@ CATALOG: tuple[Mutation, ...] = (
         find="""
             if exc is not None:
                 await self._finish(rollback=True)
-                return
+                if isinstance(exc, sa_exc.StatementError):
             """,
         replace="""
             if exc is not None and not isinstance(exc, asyncio.CancelledError):
                 await self._finish(rollback=True)
-                return
+                if isinstance(exc, sa_exc.StatementError):
             """,
         tests=(
             "tests/test_uow.py::test_cancelled_tasks_roll_back_and_return_every_connection"
@@ -215,6 +215,10 @@ CATALOG: tuple[Mutation, ...] = (
             "[sqlite]",
             "tests/reliability/test_crashes.py::test_sigkilled_writer_loses_no_committed_event"
             "[postgresql]",
+            "tests/events/test_marks.py::"
+            "test_a_process_killed_with_marks_queued_loses_nothing[sqlite]",
+            "tests/events/test_marks.py::"
+            "test_a_process_killed_with_marks_queued_loses_nothing[postgresql]",
         ),
         slow=True,
     ),
@@ -355,6 +359,63 @@ CATALOG: tuple[Mutation, ...] = (
             "test_relay_processes_deliver_every_event_exactly_once[4-postgresql]",
         ),
         slow=True,
+    ),
+    Mutation(
+        name="no_heartbeat",
+        guarantee="a slow batch keeps its lease while it publishes",
+        where="alchemium/events/relay.py",
+        find="""
+            renewed = await self.outbox.renew(session, token, self.lease)
+            """,
+        replace="""
+            renewed = 0  # mutation: the heartbeat renews nothing
+            """,
+        tests=(
+            "tests/events/test_relay.py::test_heartbeat_keeps_the_lease_of_a_slow_batch[sqlite]",
+            "tests/events/test_relay.py::test_heartbeat_keeps_the_lease_of_a_slow_batch[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="dispatch_before_commit",
+        guarantee="handlers run after COMMIT, never before",
+        where="alchemium/events/dispatch.py",
+        find="""
+            commit.events = events
+            commit.info[self] = write_events(uow, session, events)
+            """,
+        replace="""
+            commit.events = events
+            commit.info[self] = write_events(uow, session, events)
+            from sqlalchemy.util import await_only  # mutation: dispatch before COMMIT
+
+            await_only(dispatch_events(uow.session, events, commit.info[self]))
+            commit.events = []
+            """,
+        tests=(
+            "tests/events/test_dispatch.py::"
+            "test_sync_and_async_handlers_run_once_after_commit[sqlite-keep]",
+            "tests/events/test_dispatch.py::"
+            "test_sync_and_async_handlers_run_once_after_commit[postgresql-keep]",
+        ),
+    ),
+    Mutation(
+        name="unfenced_completion",
+        guarantee="a stale relay cannot overwrite the reclaiming relay's outcome",
+        where="alchemium/events/outbox.py",
+        find="""
+            where = [d.c.claim_token == token, d.c.status == CLAIMED]
+            if ids is not None:
+            """,
+        replace="""
+            where = []  # mutation: a completion touches rows whatever their claim and state
+            if ids is not None:
+            """,
+        tests=(
+            "tests/events/test_relay.py::"
+            "test_stale_relay_cannot_overwrite_the_outcome_of_the_reclaiming_relay[sqlite]",
+            "tests/events/test_relay.py::"
+            "test_stale_relay_cannot_overwrite_the_outcome_of_the_reclaiming_relay[postgresql]",
+        ),
     ),
     Mutation(
         name="no_claim_token_fencing",

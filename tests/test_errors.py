@@ -329,10 +329,14 @@ async def conflict_target_without_unique_constraint(s: AsyncSession) -> Any:
     return await UserRepository.upsert(s, {"name": "Bob", "position": "x"}, conflict=["position"])
 
 
+async def bad_sql(s: AsyncSession) -> Any:
+    return await s.execute(text("SELEC name FROM users"))
+
+
 @pytest.mark.parametrize(
     "write",
-    [missing_table, missing_column, conflict_target_without_unique_constraint],
-    ids=["missing_table", "missing_column", "on_conflict_without_unique_constraint"],
+    [missing_table, missing_column, conflict_target_without_unique_constraint, bad_sql],
+    ids=["missing_table", "missing_column", "on_conflict_without_unique_constraint", "bad_sql"],
 )
 async def test_a_statement_the_database_refuses_is_a_programming_error_never_retried(
     session_factory: Factory, write: Write

@@ -253,7 +253,9 @@ def faketime(offset: str) -> list[str]:
     """
     binary = shutil.which("faketime")
     if binary is None:
-        pytest.skip("faketime is not installed (apt-get install faketime; scripts/system-deps.sh)")
+        skip_without_server(
+            "faketime", "not installed (apt-get install faketime; scripts/system-deps.sh)"
+        )
     return ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", binary, "-f", offset]
 
 
