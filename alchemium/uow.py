@@ -371,7 +371,7 @@ class UnitOfWork:
                 # alchemium error a repository call would have raised, so callers and
                 # run_in_transaction classify it the same way (transient or a bug).
                 mapped = map_db_error(exc)
-                if mapped is not None and mapped is not exc:
+                if mapped is not None:
                     raise mapped from exc
             return
         try:
