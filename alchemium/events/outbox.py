@@ -141,6 +141,7 @@ class Outbox(OutboxAdministration):
                     "payload": e.to_dict()["payload"],
                     "metadata": e.to_dict()["metadata"],
                     "occurred_at": e.occurred_at,
+                    "schema_version": e.schema_version,
                 }
                 for e in events
             ],
@@ -199,7 +200,13 @@ class Outbox(OutboxAdministration):
                 "claimed_by": claimed_by,
             }
             return [
-                DeliveryRow(r.id, r.destination, r.attempts, event_of(r._mapping, "event_"))
+                DeliveryRow(
+                    r.id,
+                    r.destination,
+                    r.attempts,
+                    event_of(r._mapping, "event_"),
+                    r.replayed_at is not None,
+                )
                 for r in (await conn.execute(stmt, params)).all()
             ]
         due = (
@@ -218,7 +225,7 @@ class Outbox(OutboxAdministration):
             "claimed_by": claimed_by,
             "attempts": d.c.attempts + 1,
         }
-        returned = (d.c.id, d.c.event_id, d.c.destination, d.c.attempts)
+        returned = (d.c.id, d.c.event_id, d.c.destination, d.c.attempts, d.c.replayed_at)
         e = self.events
         stmt = update(d).where(d.c.id.in_(due.scalar_subquery())).values(**values)
         claimed = (await conn.execute(stmt.returning(*returned))).all()
@@ -231,7 +238,13 @@ class Outbox(OutboxAdministration):
             ).all()
         }
         return [
-            DeliveryRow(c.id, c.destination, c.attempts, event_of(events[c.event_id]._mapping))
+            DeliveryRow(
+                c.id,
+                c.destination,
+                c.attempts,
+                event_of(events[c.event_id]._mapping),
+                c.replayed_at is not None,
+            )
             for c in sorted(claimed, key=lambda r: r.id)
         ]
 

@@ -3,6 +3,8 @@
 :class:`OutboxAdministration` is the half of :class:`~alchemium.events.outbox.Outbox`
 that the CLI (``alchemium outbox ...``), dashboards and scripts use; the commit and
 the relay use the other half (``outbox.py``). Every time is the database's clock.
+Replay, filtered requeue and giving up are inherited from
+:class:`~alchemium.events.outbox_lifecycle.OutboxLifecycle`.
 """
 
 from __future__ import annotations
@@ -13,29 +15,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    Integer,
-    String,
     and_,
     delete,
     exists,
     func,
-    insert,
-    literal,
     or_,
     select,
     update,
 )
 
+from alchemium.events.outbox_lifecycle import OutboxLifecycle
 from alchemium.events.outbox_schema import (
+    ABANDONED,
     CLAIMED,
     DEAD,
     DELIVERED,
     PENDING,
     Executor,
-    OutboxTables,
     age_of,
     database_now,
 )
+from alchemium.events.subscribers import SubscriberRegistry
 
 __all__ = ["DestinationStatus", "OutboxAdministration", "OutboxStatus", "OverdueDestination"]
 
@@ -56,6 +56,7 @@ class OutboxStatus:
     dead: int
     delivered: int
     oldest_pending_age: float | None  # seconds
+    abandoned: int = 0
 
     @classmethod
     def total(cls, destinations: Sequence[DestinationStatus]) -> OutboxStatus:
@@ -67,6 +68,7 @@ class OutboxStatus:
             dead=sum(s.dead for s in destinations),
             delivered=sum(s.delivered for s in destinations),
             oldest_pending_age=max(ages, default=None),
+            abandoned=sum(s.abandoned for s in destinations),
         )
 
 
@@ -88,6 +90,7 @@ class DestinationStatus:
     delivered: int
     oldest_pending_age: float | None  # seconds
     overdue: float | None  # seconds
+    abandoned: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,7 @@ class OverdueDestination:
     overdue: float
 
 
-class OutboxAdministration(OutboxTables):
+class OutboxAdministration(OutboxLifecycle):
     """Status, lag and maintenance of the outbox tables; :class:`Outbox` inherits them."""
 
     async def status(
@@ -159,6 +162,7 @@ class OutboxAdministration(OutboxTables):
                 delivered=by_state.get(DELIVERED, 0),
                 oldest_pending_age=ages.get(destination, (None, None))[0],
                 overdue=ages.get(destination, (None, None))[1],
+                abandoned=by_state.get(ABANDONED, 0),
             )
             for destination, by_state in sorted(counts.items())
         ]
@@ -246,17 +250,11 @@ class OutboxAdministration(OutboxTables):
     async def requeue(
         self, conn: Executor, *, ids: Sequence[int] | None = None, destination: str | None = None
     ) -> int:
-        """Put dead deliveries back to pending with attempts reset; returns how many."""
-        d = self.deliveries
-        stmt = update(d).where(d.c.status == DEAD)
-        if ids is not None:
-            stmt = stmt.where(d.c.id.in_(ids))
-        if destination is not None:
-            stmt = stmt.where(d.c.destination == destination)
-        stmt = stmt.values(
-            status=PENDING, attempts=0, next_attempt_at=database_now(), last_error=None
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        """Put dead deliveries back to pending with attempts reset; returns how many.
+
+        Abandoned ones stay abandoned; :meth:`requeue_matching` has every filter.
+        """
+        return await self.requeue_matching(conn, ids=ids, destination=destination)
 
     async def discard(self, conn: Executor, ids: Sequence[int]) -> int:
         """Give up on dead deliveries (marked delivered with their error kept)."""
@@ -310,40 +308,22 @@ class OutboxAdministration(OutboxTables):
         await conn.execute(delete(e).where(e.c.sequence.in_(stale)))
         return removed
 
-    async def backfill(self, conn: Executor, destination: str, *, since: dt.datetime) -> int:
+    async def backfill(
+        self,
+        conn: Executor,
+        destination: str,
+        *,
+        since: dt.datetime,
+        registry: SubscriberRegistry | None = None,
+    ) -> int:
         """Opt-in: give ``destination`` (a later subscriber) the retained events since ``since``.
 
         New subscribers start from "now": rows are only written for destinations known
-        at commit. This inserts pending rows, due at once, for older events it has no
-        row for yet.
+        at commit. This inserts pending rows, due at once and marked as replays, for
+        older events it has no row for yet, of the names ``registry`` (default: the
+        default one) routes to it: a subscriber of ``user_*`` gets only ``user_*``
+        events. One statement; :meth:`replay` is the batched, rate-limited form that
+        also redelivers. Raises OutboxError for a destination the registry does not know.
         """
-        d, e = self.deliveries, self.events
-        source = (
-            select(
-                e.c.id,
-                literal(destination, String),
-                e.c.aggregate_type,
-                e.c.aggregate_id,
-                literal(PENDING, String),
-                literal(0, Integer),
-                database_now(),
-            )
-            .where(
-                e.c.occurred_at >= since,
-                ~exists().where(d.c.event_id == e.c.id, d.c.destination == destination),
-            )
-            .order_by(e.c.sequence)
-        )
-        stmt = insert(d).from_select(
-            [
-                "event_id",
-                "destination",
-                "aggregate_type",
-                "aggregate_id",
-                "status",
-                "attempts",
-                "next_attempt_at",
-            ],
-            source,
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        names = await self.replay_names(conn, destination, since=since, registry=registry)
+        return await self.backfill_rows(conn, destination, names, since=since)
