@@ -25,6 +25,7 @@ from alchemium.events.sensitive import (
     HASH_PREFIX,
     REDACTED,
     SensitiveFields,
+    sensitive_fields,
 )
 from alchemium.modelinfo import ModelInfo, model_info
 
@@ -98,25 +99,30 @@ def configure_payload(
     repositories of one model must not disagree on what leaves it (a secret excluded
     by one would be sent by the other). ``check``: the model records events, so every
     column they carry untransformed must have an encoder (EventConfigurationError
-    otherwise, naming the model, the field and the type).
+    otherwise, naming the model, the field and the type). The model's sensitive
+    columns (:mod:`alchemium.events.sensitive`) are part of the policy; one cannot
+    also be transformed.
     """
     current = _policies.get(info.model)
     names = _declared_exclude(info, exclude, current)
     functions = _declared_transform(info, transform, current)
+    sensitive = sensitive_fields(info)
     both = names & functions.keys()
+    if sensitive is not None:
+        both |= sensitive.fields & functions.keys()
     if both:
         raise EventConfigurationError(
-            f"{info.name}: {', '.join(sorted(both))} is both in event_exclude and "
-            "event_transform; keep it in one",
+            f"{info.name}: {', '.join(sorted(both))} is in more than one of event_exclude, "
+            "event_transform and the sensitive columns; keep it in one",
             model=info.name,
             field=sorted(both)[0],
         )
     if check:
         _check_encodable(info, names | functions.keys())
-    if not names and not functions:
+    if not names and not functions and sensitive is None:
         _policies.pop(info.model, None)
         return None
-    policy = PayloadPolicy(info.name, names, MappingProxyType(dict(functions)))
+    policy = PayloadPolicy(info.name, names, MappingProxyType(dict(functions)), sensitive)
     _policies[info.model] = policy
     return policy
 
