@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import EventConfigurationError, UnitOfWork, UpcastError
@@ -281,3 +281,21 @@ async def test_audit_history_shows_old_changes_at_the_current_version(
         [stored] = await audit_history(session, "user", user.id, upcast=False)
     assert (entry.schema_version, entry.changes["first_name"]) == (2, "Ada")
     assert (stored.schema_version, stored.changes["name"]) == (1, "Ada Lovelace")
+
+
+async def test_a_row_written_before_schema_versions_existed_reads_as_version_1(
+    engine: AsyncEngine,
+    session_factory: Factory,
+    outbox: Outbox,
+    registry: SubscriberRegistry,
+    upcasters: UpcasterRegistry,
+) -> None:
+    await write_users(session_factory, registry, "Ada Lovelace")
+    async with session_factory() as session:  # what a migrated database holds: NULL
+        await session.execute(update(outbox.events).values(schema_version=None))
+        await session.commit()
+    upcasters.declare("user_created", 2)
+    upcasters.register("user_created", split_name, from_version=1)
+    sink = Sink("upcast_sink")
+    assert await OutboxRelay(session_factory, sink, listen=False).drain() == 1
+    assert (sink.received[0].schema_version, sink.received[0].payload["first_name"]) == (2, "Ada")
