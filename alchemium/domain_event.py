@@ -108,6 +108,25 @@ class DomainEvent:
             schema_version=schema_version,
         )
 
+    def with_payload(
+        self, payload: Mapping[str, Any], *, schema_version: int | None = None
+    ) -> DomainEvent:
+        """This event with another payload (checked JSON-safe), and version if given.
+
+        Same id, name, aggregate, time and metadata: what an upcaster or a reader that
+        opens sealed values hands on. Raises EventSerializationError like :meth:`create`.
+        """
+        return DomainEvent.create(
+            self.name,
+            aggregate_type=self.aggregate_type,
+            aggregate_id=self.aggregate_id,
+            payload=payload,
+            metadata=plain_json(self.metadata),
+            id=self.id,
+            occurred_at=self.occurred_at,
+            schema_version=self.schema_version if schema_version is None else schema_version,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-safe dict of the whole event (the wire format of broker publishers)."""
         return {

@@ -277,20 +277,7 @@ async def reveal_event(
     payload = await reveal_payload(session, event.payload, keys=keys)
     if payload == plain_json(event.payload):
         return event
-    return _with_payload(event, payload)
-
-
-def _with_payload(event: DomainEvent, payload: Mapping[str, Any]) -> DomainEvent:
-    return DomainEvent.create(
-        event.name,
-        aggregate_type=event.aggregate_type,
-        aggregate_id=event.aggregate_id,
-        payload=payload,
-        metadata=plain_json(event.metadata),
-        id=event.id,
-        occurred_at=event.occurred_at,
-        schema_version=event.schema_version,
-    )
+    return event.with_payload(payload)
 
 
 async def erase_subject(
@@ -346,8 +333,8 @@ class SealingHook(UnitOfWorkHooks):
         )
         for i, fields, event in events:
             subject = f"{event.aggregate_type}:{event.aggregate_id}"
-            recorded[i] = _with_payload(
-                event, _sealed_payload(plain_json(event.payload), fields, subject, keys[subject])
+            recorded[i] = event.with_payload(
+                _sealed_payload(plain_json(event.payload), fields, subject, keys[subject])
             )
 
 

@@ -226,23 +226,17 @@ class Outbox(OutboxAdministration):
             "attempts": d.c.attempts + 1,
         }
         returned = (d.c.id, d.c.event_id, d.c.destination, d.c.attempts, d.c.replayed_at)
-        e = self.events
         stmt = update(d).where(d.c.id.in_(due.scalar_subquery())).values(**values)
         claimed = (await conn.execute(stmt.returning(*returned))).all()
         if not claimed:
             return []
-        events = {
-            row.id: row
-            for row in (
-                await conn.execute(select(e).where(e.c.id.in_({c.event_id for c in claimed})))
-            ).all()
-        }
+        events = await self.events_by_id(conn, {c.event_id for c in claimed})
         return [
             DeliveryRow(
                 c.id,
                 c.destination,
                 c.attempts,
-                event_of(events[c.event_id]._mapping),
+                events[c.event_id],
                 c.replayed_at is not None,
             )
             for c in sorted(claimed, key=lambda r: r.id)

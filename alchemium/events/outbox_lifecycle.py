@@ -44,7 +44,6 @@ from alchemium.events.outbox_schema import (
     OutboxTables,
     database_now,
     dialect_of,
-    event_of,
 )
 from alchemium.events.subscribers import SubscriberRegistry, default_registry, event_pattern
 
@@ -444,7 +443,7 @@ class OutboxLifecycle(OutboxTables):
         """
         if not destinations:
             return []
-        d, e = self.deliveries, self.events
+        d = self.deliveries
         now = database_now()
         due = (
             select(d.c.id)
@@ -475,12 +474,7 @@ class OutboxLifecycle(OutboxTables):
         claimed = (await conn.execute(stmt)).all()
         if not claimed:
             return []
-        events = {
-            row.id: row
-            for row in await conn.execute(
-                select(e).where(e.c.id.in_({c.event_id for c in claimed}))
-            )
-        }
+        events = await self.events_by_id(conn, {c.event_id for c in claimed})
         return [
             GivenUpDelivery(
                 c.id,
@@ -488,7 +482,7 @@ class OutboxLifecycle(OutboxTables):
                 c.status,
                 c.attempts,
                 c.last_error,
-                event_of(events[c.event_id]._mapping),
+                events[c.event_id],
                 c.replayed_at is not None,
             )
             for c in sorted(claimed, key=lambda r: r.id)

@@ -305,6 +305,12 @@ class OutboxTables:
                 inspector.has_table(t.name, schema=t.schema) for t in (self.events, self.deliveries)
             )
 
+    async def events_by_id(self, conn: Executor, ids: set[Any]) -> dict[Any, DomainEvent]:
+        """The stored events with these ids (one SELECT), as DomainEvents by id."""
+        e = self.events
+        rows = await conn.execute(select(e).where(e.c.id.in_(ids)))
+        return {row.id: event_of(row._mapping) for row in rows}
+
     def insert_deliveries(self, lease: float) -> Any:
         """The INSERT of delivery rows: due now, claimed ones leased, on the database clock."""
         claimed = bindparam("claim_now", type_=Boolean())

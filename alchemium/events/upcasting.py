@@ -205,16 +205,7 @@ class UpcasterRegistry:
             event.name, plain_json(event.payload), event.schema_version, event_id=event.id
         )
         try:
-            return DomainEvent.create(
-                event.name,
-                aggregate_type=event.aggregate_type,
-                aggregate_id=event.aggregate_id,
-                payload=payload,
-                metadata=plain_json(event.metadata),
-                id=event.id,
-                occurred_at=event.occurred_at,
-                schema_version=version,
-            )
+            return event.with_payload(payload, schema_version=version)
         except EventSerializationError as err:
             raise UpcastError(
                 event.name,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,15 +10,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.events import (
-    AuditLog,
     DomainEvent,
     SubscriberRegistry,
-    create_audit_table,
-    disable_audit,
-    enable_audit,
 )
 from alchemium.events.outbox import Outbox
-from tests.models import Base
 
 
 @pytest.fixture
@@ -47,18 +41,6 @@ def received(registry: SubscriberRegistry) -> Received:
     rec = Received()
     registry.subscribe("*", rec.handler, name="received")
     return rec
-
-
-@pytest.fixture
-async def audit(engine: AsyncEngine) -> AsyncIterator[AuditLog]:
-    """Audit enabled for one test only: the hook and the table leave with it."""
-    log = enable_audit(Base.metadata)
-    try:
-        await create_audit_table(engine, log)
-        yield log
-    finally:
-        disable_audit()
-        Base.metadata.remove(log.table)
 
 
 async def outbox_events(engine: AsyncEngine, outbox: Outbox) -> list[dict[str, Any]]:

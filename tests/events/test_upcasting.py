@@ -52,12 +52,23 @@ def upcasters() -> Iterator[UpcasterRegistry]:
         yield registry
 
 
+def new_code(upcasters: UpcasterRegistry, function: Any = split_name) -> None:
+    """The new code: ``user_created`` at version 2, ``function`` its upcaster from 1."""
+    upcasters.declare("user_created", 2)
+    upcasters.register("user_created", function, from_version=1)
+
+
 async def write_users(factory: Factory, registry: SubscriberRegistry, *names: str) -> None:
     """Old code: commit one ``user_created`` (version 1) per name, pending for ``upcast_sink``."""
     registry.add_destination("upcast_sink", "user_created")
     async with UnitOfWork(factory, registry=registry) as uow:
         for name in names:
             await UserRepository.create(uow.session, {"name": name})
+
+
+async def deliver(factory: Factory, sink: Sink) -> int:
+    """One relay pass (what ``alchemium relay --once`` does) with ``sink``."""
+    return await OutboxRelay(factory, sink, listen=False).drain()
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -133,10 +144,9 @@ async def test_relay_delivers_events_written_at_v1_as_v2(
     await write_users(session_factory, registry, "Ada Lovelace", "Alan Turing")
 
     # The new code: version 2 and its upcaster, then a relay.
-    upcasters.declare("user_created", 2)
-    upcasters.register("user_created", split_name, from_version=1)
+    new_code(upcasters)
     sink = Sink("upcast_sink")
-    assert await OutboxRelay(session_factory, sink, listen=False).drain() == 2
+    assert await deliver(session_factory, sink) == 2
 
     assert {e.schema_version for e in sink.received} == {2}
     assert [(e.payload["first_name"], e.payload["last_name"]) for e in sink.received] == [
@@ -219,7 +229,7 @@ async def test_a_failing_upcaster_loses_nothing_dead_then_delivered_after_fix_an
     async with session_factory() as session:
         assert await outbox.requeue(session) == 2
         await session.commit()
-    assert await OutboxRelay(session_factory, sink, listen=False).drain() == 2
+    assert await deliver(session_factory, sink) == 2
     assert sorted(e.payload["first_name"] for e in sink.received) == ["Ada", "Alan"]
 
 
@@ -230,8 +240,7 @@ async def test_after_commit_dispatch_upcasts_an_event_recorded_at_an_older_versi
     upcasters: UpcasterRegistry,
     engine: AsyncEngine,
 ) -> None:
-    upcasters.declare("user_created", 2)
-    upcasters.register("user_created", split_name, from_version=1)
+    new_code(upcasters)
     seen: list[DomainEvent] = []
     registry.subscribe("user_created", seen.append, name="seen")
     old = DomainEvent.create(
@@ -251,8 +260,7 @@ async def test_after_commit_dispatch_leaves_an_event_it_cannot_upcast_to_the_rel
     upcasters: UpcasterRegistry,
     engine: AsyncEngine,
 ) -> None:
-    upcasters.declare("user_created", 2)
-    upcasters.register("user_created", broken, from_version=1)
+    new_code(upcasters, broken)
     seen: list[DomainEvent] = []
     registry.subscribe("user_created", seen.append, name="seen")
     async with UnitOfWork(session_factory, registry=registry) as uow:
@@ -274,8 +282,7 @@ async def test_audit_history_shows_old_changes_at_the_current_version(
 ) -> None:
     async with UnitOfWork(session_factory) as uow:
         user = await UserRepository.create(uow.session, {"name": "Ada Lovelace"})
-    upcasters.declare("user_created", 2)
-    upcasters.register("user_created", split_name, from_version=1)
+    new_code(upcasters)
     async with session_factory() as session:
         [entry] = await audit_history(session, "user", user.id)
         [stored] = await audit_history(session, "user", user.id, upcast=False)
@@ -294,8 +301,7 @@ async def test_a_row_written_before_schema_versions_existed_reads_as_version_1(
     async with session_factory() as session:  # what a migrated database holds: NULL
         await session.execute(update(outbox.events).values(schema_version=None))
         await session.commit()
-    upcasters.declare("user_created", 2)
-    upcasters.register("user_created", split_name, from_version=1)
+    new_code(upcasters)
     sink = Sink("upcast_sink")
-    assert await OutboxRelay(session_factory, sink, listen=False).drain() == 1
+    assert await deliver(session_factory, sink) == 1
     assert (sink.received[0].schema_version, sink.received[0].payload["first_name"]) == (2, "Ada")
