@@ -108,14 +108,20 @@ def configure_payload(
     functions = _declared_transform(info, transform, current)
     sensitive = sensitive_fields(info)
     both = names & functions.keys()
-    if sensitive is not None:
-        both |= sensitive.fields & functions.keys()
     if both:
         raise EventConfigurationError(
-            f"{info.name}: {', '.join(sorted(both))} is in more than one of event_exclude, "
-            "event_transform and the sensitive columns; keep it in one",
+            f"{info.name}: {', '.join(sorted(both))} is both in event_exclude and "
+            "event_transform; keep it in one",
             model=info.name,
             field=sorted(both)[0],
+        )
+    hidden = (sensitive.fields if sensitive is not None else frozenset()) & functions.keys()
+    if hidden:
+        raise EventConfigurationError(
+            f"{info.name}: {', '.join(sorted(hidden))} is sensitive and in event_transform; "
+            "a sensitive column is hidden, not transformed: keep it in one",
+            model=info.name,
+            field=sorted(hidden)[0],
         )
     if check:
         _check_encodable(info, names | functions.keys())

@@ -87,7 +87,7 @@ async def every_stored_text(engine: AsyncEngine) -> str:
 # -- declarations ------------------------------------------------------------------------------
 
 
-def test_a_sensitive_name_that_is_not_a_column_or_an_unknown_mode_is_refused() -> None:
+def test_a_sensitive_declaration_that_cannot_work_is_refused_at_definition() -> None:
     class Local(DeclarativeBase):
         pass
 
@@ -112,6 +112,17 @@ def test_a_sensitive_name_that_is_not_a_column_or_an_unknown_mode_is_refused() -
 
         class OddRepository(CrudRepository[Odd]):
             model = Odd
+
+    class Masked(Local):
+        __tablename__ = "masked"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        email: Mapped[str] = mapped_column(String(50), info={"sensitive": True})
+
+    with pytest.raises(EventConfigurationError, match=r"Masked: email is sensitive and in event_"):
+
+        class MaskedRepository(CrudRepository[Masked]):
+            model = Masked
+            event_transform = {"email": len}
 
 
 # -- redact and hash -----------------------------------------------------------------------

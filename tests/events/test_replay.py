@@ -16,9 +16,22 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import OutboxError, UnitOfWork
-from alchemium.events import DomainEvent, OutboxRelay, RedisStreamPublisher, SubscriberRegistry
+from alchemium.events import (
+    DomainEvent,
+    OutboxRelay,
+    RabbitMQPublisher,
+    RedisStreamPublisher,
+    SubscriberRegistry,
+)
 from alchemium.events.outbox import Outbox
-from tests.events.relay_support import LONG_AGO, RedisServer, Sink, delivery_rows, run_cli
+from tests.events.relay_support import (
+    LONG_AGO,
+    RabbitServer,
+    RedisServer,
+    Sink,
+    delivery_rows,
+    run_cli,
+)
 from tests.models import OrderLineRepository, UserRepository
 
 Factory = async_sessionmaker[AsyncSession]
@@ -171,3 +184,39 @@ async def test_a_broker_sees_the_replay_mark_and_the_schema_version(
     assert [(f["replay"], f["schema_version"]) for _, f in entries] == [("1", "1")] * 3
     received = [DomainEvent.from_dict(json.loads(f["event"])) for _, f in entries]
     assert all(e.metadata["replay"] is True and e.schema_version == 1 for e in received)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the broker side; the database does not matter
+async def test_rabbitmq_messages_carry_the_replay_header_and_the_schema_version(
+    session_factory: Factory,
+    outbox: Outbox,
+    registry: SubscriberRegistry,
+    rabbitmq_server: RabbitServer,
+) -> None:
+    import aio_pika
+
+    await history(session_factory, registry)
+    registry.add_destination("rabbitmq", "user_created")
+    connection = await aio_pika.connect(rabbitmq_server.url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            "replay.events", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(exchange, routing_key="user_created")
+        await outbox.replay(session_factory, "rabbitmq", since=SINCE, registry=registry, pause=0)
+        publisher = RabbitMQPublisher(rabbitmq_server.url, exchange="replay.events")
+        try:
+            assert await OutboxRelay(session_factory, publisher, listen=False).drain() == 3
+        finally:
+            await publisher.close()
+        received = []
+        for _ in range(3):
+            message = await queue.get(timeout=5)
+            await message.ack()
+            received.append(message)
+    finally:
+        await connection.close()
+    assert [(m.headers["replay"], m.headers["schema_version"]) for m in received] == [(True, 1)] * 3
+    assert all(json.loads(m.body)["metadata"]["replay"] is True for m in received)
