@@ -30,6 +30,7 @@ from tests.events.relay_support import (
     RedisServer,
     Sink,
     delivery_rows,
+    rabbitmq_consumer,
     run_cli,
 )
 from tests.models import OrderLineRepository, UserRepository
@@ -193,30 +194,16 @@ async def test_rabbitmq_messages_carry_the_replay_header_and_the_schema_version(
     registry: SubscriberRegistry,
     rabbitmq_server: RabbitServer,
 ) -> None:
-    import aio_pika
-
     await history(session_factory, registry)
     registry.add_destination("rabbitmq", "user_created")
-    connection = await aio_pika.connect(rabbitmq_server.url)
-    try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            "replay.events", aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue("", exclusive=True)
-        await queue.bind(exchange, routing_key="user_created")
+    url = rabbitmq_server.url
+    async with rabbitmq_consumer(url, "replay.events", "user_created") as take:
         await outbox.replay(session_factory, "rabbitmq", since=SINCE, registry=registry, pause=0)
-        publisher = RabbitMQPublisher(rabbitmq_server.url, exchange="replay.events")
+        publisher = RabbitMQPublisher(url, exchange="replay.events")
         try:
             assert await OutboxRelay(session_factory, publisher, listen=False).drain() == 3
         finally:
             await publisher.close()
-        received = []
-        for _ in range(3):
-            message = await queue.get(timeout=5)
-            await message.ack()
-            received.append(message)
-    finally:
-        await connection.close()
+        received = await take(3)
     assert [(m.headers["replay"], m.headers["schema_version"]) for m in received] == [(True, 1)] * 3
     assert all(json.loads(m.body)["metadata"]["replay"] is True for m in received)
