@@ -23,6 +23,7 @@ from alchemium.events.erasure import (
     subject_id,
 )
 from alchemium.events.inbox import Inbox, enable_inbox
+from alchemium.events.marks import flush_delivery_marks
 from alchemium.events.outbox import (
     DestinationStatus,
     Outbox,
@@ -109,6 +110,7 @@ __all__ = [
     "enable_inbox",
     "enable_outbox",
     "erase_subject",
+    "flush_delivery_marks",
     "off",
     "on",
     "remove_before_commit_hook",
