@@ -127,8 +127,10 @@ class OutboxLifecycle(OutboxTables):
 
         For each event: no row for the destination yet → a pending row is inserted;
         a delivered row → pending again; a pending, claimed, dead or abandoned row is
-        left alone (so running it twice never duplicates a pending delivery). The
-        rows it schedules carry ``replayed_at``; publishers see the event with
+        left alone (so running it twice never duplicates a pending delivery). With
+        ``completion="delete"`` or ``"archive"`` a delivered row has left the table, so
+        its event gets a new row (``created``). Events the retention purge deleted
+        are gone: only retained events can be replayed. The rows it schedules carry ``replayed_at``; publishers see the event with
         ``metadata["replay"] = True``. Runs in batches of ``batch_size`` events, each
         its own transaction from ``sessions()``, sleeping ``pause`` seconds between
         them so live traffic keeps its share of the database and the relays.
@@ -221,7 +223,8 @@ class OutboxLifecycle(OutboxTables):
         self, conn: Executor, destination: str, names: Sequence[str], *, since: dt.datetime
     ) -> int:
         """One statement: pending, replay-marked rows for events of ``names`` since ``since``
-        that ``destination`` has no row for (delivered ones are not redelivered)."""
+        that ``destination`` has no row for (delivered ones are not redelivered, as long
+        as ``completion="keep"`` keeps their rows)."""
         if not names:
             return 0
         batch = await self._replay_batch(
