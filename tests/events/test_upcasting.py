@@ -290,6 +290,28 @@ async def test_audit_history_shows_old_changes_at_the_current_version(
     assert (stored.schema_version, stored.changes["name"]) == (1, "Ada Lovelace")
 
 
+async def test_every_write_path_stores_the_version_events_are_created_at(
+    engine: AsyncEngine,
+    session_factory: Factory,
+    outbox: Outbox,
+    audit: AuditLog,
+    registry: SubscriberRegistry,
+    upcasters: UpcasterRegistry,
+) -> None:
+    # One event (on PostgreSQL: events and deliveries in one statement), then a bulk
+    # create of more events than that statement takes (the two-statement write).
+    new_code(upcasters)
+    registry.add_destination("upcast_sink", "user_created")
+    async with UnitOfWork(session_factory, registry=registry) as uow:
+        await UserRepository.create(uow.session, {"name": "Ada Lovelace"})
+    async with UnitOfWork(session_factory, registry=registry) as uow:
+        await UserRepository.create_many(uow.session, [{"name": f"u{i}"} for i in range(150)])
+    async with engine.connect() as conn:
+        in_outbox = (await conn.execute(select(outbox.events.c.schema_version))).scalars()
+        in_audit = (await conn.execute(select(audit.table.c.schema_version))).scalars()
+        assert sorted(in_outbox) == sorted(in_audit) == [2] * 151
+
+
 async def test_a_row_written_before_schema_versions_existed_reads_as_version_1(
     engine: AsyncEngine,
     session_factory: Factory,
