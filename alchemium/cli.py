@@ -238,7 +238,8 @@ def _parser() -> argparse.ArgumentParser:
     outbox = commands.add_parser("outbox", help="inspect and maintain the outbox")
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
     status = actions.add_parser(
-        "status", help="pending / claimed / dead / delivered, lag and overdue per destination"
+        "status",
+        help="pending / claimed / dead / abandoned / delivered, lag and overdue per destination",
     )
     common(status)
     status.add_argument(
@@ -592,7 +593,8 @@ async def _relay(
     stats = relay.stats
     print(
         f"relay {'pass done' if args.once else 'stopped'}: delivered={stats.delivered} "
-        f"retried={stats.retried} dead={stats.dead} lost_leases={stats.lost_leases}",
+        f"retried={stats.retried} dead={stats.dead} abandoned={stats.abandoned} "
+        f"lost_leases={stats.lost_leases}",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -626,12 +628,13 @@ async def _status(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox)
         print()
         print(
             f"{'destination':<{width}}  {'pending':>8} {'claimed':>8} {'dead':>6} "
-            f"{'delivered':>10} {'lag':>9} {'overdue':>9}"
+            f"{'abandoned':>9} {'delivered':>10} {'lag':>9} {'overdue':>9}"
         )
         for s in per:
             print(
                 f"{s.destination:<{width}}  {s.pending:>8} {s.claimed:>8} {s.dead:>6} "
-                f"{s.delivered:>10} {_seconds(s.oldest_pending_age):>9} {_seconds(s.overdue):>9}"
+                f"{s.abandoned:>9} {s.delivered:>10} {_seconds(s.oldest_pending_age):>9} "
+                f"{_seconds(s.overdue):>9}"
             )
     for s in per:
         if is_main_module_name(s.destination) and (s.pending or s.claimed or s.dead):

@@ -564,7 +564,7 @@ CATALOG: tuple[Mutation, ...] = (
     # -- events that live for years (issue 17) ----------------------------------------------
     Mutation(
         name="relay_skips_upcasting",
-        guarantee="events written by old code are delivered at the current version",
+        guarantee="old events are delivered at the current schema version",
         where="alchemium/events/**/*.py",
         find="event = upcasters.upcast(row.event)",
         replace="event = row.event  # mutation: published as stored",

@@ -130,10 +130,11 @@ class OutboxLifecycle(OutboxTables):
         left alone (so running it twice never duplicates a pending delivery). With
         ``completion="delete"`` or ``"archive"`` a delivered row has left the table, so
         its event gets a new row (``created``). Events the retention purge deleted
-        are gone: only retained events can be replayed. The rows it schedules carry ``replayed_at``; publishers see the event with
-        ``metadata["replay"] = True``. Runs in batches of ``batch_size`` events, each
-        its own transaction from ``sessions()``, sleeping ``pause`` seconds between
-        them so live traffic keeps its share of the database and the relays.
+        are gone: only retained events can be replayed. The rows it schedules carry
+        ``replayed_at``; publishers see the event with ``metadata["replay"] = True``.
+        Runs in batches of ``batch_size`` events, each its own transaction from
+        ``sessions()``, sleeping ``pause`` seconds between them so live traffic keeps
+        its share of the database and the relays.
         """
         if batch_size < 1 or pause < 0:
             raise ValueError("batch_size must be >= 1 and pause >= 0")
