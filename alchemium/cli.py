@@ -10,6 +10,7 @@
                              [--dry-run]
     alchemium outbox replay  --url URL --destination NAME --since 2026-11-01 [--until ...]
                              [--event-type T ...] [--aggregate TYPE[:ID]] [--import MODULE]
+                             [--batch-size N] [--pause 0.5s] [--max-waiting ROWS]
     alchemium outbox purge   --url URL --older-than 7d
 
 ``--url`` defaults to ``$ALCHEMIUM_DATABASE_URL``; ``python -m alchemium`` is the
@@ -382,6 +383,13 @@ def _replay_parser(actions: Any, common: Callable[[argparse.ArgumentParser], Non
         metavar="DURATION",
         help=f"wait between batches, to leave room for live traffic; {_DURATION} (0.5s)",
     )
+    replay.add_argument(
+        "--max-waiting",
+        type=_positive_int,
+        default=None,
+        metavar="ROWS",
+        help="before each batch, wait until fewer replayed deliveries than ROWS are undelivered",
+    )
 
 
 async def _replay(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox) -> None:
@@ -397,6 +405,7 @@ async def _replay(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox)
             aggregate_id=aggregate_id or None,
             batch_size=args.batch_size,
             pause=args.pause,
+            max_waiting=args.max_waiting,
         )
     except (OutboxError, EventConfigurationError) as err:
         raise CommandError(str(err), EXIT_USAGE) from err

@@ -612,6 +612,16 @@ CATALOG: tuple[Mutation, ...] = (
         ),
     ),
     Mutation(
+        name="replay_outruns_the_relays",
+        guarantee="a replay paced by max_waiting waits for the relays",
+        where="alchemium/events/outbox_lifecycle.py",
+        find="if int((await session.execute(waiting)).scalar_one()) < max_waiting:",
+        replace="if True:  # mutation: never waits",
+        tests=(
+            "tests/events/test_replay.py::test_max_waiting_paces_a_replay_by_the_relays[sqlite]",
+        ),
+    ),
+    Mutation(
         name="requeue_all_takes_abandoned",
         guarantee="abandoned deliveries stay out of a requeue of every dead row",
         where="alchemium/events/**/*.py",

@@ -115,6 +115,7 @@ class OutboxLifecycle(OutboxTables):
         registry: SubscriberRegistry | None = None,
         batch_size: int = 500,
         pause: float = 0.5,
+        max_waiting: int | None = None,
     ) -> ReplayReport:
         """Deliver the retained events chosen by the filters to ``destination`` again.
 
@@ -135,9 +136,16 @@ class OutboxLifecycle(OutboxTables):
         Runs in batches of ``batch_size`` events, each its own transaction from
         ``sessions()``, sleeping ``pause`` seconds between them so live traffic keeps
         its share of the database and the relays.
+
+        ``max_waiting`` paces the replay by the relays instead: before each batch it
+        waits (asking again every ``pause`` seconds, at least 0.1) until fewer than
+        ``max_waiting`` replayed deliveries of the destination are pending or claimed,
+        so live events of the destination never queue behind more than about
+        ``max_waiting + batch_size`` replayed ones. With no relay serving the
+        destination it waits for ever: run it with a timeout.
         """
-        if batch_size < 1 or pause < 0:
-            raise ValueError("batch_size must be >= 1 and pause >= 0")
+        if batch_size < 1 or pause < 0 or (max_waiting is not None and max_waiting < 1):
+            raise ValueError("batch_size and max_waiting must be >= 1 and pause >= 0")
         async with sessions() as session:
             names = await self.replay_names(
                 session, destination, since=since, until=until, event_types=event_types,
@@ -146,6 +154,8 @@ class OutboxLifecycle(OutboxTables):
         matched = created = redelivered = batches = 0
         after = 0
         while names:
+            if max_waiting is not None:
+                await self._wait_for_relays(sessions, destination, max_waiting, max(pause, 0.1))
             async with sessions() as session:
                 batch = await self._replay_batch(
                     session,
@@ -175,6 +185,27 @@ class OutboxLifecycle(OutboxTables):
             matched - created - redelivered,
             batches,
         )
+
+    async def _wait_for_relays(
+        self,
+        sessions: Callable[[], AsyncSession],
+        destination: str,
+        max_waiting: int,
+        interval: float,
+    ) -> None:
+        """Return once fewer than ``max_waiting`` replayed rows of ``destination`` are
+        pending or claimed, counting every ``interval`` seconds (one SELECT each)."""
+        d = self.deliveries
+        waiting = select(func.count()).where(
+            d.c.destination == destination,
+            d.c.status.in_((PENDING, CLAIMED)),
+            d.c.replayed_at.is_not(None),
+        )
+        while True:
+            async with sessions() as session:
+                if int((await session.execute(waiting)).scalar_one()) < max_waiting:
+                    return
+            await asyncio.sleep(interval)
 
     async def replay_names(
         self,

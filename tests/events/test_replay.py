@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import OutboxError, UnitOfWork
@@ -92,6 +93,60 @@ async def test_replay_schedules_routed_events_once_and_marks_them(
     assert (third.created, third.redelivered) == (0, 3)
     assert await drain(session_factory, sink) == 3
     assert len(sink.received) == 6
+
+
+@dataclass
+class WaitingCounter(Sink):
+    """A Sink that counts, at each publish, the replayed rows still waiting for it."""
+
+    engine: AsyncEngine | None = None
+    outbox: Outbox | None = None
+    most_waiting: int = 0
+
+    async def publish(self, event: DomainEvent, destination: str) -> None:
+        assert self.engine is not None
+        assert self.outbox is not None
+        d = self.outbox.deliveries
+        async with self.engine.connect() as conn:
+            waiting = await conn.scalar(
+                select(func.count()).where(
+                    d.c.destination == destination,
+                    d.c.status.in_(("pending", "claimed")),
+                    d.c.replayed_at.is_not(None),
+                )
+            )
+        self.most_waiting = max(self.most_waiting, int(waiting or 0))
+        await super().publish(event, destination)
+
+
+async def test_max_waiting_paces_a_replay_by_the_relays(
+    engine: AsyncEngine, session_factory: Factory, outbox: Outbox, registry: SubscriberRegistry
+) -> None:
+    async with UnitOfWork(session_factory, registry=registry) as uow:
+        for i in range(10):
+            await UserRepository.create(uow.session, {"name": f"user {i}"})
+    registry.add_destination("search", "user_*")
+    sink = WaitingCounter("search", engine=engine, outbox=outbox)
+    relay = OutboxRelay(session_factory, sink, listen=False, batch_size=1, poll_interval=0.05)
+    running = asyncio.create_task(relay.run())
+    try:
+        report = await outbox.replay(
+            session_factory,
+            "search",
+            since=SINCE,
+            registry=registry,
+            batch_size=2,
+            pause=0,
+            max_waiting=2,
+        )
+    finally:
+        relay.stop()
+        await running
+    assert report.created == 10
+    assert await drain(session_factory, sink) == 10 - len(sink.received)
+    assert len(sink.received) == 10
+    # Each batch waited for the relay: never more than max_waiting - 1 + batch_size.
+    assert 1 <= sink.most_waiting <= 3
 
 
 async def test_replay_filters_by_time_event_type_and_aggregate(
