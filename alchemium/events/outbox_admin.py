@@ -273,9 +273,12 @@ class OutboxAdministration(OutboxLifecycle):
         return await self.requeue_matching(conn, ids=ids, destination=destination)
 
     async def discard(self, conn: Executor, ids: Sequence[int]) -> int:
-        """Give up on dead deliveries: completed like delivered rows, their error kept."""
+        """Give up on dead or abandoned deliveries: completed like delivered rows, their
+        error kept (so their events can be purged, and their aggregates unblock)."""
         d = self.deliveries
-        return await self.complete(conn, d.c.status == DEAD, d.c.id.in_(ids), keep_claim=True)
+        return await self.complete(
+            conn, d.c.status.in_((DEAD, ABANDONED)), d.c.id.in_(ids), keep_claim=True
+        )
 
     async def complete(self, conn: Executor, *where: Any, keep_claim: bool = False) -> int:
         """Complete the rows matching ``where`` as delivered, by the outbox's ``completion``.
@@ -312,11 +315,12 @@ class OutboxAdministration(OutboxLifecycle):
         return int(getattr(inserted, "rowcount", 0))
 
     async def blocked_aggregates(self, conn: Executor) -> list[tuple[str, str, str]]:
-        """(destination, aggregate type, aggregate id) held up by a dead delivery (ordered mode)."""
+        """(destination, aggregate type, aggregate id) held up by a dead or abandoned
+        delivery (ordered mode)."""
         d = self.deliveries
         rows = await conn.execute(
             select(d.c.destination, d.c.aggregate_type, d.c.aggregate_id)
-            .where(d.c.status == DEAD)
+            .where(d.c.status.in_((DEAD, ABANDONED)))
             .distinct()
             .order_by(d.c.destination, d.c.aggregate_type, d.c.aggregate_id)
         )

@@ -145,6 +145,28 @@ async def test_a_destination_policy_abandons_after_its_attempts_and_requeue_all_
     assert await by_status(engine, outbox) == {"pending": 4}
 
 
+async def test_abandoned_rows_block_their_aggregate_until_discarded(
+    engine: AsyncEngine, session_factory: Factory, outbox: Outbox, policies: DeliveryPolicies
+) -> None:
+    await commit(session_factory, outbox, events(2), "push")
+    policies.set("push", DeliveryPolicy(abandon_after_attempts=1))
+    relay = failing_relay(session_factory, Sink("push", fail=lambda e: True), ordered=True)
+    await fail_until_given_up(session_factory, relay)
+    rows = await delivery_rows(engine, outbox)
+    assert {r["status"] for r in rows} == {"abandoned"}
+    async with session_factory() as session:
+        assert await outbox.blocked_aggregates(session) == [
+            ("push", "user", "0"),
+            ("push", "user", "1"),
+        ]
+        assert await outbox.discard(session, [r["id"] for r in rows]) == 2
+        await session.commit()
+    async with session_factory() as session:
+        assert await outbox.blocked_aggregates(session) == []
+        assert await outbox.purge(session, older_than=0) == 2  # nothing keeps them now
+        await session.commit()
+
+
 async def test_a_destination_policy_abandons_events_older_than_its_age(
     engine: AsyncEngine, session_factory: Factory, outbox: Outbox, policies: DeliveryPolicies
 ) -> None:
