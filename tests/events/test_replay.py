@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import MetaData, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import OutboxError, UnitOfWork
 from alchemium.events import (
     DomainEvent,
+    InProcessPublisher,
     OutboxRelay,
     RabbitMQPublisher,
     RedisStreamPublisher,
     SubscriberRegistry,
+    create_outbox_tables,
+    flush_delivery_marks,
 )
 from alchemium.events.outbox import Outbox
 from tests.events.relay_support import (
@@ -93,6 +96,39 @@ async def test_replay_schedules_routed_events_once_and_marks_them(
     assert (third.created, third.redelivered) == (0, 3)
     assert await drain(session_factory, sink) == 3
     assert len(sink.received) == 6
+
+
+@pytest.mark.parametrize("completion", ["delete", "archive"])
+async def test_replay_when_delivered_rows_leave_the_table(
+    engine: AsyncEngine, registry: SubscriberRegistry, completion: str
+) -> None:
+    """completion="delete"/"archive": new rows, still once; purged events are gone."""
+    box = Outbox(MetaData(), table_name="completion_outbox", completion=completion)
+    await create_outbox_tables(engine, box)
+    seen: list[DomainEvent] = []
+    registry.subscribe("probe", seen.append, name="seen")
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    for i in range(3):
+        async with UnitOfWork(sessions, registry=registry, outbox=box) as uow:
+            uow.record("probe", aggregate_type="probe", aggregate_id=i)
+    await flush_delivery_marks()
+    assert len(seen) == 3
+    async with engine.connect() as conn:
+        assert (await conn.scalar(select(func.count()).select_from(box.deliveries))) == 0
+
+    report = await box.replay(sessions, "seen", since=SINCE, registry=registry, pause=0)
+    assert (report.matched, report.created, report.redelivered) == (3, 3, 0)
+    again = await box.replay(sessions, "seen", since=SINCE, registry=registry, pause=0)
+    assert (again.created, again.skipped) == (0, 3)  # pending: never twice
+    relay = OutboxRelay(sessions, InProcessPublisher(registry), outbox=box, listen=False)
+    assert await relay.drain() == 3
+    assert len(seen) == 6
+
+    async with sessions() as session:  # retention: the events go, nothing can bring them back
+        await box.purge(session, older_than=0)
+        await session.commit()
+    gone = await box.replay(sessions, "seen", since=SINCE, registry=registry, pause=0)
+    assert gone.matched == 0
 
 
 @dataclass
