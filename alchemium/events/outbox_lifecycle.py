@@ -16,6 +16,11 @@
 
 Every time compared is the database's clock (``database_now``); an event's age is
 read from its ``occurred_at`` (the writer's clock, as for retention).
+
+Why this module is a little over 500 lines: it is the SQL of these three features
+and nothing else, kept out of ``outbox_admin.py`` (status, purge) so that neither
+grows past its purpose; splitting it further would separate requeue from the
+giving up it undoes.
 """
 
 from __future__ import annotations

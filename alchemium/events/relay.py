@@ -27,9 +27,10 @@ destinations it does not serve whose rows have been due for longer than
 
 All SQL lives in :mod:`alchemium.events.outbox`; this module only schedules.
 
-Why this module is long (about 650 lines): the loop, its heartbeat, the recording
-of outcomes and the LISTEN connection are one scheduler whose parts share state;
-SQL stays in the outbox modules.
+Why this module is long (about 730 lines): the loop, its heartbeat, the recording
+of outcomes (with the destinations' policies for giving up) and the LISTEN
+connection are one scheduler whose parts share state; SQL stays in the outbox
+modules, what a policy decides in :mod:`alchemium.events.policies`.
 """
 
 from __future__ import annotations
