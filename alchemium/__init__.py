@@ -33,6 +33,7 @@ from alchemium.errors import (
     TransactionError,
     UniqueViolation,
     UnitOfWorkError,
+    UpcastError,
 )
 from alchemium.repository import CrudRepository, KeysetPage, Page
 from alchemium.uow import (
@@ -84,6 +85,7 @@ __all__ = [
     "UnitOfWork",
     "UnitOfWorkError",
     "UnitOfWorkHooks",
+    "UpcastError",
     "__version__",
     "add_hooks",
     "current_actor",

@@ -5,7 +5,12 @@
     alchemium relay --url URL --import myapp.handlers [--publisher inprocess|redis://...|amqp://...]
     alchemium relay --url URL --import myapp.handlers --once     # drain what is due, then exit
     alchemium outbox status  --url URL [--json]
-    alchemium outbox requeue --url URL [--id N ...] [--destination NAME]
+    alchemium outbox requeue --url URL [--id N ...] [--destination NAME] [--event-type T]
+                             [--error TEXT] [--min-age 1h] [--limit N] [--include-abandoned]
+                             [--dry-run]
+    alchemium outbox replay  --url URL --destination NAME --since 2026-11-01 [--until ...]
+                             [--event-type T ...] [--aggregate TYPE[:ID]] [--import MODULE]
+                             [--batch-size N] [--pause 0.5s] [--max-waiting ROWS]
     alchemium outbox purge   --url URL --older-than 7d
 
 ``--url`` defaults to ``$ALCHEMIUM_DATABASE_URL``; ``python -m alchemium`` is the
@@ -17,7 +22,7 @@ tables, 130 interrupted, 141 the reader of stdout went away (``| head -1``).
 Usage errors are one line on stderr, never a traceback. The relay stops cleanly
 on SIGTERM and SIGINT, finishing the batch in flight.
 
-Why this module is long (about 560 lines): every command's argument parsing, help
+Why this module is long (about 720 lines): every command's argument parsing, help
 text and exit codes are the command line's contract, kept in one place; the work
 itself is the outbox's and the relay's.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import importlib
 import json
 import logging
@@ -33,17 +39,17 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sqlalchemy import MetaData, exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from alchemium import __version__
-from alchemium.errors import OutboxError
+from alchemium.errors import EventConfigurationError, OutboxError
 from alchemium.events.outbox import Outbox, OutboxStatus, default_outbox
 from alchemium.events.publishers import InProcessPublisher, Publisher, destinations_of
 from alchemium.events.relay import OutboxRelay
@@ -233,7 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     outbox = commands.add_parser("outbox", help="inspect and maintain the outbox")
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
     status = actions.add_parser(
-        "status", help="pending / claimed / dead / delivered, lag and overdue per destination"
+        "status",
+        help="pending / claimed / dead / abandoned / delivered, lag and overdue per destination",
     )
     common(status)
     status.add_argument(
@@ -253,6 +260,8 @@ def _parser() -> argparse.ArgumentParser:
     requeue.add_argument(
         "--destination", default=None, metavar="NAME", help="only rows of this destination"
     )
+    _requeue_filters(requeue)
+    _replay_parser(actions, common)
     purge = actions.add_parser(
         "purge", help="delete events older than an age whose deliveries are all delivered"
     )
@@ -272,6 +281,164 @@ def _parser() -> argparse.ArgumentParser:
         help="rows deleted per statement (1000)",
     )
     return parser
+
+
+def _requeue_filters(requeue: argparse.ArgumentParser) -> None:
+    """The filters of ``outbox requeue`` beyond --id and --destination (docs/lifecycle.md)."""
+    requeue.add_argument(
+        "--event-type", default=None, metavar="NAME", help="only events of this name or pattern"
+    )
+    requeue.add_argument(
+        "--error",
+        dest="error_contains",
+        default=None,
+        metavar="TEXT",
+        help="only rows whose last error contains TEXT (ignoring case)",
+    )
+    requeue.add_argument(
+        "--min-age",
+        type=parse_duration,
+        default=None,
+        metavar="AGE",
+        help=f"only rows dead for at least AGE; {_DURATION}",
+    )
+    requeue.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        metavar="ROWS",
+        help="at most ROWS, oldest first",
+    )
+    requeue.add_argument(
+        "--include-abandoned",
+        action="store_true",
+        help="also requeue rows a destination's policy abandoned (left alone by default)",
+    )
+    requeue.add_argument(
+        "--dry-run", action="store_true", help="count the rows that would move; change nothing"
+    )
+
+
+def _moment(value: str) -> dt.datetime:
+    """An ISO 8601 date or time (UTC unless it says otherwise), or a duration ago."""
+    try:
+        seconds = parse_duration(value)
+    except argparse.ArgumentTypeError:
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid time {value!r} (examples: 2026-11-01, 2026-11-01T12:00:00+01:00, 7d)"
+            ) from None
+        return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+
+
+def _replay_parser(actions: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    replay = actions.add_parser(
+        "replay", help="deliver retained events to a destination again (rate-limited, idempotent)"
+    )
+    common(replay)
+    replay.add_argument(
+        "--destination",
+        required=True,
+        metavar="NAME",
+        help="subscriber or broker destination (known from --import, or give --event-type)",
+    )
+    replay.add_argument(
+        "--since",
+        type=_moment,
+        required=True,
+        metavar="TIME",
+        help="events that occurred at or after TIME: 2026-11-01, an ISO time, or an age (7d)",
+    )
+    replay.add_argument(
+        "--until", type=_moment, default=None, metavar="TIME", help="and before TIME (now)"
+    )
+    replay.add_argument(
+        "--event-type",
+        dest="event_types",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="only events of this name or pattern (user_*); repeatable",
+    )
+    replay.add_argument(
+        "--aggregate",
+        default=None,
+        metavar="TYPE[:ID]",
+        help="only events of this aggregate type (and id), e.g. user or user:42",
+    )
+    replay.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=500,
+        metavar="EVENTS",
+        help="events per transaction (500)",
+    )
+    replay.add_argument(
+        "--pause",
+        type=parse_duration,
+        default=0.5,
+        metavar="DURATION",
+        help=f"wait between batches, to leave room for live traffic; {_DURATION} (0.5s)",
+    )
+    replay.add_argument(
+        "--max-waiting",
+        type=_positive_int,
+        default=None,
+        metavar="ROWS",
+        help="before each batch, wait until fewer replayed deliveries than ROWS are undelivered",
+    )
+
+
+async def _replay(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox) -> None:
+    aggregate_type, _, aggregate_id = (args.aggregate or "").partition(":")
+    try:
+        report = await outbox.replay(
+            async_sessionmaker(engine, expire_on_commit=False),
+            args.destination,
+            since=args.since,
+            until=args.until,
+            event_types=args.event_types,
+            aggregate_type=aggregate_type or None,
+            aggregate_id=aggregate_id or None,
+            batch_size=args.batch_size,
+            pause=args.pause,
+            max_waiting=args.max_waiting,
+        )
+    except (OutboxError, EventConfigurationError) as err:
+        raise CommandError(str(err), EXIT_USAGE) from err
+    print(
+        f"replay to {report.destination}: {report.matched} event(s) matched, "
+        f"{report.scheduled} scheduled ({report.created} new, {report.redelivered} "
+        f"redelivered), {report.skipped} skipped (already pending, dead or abandoned), "
+        f"{report.batches} batch(es)"
+    )
+
+
+async def _requeue(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox) -> None:
+    async with engine.begin() as conn:
+        try:
+            count = await outbox.requeue_matching(
+                conn,
+                ids=args.ids,
+                destination=args.destination,
+                event_type=args.event_type,
+                error_contains=args.error_contains,
+                min_age=args.min_age,
+                limit=args.limit,
+                include_abandoned=args.include_abandoned,
+                dry_run=args.dry_run,
+            )
+        except EventConfigurationError as err:
+            raise CommandError(str(err), EXIT_USAGE) from err
+    rows = f"deliver{'y' if count == 1 else 'ies'}"
+    kind = "dead or abandoned" if args.include_abandoned else "dead"
+    if args.dry_run:
+        print(f"would requeue {count} {kind} {rows} (dry run: nothing changed)")
+    else:
+        print(f"requeued {count} {kind} {rows}")
 
 
 def _import_modules(modules: Sequence[str]) -> None:
@@ -435,7 +602,8 @@ async def _relay(
     stats = relay.stats
     print(
         f"relay {'pass done' if args.once else 'stopped'}: delivered={stats.delivered} "
-        f"retried={stats.retried} dead={stats.dead} lost_leases={stats.lost_leases}",
+        f"retried={stats.retried} dead={stats.dead} abandoned={stats.abandoned} "
+        f"lost_leases={stats.lost_leases}",
         file=sys.stderr,
     )
     return EXIT_OK
@@ -461,6 +629,7 @@ async def _status(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox)
     print(f"pending:   {total.pending}")
     print(f"claimed:   {total.claimed}")
     print(f"dead:      {total.dead}")
+    print(f"abandoned: {total.abandoned}")
     print(f"delivered: {total.delivered}")
     print(f"lag:       {_seconds(total.oldest_pending_age)}")
     if per:
@@ -468,12 +637,13 @@ async def _status(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox)
         print()
         print(
             f"{'destination':<{width}}  {'pending':>8} {'claimed':>8} {'dead':>6} "
-            f"{'delivered':>10} {'lag':>9} {'overdue':>9}"
+            f"{'abandoned':>9} {'delivered':>10} {'lag':>9} {'overdue':>9}"
         )
         for s in per:
             print(
                 f"{s.destination:<{width}}  {s.pending:>8} {s.claimed:>8} {s.dead:>6} "
-                f"{s.delivered:>10} {_seconds(s.oldest_pending_age):>9} {_seconds(s.overdue):>9}"
+                f"{s.abandoned:>9} {s.delivered:>10} {_seconds(s.oldest_pending_age):>9} "
+                f"{_seconds(s.overdue):>9}"
             )
     for s in per:
         if is_main_module_name(s.destination) and (s.pending or s.claimed or s.dead):
@@ -489,9 +659,9 @@ async def _outbox_command(args: argparse.Namespace, engine: AsyncEngine, outbox:
     if args.action == "status":
         await _status(args, engine, outbox)
     elif args.action == "requeue":
-        async with engine.begin() as conn:
-            count = await outbox.requeue(conn, ids=args.ids, destination=args.destination)
-        print(f"requeued {count} dead deliver{'y' if count == 1 else 'ies'}")
+        await _requeue(args, engine, outbox)
+    elif args.action == "replay":
+        await _replay(args, engine, outbox)
     else:
         total = 0
         while True:

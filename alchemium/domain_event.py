@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -19,7 +19,22 @@ from typing import Any, Protocol
 from alchemium.encoding import json_safe, plain_json
 from alchemium.errors import EventSerializationError
 
-__all__ = ["DomainEvent", "PendingEvent"]
+__all__ = ["DomainEvent", "PendingEvent", "set_schema_version_resolver"]
+
+# Where DomainEvent.create finds the schema version of an event name when none is given:
+# the events package (alchemium.events.upcasting) installs its registry here. A hook, so
+# this value type depends on nothing above it.
+_version_of: Callable[[str], int] | None = None
+
+
+def set_schema_version_resolver(resolver: Callable[[str], int] | None) -> None:
+    """Make ``DomainEvent.create`` ask ``resolver(name)`` for the schema version of new events.
+
+    ``None``: every event is created at version 1 unless given one. Installed by
+    :mod:`alchemium.events.upcasting` (the declared versions); not for applications.
+    """
+    global _version_of
+    _version_of = resolver
 
 
 def _freeze(value: Any) -> Any:
@@ -37,6 +52,9 @@ class DomainEvent:
     ``id`` is the idempotency key: a consumer that may see an event twice (the relay
     delivers at least once) deduplicates on it. ``payload`` and ``metadata`` are
     read-only mappings; :meth:`to_dict` gives plain, mutable copies.
+    ``schema_version`` is the version of the payload's shape (1 unless the event
+    declares another, see :mod:`alchemium.events.upcasting`): events stored by older
+    code are upcast to the current version wherever they are read back.
     """
 
     id: uuid.UUID
@@ -46,6 +64,7 @@ class DomainEvent:
     payload: Mapping[str, Any]
     occurred_at: dt.datetime
     metadata: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    schema_version: int = 1
 
     @classmethod
     def create(
@@ -58,11 +77,25 @@ class DomainEvent:
         metadata: Mapping[str, Any] | None = None,
         id: uuid.UUID | None = None,
         occurred_at: dt.datetime | None = None,
+        schema_version: int | None = None,
     ) -> DomainEvent:
-        """Build an event, converting payload and metadata to JSON-safe values (or raising)."""
+        """Build an event, converting payload and metadata to JSON-safe values (or raising).
+
+        ``schema_version`` defaults to the version declared for ``name`` (1 if none).
+        """
         if not isinstance(name, str) or not name:
             raise EventSerializationError(
                 str(name), "name", name, reason="an event name must be a non-empty string"
+            )
+        if schema_version is None:
+            schema_version = _version_of(name) if _version_of is not None else 1
+        elif isinstance(schema_version, bool) or not isinstance(schema_version, int):
+            raise EventSerializationError(
+                name, "schema_version", schema_version, reason="a schema version is an int >= 1"
+            )
+        if schema_version < 1:
+            raise EventSerializationError(
+                name, "schema_version", schema_version, reason="a schema version is an int >= 1"
             )
         return cls(
             id=id or uuid.uuid4(),
@@ -72,6 +105,26 @@ class DomainEvent:
             payload=_freeze(json_safe(dict(payload or {}), event=name, field="")),
             occurred_at=occurred_at or dt.datetime.now(dt.timezone.utc),
             metadata=_freeze(json_safe(dict(metadata or {}), event=name, field="metadata")),
+            schema_version=schema_version,
+        )
+
+    def with_payload(
+        self, payload: Mapping[str, Any], *, schema_version: int | None = None
+    ) -> DomainEvent:
+        """This event with another payload (checked JSON-safe), and version if given.
+
+        Same id, name, aggregate, time and metadata: what an upcaster or a reader that
+        opens sealed values hands on. Raises EventSerializationError like :meth:`create`.
+        """
+        return DomainEvent.create(
+            self.name,
+            aggregate_type=self.aggregate_type,
+            aggregate_id=self.aggregate_id,
+            payload=payload,
+            metadata=plain_json(self.metadata),
+            id=self.id,
+            occurred_at=self.occurred_at,
+            schema_version=self.schema_version if schema_version is None else schema_version,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +137,7 @@ class DomainEvent:
             "payload": plain_json(self.payload),
             "occurred_at": self.occurred_at.isoformat(),
             "metadata": plain_json(self.metadata),
+            "schema_version": self.schema_version,
         }
 
     def to_json(self) -> str:
@@ -92,7 +146,10 @@ class DomainEvent:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DomainEvent:
-        """Rebuild an event from :meth:`to_dict` output (what a broker consumer receives)."""
+        """Rebuild an event from :meth:`to_dict` output (what a broker consumer receives).
+
+        A missing or null ``schema_version`` (output of versions before it existed) is 1.
+        """
         occurred = data["occurred_at"]
         if not isinstance(occurred, dt.datetime):
             occurred = dt.datetime.fromisoformat(str(occurred))
@@ -104,6 +161,7 @@ class DomainEvent:
             payload=_freeze(dict(data.get("payload") or {})),
             occurred_at=occurred,
             metadata=_freeze(dict(data.get("metadata") or {})),
+            schema_version=int(data.get("schema_version") or 1),
         )
 
 

@@ -35,6 +35,7 @@ kept as ``__cause__``::
         ├── EventSerializationError   an event payload holds a value no encoder knows
         ├── EventConfigurationError   a model's events or a subscription cannot work as declared
         ├── EventDecodeError          a delivered payload value is not the JSON form of its type
+        ├── UpcastError               a stored event cannot be brought to its current schema version
         └── OutboxError               the outbox is misconfigured or unreachable
 
 Every error has a ``transient`` attribute: True when the same work, run again in a new
@@ -97,6 +98,7 @@ __all__ = [
     "TransactionError",
     "UniqueViolation",
     "UnitOfWorkError",
+    "UpcastError",
     "db_errors",
     "is_disconnect",
     "map_db_error",
@@ -387,6 +389,27 @@ def _shown(value: object) -> str:
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{type(value).__name__} {text}"
+
+
+class UpcastError(EventError):
+    """A stored event cannot be brought to the current schema version of its name.
+
+    Its upcaster raised (the error is ``__cause__``), no upcaster exists from its
+    stored version, or it was stored at a version newer than this code knows (a
+    rollback after newer code wrote it). The message names the event, its id and
+    its stored version; a relay records it on the delivery row, which is retried and
+    then dead, to be requeued once the upcaster is fixed.
+    """
+
+    def __init__(
+        self, event: str, event_id: object, stored_version: int, current_version: int, why: str
+    ) -> None:
+        self.event, self.event_id = event, event_id
+        self.stored_version, self.current_version = stored_version, current_version
+        super().__init__(
+            f"event {event!r} ({event_id}) stored at schema version {stored_version}, "
+            f"current version {current_version}: {why}"
+        )
 
 
 class OutboxError(EventError):

@@ -120,6 +120,9 @@ class CrudRepository(Generic[ModelT]):
             are per model and checked when the class is defined, with every column the
             events carry: one whose type no encoder knows raises EventConfigurationError
             there. See docs/events.md.
+        event_schema_version: the current schema version of the model's change
+            events (default: undeclared, 1); stored events of older versions are
+            upcast by the upcasters registered for them. See docs/lifecycle.md.
         soft_delete_column: a nullable datetime column (``"deleted_at"``); when set,
             ``delete`` stamps it instead of deleting, every read hides stamped rows
             unless ``include_deleted=True``, ``restore`` clears it and ``hard_delete``
@@ -138,6 +141,7 @@ class CrudRepository(Generic[ModelT]):
     record_events: ClassVar[bool] = True
     event_exclude: ClassVar[Collection[str] | None] = None
     event_transform: ClassVar[Mapping[str, Callable[[Any], Any]] | None] = None
+    event_schema_version: ClassVar[int | None] = None
     soft_delete_column: ClassVar[str | None] = None
     tenant_column: ClassVar[str | None] = None
 
@@ -154,6 +158,7 @@ class CrudRepository(Generic[ModelT]):
                 enabled=cls.record_events,
                 exclude=cls.event_exclude,
                 transform=cls.event_transform,
+                schema_version=cls.event_schema_version,
             )
             if info.tenant_column is not None:
                 register_tenant_model(model)

@@ -232,15 +232,19 @@ _hooks = _HookTable(())
 _before_commit_hooks: list[Hook] = []
 
 
-def add_hooks(hooks: UnitOfWorkHooks) -> None:
-    """Plug ``hooks`` into every unit of work from now on (once; adding it again does nothing)."""
+def add_hooks(hooks: UnitOfWorkHooks, *, first: bool = False) -> None:
+    """Plug ``hooks`` into every unit of work from now on (once; adding it again does nothing).
+
+    ``first``: call it before the hooks already added (a hook that must change the
+    events before others write them).
+    """
     global _hooks
     if not isinstance(hooks, UnitOfWorkHooks):
         raise UnitOfWorkError(
             f"add_hooks expects a UnitOfWorkHooks instance, got {type(hooks).__name__}"
         )
     if hooks not in _hooks.all:
-        _hooks = _HookTable((*_hooks.all, hooks))
+        _hooks = _HookTable((hooks, *_hooks.all) if first else (*_hooks.all, hooks))
 
 
 def remove_hooks(hooks: UnitOfWorkHooks) -> None:

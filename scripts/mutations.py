@@ -506,8 +506,8 @@ CATALOG: tuple[Mutation, ...] = (
         name="never_dead",
         guarantee="poison events go dead after max_attempts",
         where="alchemium/events/**/*.py",
-        find="give_up = row.attempts >= self.max_attempts",
-        replace="give_up = False  # mutation",
+        find="return DEAD if attempts >= max_attempts else None",
+        replace="return None  # mutation",
         tests=(
             "tests/events/test_relay.py::"
             "test_failing_delivery_is_retried_then_dead_and_others_unaffected[sqlite]",
@@ -620,6 +620,89 @@ CATALOG: tuple[Mutation, ...] = (
         tests=(
             "tests/events/test_audit.py::"
             "test_no_audit_row_when_the_change_is_rolled_back[postgresql-keep-failed_commit]",
+        ),
+    ),
+    # -- events that live for years (issue 17) ----------------------------------------------
+    Mutation(
+        name="relay_skips_upcasting",
+        guarantee="old events are delivered at the current schema version",
+        where="alchemium/events/**/*.py",
+        find="event = upcasters.upcast(row.event)",
+        replace="event = row.event  # mutation: published as stored",
+        tests=(
+            "tests/events/test_upcasting.py::test_relay_delivers_events_written_at_v1_as_v2[sqlite]",
+            "tests/events/test_upcasting.py::"
+            "test_relay_delivers_events_written_at_v1_as_v2[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="failed_upcast_counts_as_delivered",
+        guarantee="a failing upcaster loses nothing",
+        where="alchemium/events/**/*.py",
+        find="""
+            event = prepare_delivery(row, self.upcasters)
+            await _within(self.publish_timeout, publisher.publish(event, row.destination))
+            """,
+        replace="""
+            try:
+                event = prepare_delivery(row, self.upcasters)
+            except Exception:  # mutation: an event that cannot be upcast is skipped
+                return _Outcome(row, None)
+            await _within(self.publish_timeout, publisher.publish(event, row.destination))
+            """,
+        tests=(
+            "tests/events/test_upcasting.py::"
+            "test_a_failing_upcaster_loses_nothing_dead_then_delivered_after_fix_and_requeue[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="replay_resets_undelivered_rows",
+        guarantee="a replay never duplicates a pending delivery",
+        where="alchemium/events/outbox_lifecycle.py",
+        find="""
+            d.c.destination == destination,
+            d.c.status == DELIVERED,
+            """,
+        replace="""
+            d.c.destination == destination,
+            d.c.status.in_((DELIVERED, PENDING, CLAIMED)),  # mutation
+            """,
+        tests=(
+            "tests/events/test_replay.py::"
+            "test_replay_schedules_routed_events_once_and_marks_them[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="replay_outruns_the_relays",
+        guarantee="a replay paced by max_waiting waits for the relays",
+        where="alchemium/events/outbox_lifecycle.py",
+        find="if int((await session.execute(waiting)).scalar_one()) < max_waiting:",
+        replace="if True:  # mutation: never waits",
+        tests=(
+            "tests/events/test_replay.py::test_max_waiting_paces_a_replay_by_the_relays[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="requeue_all_takes_abandoned",
+        guarantee="abandoned deliveries stay out of a requeue of every dead row",
+        where="alchemium/events/**/*.py",
+        find="statuses = (DEAD, ABANDONED) if include_abandoned else (DEAD,)",
+        replace="statuses = (DEAD, ABANDONED)  # mutation",
+        tests=(
+            "tests/events/test_resubmission.py::"
+            "test_a_destination_policy_abandons_after_its_attempts_and_requeue_all_leaves_them"
+            "[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="erasure_keeps_the_key",
+        guarantee="erase_subject leaves the subject's values unreadable",
+        where="alchemium/events/**/*.py",
+        find=".values(key=None, erased_at=database_now())",
+        replace=".values(erased_at=database_now())  # mutation: the key survives",
+        tests=(
+            "tests/events/test_personal_data.py::"
+            "test_erasing_a_subject_leaves_no_plaintext_of_it_and_keeps_the_others[postgresql]",
         ),
     ),
 )

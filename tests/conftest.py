@@ -33,7 +33,16 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from alchemium import register_encoder, unregister_encoder
-from alchemium.events import SubscriberRegistry, disable_outbox, enable_outbox, flush_delivery_marks
+from alchemium.events import (
+    AuditLog,
+    SubscriberRegistry,
+    create_audit_table,
+    disable_audit,
+    disable_outbox,
+    enable_audit,
+    enable_outbox,
+    flush_delivery_marks,
+)
 from alchemium.events.outbox import Outbox
 from tests.models import Base, Money, money_text, parse_money
 from tests.rig import PostgresServer, postgres_bindir, postgres_server
@@ -218,6 +227,18 @@ def expire_on_commit(request: pytest.FixtureRequest) -> bool:
 @pytest.fixture
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@pytest.fixture
+async def audit(engine: AsyncEngine) -> AsyncIterator[AuditLog]:
+    """Audit enabled for one test only: the hook and the table leave with it."""
+    log = enable_audit(Base.metadata)
+    try:
+        await create_audit_table(engine, log)
+        yield log
+    finally:
+        disable_audit()
+        Base.metadata.remove(log.table)
 
 
 @pytest.fixture

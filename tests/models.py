@@ -30,7 +30,7 @@ from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from alchemium import CrudRepository
-from alchemium.events import EventSourceMixin
+from alchemium.events import EventSourceMixin, SubjectKeys
 
 
 class Base(DeclarativeBase):
@@ -320,3 +320,55 @@ def money_text(value: Money) -> str:
 def parse_money(text: str) -> Money:
     cents, currency = text.split()
     return Money(int(cents), currency)
+
+
+# -- personal data (docs/lifecycle.md) -------------------------------------------------------
+
+
+class Shopper(Base):
+    """Sensitive columns, redacted: one declared in ``__alchemium__``, one flagged on the column."""
+
+    __tablename__ = "shoppers"
+    __alchemium__ = {"sensitive": ["email"]}
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    email: Mapped[str | None] = mapped_column(String(200))
+    phone: Mapped[str | None] = mapped_column(String(40), info={"sensitive": True})
+
+
+class Contact(Base):
+    """A sensitive column, hashed (HMAC-SHA256)."""
+
+    __tablename__ = "contacts"
+    __alchemium__ = {"sensitive": ["email"], "sensitive_mode": "hash"}
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(200))
+
+
+class Patient(Base):
+    """Sensitive columns sealed with the patient's key (crypto-shredding)."""
+
+    __tablename__ = "patients"
+    __alchemium__ = {"sensitive": ["email", "phone"], "sensitive_mode": "encrypt"}
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    email: Mapped[str | None] = mapped_column(String(200))
+    phone: Mapped[str | None] = mapped_column(String(40))
+    born: Mapped[dt.date | None] = mapped_column(Date)
+
+
+class ShopperRepository(CrudRepository[Shopper]):
+    model = Shopper
+
+
+class ContactRepository(CrudRepository[Contact]):
+    model = Contact
+
+
+class PatientRepository(CrudRepository[Patient]):
+    model = Patient
+
+
+# The subject key table joins the schema of every test; erasure itself is enabled by the
+# ``erasure`` fixture (tests/events/test_personal_data.py).
+subject_keys = SubjectKeys(Base.metadata)

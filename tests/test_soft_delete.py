@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -19,12 +17,8 @@ from alchemium.events import capture_events
 from alchemium.events.audit import (
     AuditLog,
     audit_history,
-    create_audit_table,
-    disable_audit,
-    enable_audit,
 )
 from tests.models import (
-    Base,
     Project,
     ProjectRepository,
     Task,
@@ -274,17 +268,6 @@ async def test_events_mark_soft_deletes_and_restores(session_factory: Factory) -
     assert soft["name"] == "a"
     assert soft["deleted_at"] is not None
     assert events[5].payload["deleted_at"] is None
-
-
-@pytest.fixture
-async def audit(engine: AsyncEngine) -> AsyncIterator[AuditLog]:
-    log = enable_audit(Base.metadata)
-    try:
-        await create_audit_table(engine, log)
-        yield log
-    finally:
-        disable_audit()
-        Base.metadata.remove(log.table)
 
 
 async def test_audit_rows_record_soft_delete_and_restore(

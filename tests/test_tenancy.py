@@ -22,13 +22,9 @@ from alchemium.events import capture_events
 from alchemium.events.audit import (
     AuditLog,
     audit_history,
-    create_audit_table,
-    disable_audit,
-    enable_audit,
 )
 from tests.conftest import make_engine
 from tests.models import (
-    Base,
     Customer,
     CustomerRepository,
     Ticket,
@@ -228,17 +224,6 @@ async def test_events_carry_the_tenant(session_factory: Factory) -> None:
         ("customer_created", "acme", "acme"),
         ("customer_created", "globex", "globex"),
     ]
-
-
-@pytest.fixture
-async def audit(engine: AsyncEngine) -> AsyncIterator[AuditLog]:
-    log = enable_audit(Base.metadata)
-    try:
-        await create_audit_table(engine, log)
-        yield log
-    finally:
-        disable_audit()
-        Base.metadata.remove(log.table)
 
 
 async def test_audit_rows_carry_the_tenant(session_factory: Factory, audit: AuditLog) -> None:

@@ -12,6 +12,16 @@ from alchemium.events.audit import (
     disable_audit,
     enable_audit,
 )
+from alchemium.events.erasure import (
+    SubjectKeys,
+    create_subject_key_table,
+    disable_erasure,
+    enable_erasure,
+    erase_subject,
+    reveal_event,
+    reveal_payload,
+    subject_id,
+)
 from alchemium.events.inbox import Inbox, enable_inbox
 from alchemium.events.marks import flush_delivery_marks
 from alchemium.events.outbox import (
@@ -23,7 +33,9 @@ from alchemium.events.outbox import (
     disable_outbox,
     enable_outbox,
 )
+from alchemium.events.outbox_lifecycle import GivenUpDelivery, ReplayReport
 from alchemium.events.payloads import decode_payload
+from alchemium.events.policies import DeliveryPolicy, set_delivery_policy
 from alchemium.events.publishers import (
     InProcessPublisher,
     Publisher,
@@ -36,6 +48,7 @@ from alchemium.events.recording import (
     remove_before_commit_hook,
 )
 from alchemium.events.relay import OutboxRelay, RelayStats
+from alchemium.events.sensitive import ERASED, REDACTED, set_sensitive_hash_key
 from alchemium.events.subscribers import (
     MainModuleNameWarning,
     Subscriber,
@@ -45,13 +58,23 @@ from alchemium.events.subscribers import (
     on,
 )
 from alchemium.events.testing import capture_events, capture_on_commit
+from alchemium.events.upcasting import (
+    UpcasterRegistry,
+    declare_schema_version,
+    default_upcasters,
+    upcaster,
+)
 
 __all__ = [
+    "ERASED",
+    "REDACTED",
     "AuditEntry",
     "AuditLog",
+    "DeliveryPolicy",
     "DestinationStatus",
     "DomainEvent",
     "EventSourceMixin",
+    "GivenUpDelivery",
     "InProcessPublisher",
     "Inbox",
     "MainModuleNameWarning",
@@ -62,24 +85,39 @@ __all__ = [
     "RabbitMQPublisher",
     "RedisStreamPublisher",
     "RelayStats",
+    "ReplayReport",
+    "SubjectKeys",
     "Subscriber",
     "SubscriberRegistry",
+    "UpcasterRegistry",
     "add_before_commit_hook",
     "audit_history",
     "capture_events",
     "capture_on_commit",
     "create_audit_table",
     "create_outbox_tables",
+    "create_subject_key_table",
+    "declare_schema_version",
     "decode_payload",
     "default_outbox",
     "default_registry",
+    "default_upcasters",
     "disable_audit",
+    "disable_erasure",
     "disable_outbox",
     "enable_audit",
+    "enable_erasure",
     "enable_inbox",
     "enable_outbox",
+    "erase_subject",
     "flush_delivery_marks",
     "off",
     "on",
     "remove_before_commit_hook",
+    "reveal_event",
+    "reveal_payload",
+    "set_delivery_policy",
+    "set_sensitive_hash_key",
+    "subject_id",
+    "upcaster",
 ]

@@ -19,6 +19,7 @@ through the ORM are audited too.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
@@ -42,8 +44,10 @@ from sqlalchemy.orm import Session
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import EventError
+from alchemium.events.erasure import default_subject_keys, reveal_payload
 from alchemium.events.recording import change_action
 from alchemium.events.tables import BigId, JsonDocument, create_tables, existing_table
+from alchemium.events.upcasting import default_upcasters
 from alchemium.uow import Commit, UnitOfWork, UnitOfWorkHooks, add_hooks, remove_hooks
 
 __all__ = [
@@ -61,7 +65,11 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
     """One audited change. ``changes`` is the event payload: the column values for
-    created/upserted/deleted, ``{column: {"old": ..., "new": ...}}`` for updated."""
+    created/upserted/deleted, ``{column: {"old": ..., "new": ...}}`` for updated.
+
+    ``schema_version`` is the version ``changes`` is in: the current one of the change
+    event when read with upcasting (the default), else the stored one.
+    """
 
     id: int
     event_id: uuid.UUID
@@ -72,6 +80,7 @@ class AuditEntry:
     actor: str | None
     tenant: str | None
     occurred_at: dt.datetime
+    schema_version: int = 1
 
 
 class AuditLog:
@@ -101,6 +110,8 @@ class AuditLog:
             Column("actor", String(200), nullable=True),
             Column("tenant", String(200), nullable=True),
             Column("occurred_at", DateTime(timezone=True), nullable=False),
+            # The change event's schema version; NULL (rows written before) is 1.
+            Column("schema_version", Integer, nullable=True),
             schema=schema,
         )
         Index(
@@ -129,6 +140,7 @@ class AuditLog:
                     "actor": _str_or_none(event.metadata.get("actor")),
                     "tenant": _str_or_none(event.metadata.get("tenant")),
                     "occurred_at": event.occurred_at,
+                    "schema_version": event.schema_version,
                 }
             )
         return rows
@@ -151,8 +163,18 @@ class AuditLog:
         entity_id: object,
         *,
         limit: int | None = None,
+        upcast: bool = True,
+        reveal: bool = True,
     ) -> list[AuditEntry]:
-        """The committed changes of one entity, newest first (one SELECT)."""
+        """The committed changes of one entity, newest first (one SELECT).
+
+        ``reveal``: open the values sealed for erasure (:mod:`alchemium.events.erasure`;
+        one more SELECT, of the keys, if there are any): each becomes its JSON form, or
+        ``"[erased]"`` once its subject was erased. ``upcast``: then bring each entry's
+        ``changes`` to the current schema version of its change event
+        (:mod:`alchemium.events.upcasting`); UpcastError if one cannot be. False for
+        either gives them as stored.
+        """
         t = self.table
         stmt = (
             select(t)
@@ -162,7 +184,13 @@ class AuditLog:
         if limit is not None:
             stmt = stmt.limit(limit)
         result = await conn.execute(stmt)
-        return [_entry(row._mapping) for row in result]
+        entries = [_entry(row._mapping) for row in result]
+        if reveal and default_subject_keys() is not None:
+            entries = [
+                dataclasses.replace(e, changes=await reveal_payload(conn, e.changes))
+                for e in entries
+            ]
+        return [_upcast(entry) for entry in entries] if upcast else entries
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -183,7 +211,22 @@ def _entry(row: RowMapping) -> AuditEntry:
         actor=row["actor"],
         tenant=row["tenant"],
         occurred_at=occurred,
+        schema_version=int(row.get("schema_version") or 1),
     )
+
+
+def _upcast(entry: AuditEntry) -> AuditEntry:
+    """``entry`` with its changes at the current schema version of its change event."""
+    name = f"{entry.entity}_{entry.action}"
+    if default_upcasters.current_version(name) == entry.schema_version:
+        return entry
+    updated = entry.action == "updated"
+    payload = {"changes": dict(entry.changes)} if updated else dict(entry.changes)
+    payload, version = default_upcasters.upcast_payload(
+        name, payload, entry.schema_version, event_id=entry.event_id
+    )
+    changes = payload.get("changes", {}) if updated else payload
+    return dataclasses.replace(entry, changes=changes, schema_version=version)
 
 
 _default: list[AuditLog] = []
@@ -248,6 +291,11 @@ async def audit_history(
     *,
     limit: int | None = None,
     audit: AuditLog | None = None,
+    upcast: bool = True,
 ) -> list[AuditEntry]:
-    """The audited changes of ``entity`` ``entity_id`` (e.g. ``"user", 42``), newest first."""
-    return await _resolve(audit).history(session, entity, entity_id, limit=limit)
+    """The audited changes of ``entity`` ``entity_id`` (e.g. ``"user", 42``), newest first.
+
+    Changes are upcast to the current schema version of their event unless ``upcast``
+    is False (see :meth:`AuditLog.history`).
+    """
+    return await _resolve(audit).history(session, entity, entity_id, limit=limit, upcast=upcast)

@@ -30,10 +30,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from alchemium.domain_event import DomainEvent
-from alchemium.errors import OutboxError, UnitOfWorkError
+from alchemium.errors import OutboxError, UnitOfWorkError, UpcastError
 from alchemium.events.marks import queue_delivery_mark
 from alchemium.events.outbox import DISPATCH_LEASE, Outbox, autocommit, default_outbox
 from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry
+from alchemium.events.upcasting import default_upcasters
 from alchemium.uow import Commit, UnitOfWork, UnitOfWorkHooks, add_hooks
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
 
 logger = logging.getLogger("alchemium.events")
 
+_LATER = "the relay will retry it (no retry without an outbox)"
 
 _watchers: ContextVar[tuple[Callable[[Sequence[DomainEvent]], None], ...]] = ContextVar(
     "alchemium_commit_watchers", default=()
@@ -198,7 +200,13 @@ async def dispatch_events(
         return
     failures: list[tuple[DomainEvent, Subscriber, Exception]] = []
     succeeded: list[tuple[uuid.UUID, str]] = []
-    for event, subscribers in delivery.plan:
+    for stored, subscribers in delivery.plan:
+        try:  # an event recorded at an older schema version reaches handlers upcast
+            event = default_upcasters.upcast(stored)
+        except UpcastError as err:
+            logger.exception("event %s (%s) cannot be upcast; %s", stored.id, stored.name, _LATER)
+            failures.extend((stored, subscriber, err) for subscriber in subscribers)
+            continue
         for subscriber in subscribers:
             try:
                 await subscriber(event)

@@ -171,6 +171,7 @@ class Outbox(OutboxAdministration):
                 "payload": plain_json(e.payload),
                 "metadata": plain_json(e.metadata),
                 "occurred_at": e.occurred_at,
+                "schema_version": e.schema_version,
             }
             for e in events
         ]
@@ -257,7 +258,13 @@ class Outbox(OutboxAdministration):
                 "claimed_by": claimed_by,
             }
             return [
-                DeliveryRow(r.id, r.destination, r.attempts, event_of(r._mapping, "event_"))
+                DeliveryRow(
+                    r.id,
+                    r.destination,
+                    r.attempts,
+                    event_of(r._mapping, "event_"),
+                    r.replayed_at is not None,
+                )
                 for r in (await conn.execute(stmt, params)).all()
             ]
         due = (
@@ -276,20 +283,20 @@ class Outbox(OutboxAdministration):
             "claimed_by": claimed_by,
             "attempts": d.c.attempts + 1,
         }
-        returned = (d.c.id, d.c.event_id, d.c.destination, d.c.attempts)
-        e = self.events
+        returned = (d.c.id, d.c.event_id, d.c.destination, d.c.attempts, d.c.replayed_at)
         stmt = update(d).where(d.c.id.in_(due.scalar_subquery())).values(**values)
         claimed = (await conn.execute(stmt.returning(*returned))).all()
         if not claimed:
             return []
-        events = {
-            row.id: row
-            for row in (
-                await conn.execute(select(e).where(e.c.id.in_({c.event_id for c in claimed})))
-            ).all()
-        }
+        events = await self.events_by_id(conn, {c.event_id for c in claimed})
         return [
-            DeliveryRow(c.id, c.destination, c.attempts, event_of(events[c.event_id]._mapping))
+            DeliveryRow(
+                c.id,
+                c.destination,
+                c.attempts,
+                events[c.event_id],
+                c.replayed_at is not None,
+            )
             for c in sorted(claimed, key=lambda r: r.id)
         ]
 

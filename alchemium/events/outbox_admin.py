@@ -3,6 +3,8 @@
 :class:`OutboxAdministration` is the half of :class:`~alchemium.events.outbox.Outbox`
 that the CLI (``alchemium outbox ...``), dashboards and scripts use; the commit and
 the relay use the other half (``outbox.py``). Every time is the database's clock.
+Replay, filtered requeue and giving up are inherited from
+:class:`~alchemium.events.outbox_lifecycle.OutboxLifecycle`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
-    Integer,
     String,
     and_,
     delete,
@@ -27,17 +28,19 @@ from sqlalchemy import (
 )
 
 from alchemium.events.marks import flush_marks_before_reading
+from alchemium.events.outbox_lifecycle import OutboxLifecycle
 from alchemium.events.outbox_schema import (
+    ABANDONED,
     CLAIMED,
     DEAD,
     DELIVERED,
     PENDING,
     Executor,
-    OutboxTables,
     age_of,
     database_now,
     dialect_of,
 )
+from alchemium.events.subscribers import SubscriberRegistry
 
 __all__ = ["DestinationStatus", "OutboxAdministration", "OutboxStatus", "OverdueDestination"]
 
@@ -58,6 +61,7 @@ class OutboxStatus:
     dead: int
     delivered: int
     oldest_pending_age: float | None  # seconds
+    abandoned: int = 0
 
     @classmethod
     def total(cls, destinations: Sequence[DestinationStatus]) -> OutboxStatus:
@@ -69,6 +73,7 @@ class OutboxStatus:
             dead=sum(s.dead for s in destinations),
             delivered=sum(s.delivered for s in destinations),
             oldest_pending_age=max(ages, default=None),
+            abandoned=sum(s.abandoned for s in destinations),
         )
 
 
@@ -90,6 +95,7 @@ class DestinationStatus:
     delivered: int
     oldest_pending_age: float | None  # seconds
     overdue: float | None  # seconds
+    abandoned: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +111,7 @@ class OverdueDestination:
     overdue: float
 
 
-class OutboxAdministration(OutboxTables):
+class OutboxAdministration(OutboxLifecycle):
     """Status, lag and maintenance of the outbox tables; :class:`Outbox` inherits them."""
 
     async def settle_marks(self, conn: Executor) -> None:
@@ -170,6 +176,7 @@ class OutboxAdministration(OutboxTables):
                 delivered=by_state.get(DELIVERED, 0),
                 oldest_pending_age=ages.get(destination, (None, None))[0],
                 overdue=ages.get(destination, (None, None))[1],
+                abandoned=by_state.get(ABANDONED, 0),
             )
             for destination, by_state in sorted(counts.items())
         ]
@@ -259,22 +266,19 @@ class OutboxAdministration(OutboxTables):
     async def requeue(
         self, conn: Executor, *, ids: Sequence[int] | None = None, destination: str | None = None
     ) -> int:
-        """Put dead deliveries back to pending with attempts reset; returns how many."""
-        d = self.deliveries
-        stmt = update(d).where(d.c.status == DEAD)
-        if ids is not None:
-            stmt = stmt.where(d.c.id.in_(ids))
-        if destination is not None:
-            stmt = stmt.where(d.c.destination == destination)
-        stmt = stmt.values(
-            status=PENDING, attempts=0, next_attempt_at=database_now(), last_error=None
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        """Put dead deliveries back to pending with attempts reset; returns how many.
+
+        Abandoned ones stay abandoned; :meth:`requeue_matching` has every filter.
+        """
+        return await self.requeue_matching(conn, ids=ids, destination=destination)
 
     async def discard(self, conn: Executor, ids: Sequence[int]) -> int:
-        """Give up on dead deliveries: completed like delivered rows, their error kept."""
+        """Give up on dead or abandoned deliveries: completed like delivered rows, their
+        error kept (so their events can be purged, and their aggregates unblock)."""
         d = self.deliveries
-        return await self.complete(conn, d.c.status == DEAD, d.c.id.in_(ids), keep_claim=True)
+        return await self.complete(
+            conn, d.c.status.in_((DEAD, ABANDONED)), d.c.id.in_(ids), keep_claim=True
+        )
 
     async def complete(self, conn: Executor, *where: Any, keep_claim: bool = False) -> int:
         """Complete the rows matching ``where`` as delivered, by the outbox's ``completion``.
@@ -311,11 +315,12 @@ class OutboxAdministration(OutboxTables):
         return int(getattr(inserted, "rowcount", 0))
 
     async def blocked_aggregates(self, conn: Executor) -> list[tuple[str, str, str]]:
-        """(destination, aggregate type, aggregate id) held up by a dead delivery (ordered mode)."""
+        """(destination, aggregate type, aggregate id) held up by a dead or abandoned
+        delivery (ordered mode)."""
         d = self.deliveries
         rows = await conn.execute(
             select(d.c.destination, d.c.aggregate_type, d.c.aggregate_id)
-            .where(d.c.status == DEAD)
+            .where(d.c.status.in_((DEAD, ABANDONED)))
             .distinct()
             .order_by(d.c.destination, d.c.aggregate_type, d.c.aggregate_id)
         )
@@ -325,7 +330,7 @@ class OutboxAdministration(OutboxTables):
         """Delete up to ``batch_size`` events older than ``older_than`` seconds, and their rows.
 
         Only events every delivery row of which is delivered (or that have none) go:
-        pending, claimed and dead rows, and their events, are never touched. Returns
+        pending, claimed, dead and abandoned rows, and their events, are never touched. Returns
         the number of delivery rows deleted; call again until it returns 0. An event's
         age is read from its ``occurred_at`` (the writer's clock) against the
         database's now: retention, not a comparison anything is decided by.
@@ -355,40 +360,22 @@ class OutboxAdministration(OutboxTables):
         await conn.execute(delete(e).where(e.c.id.in_(ids)))
         return removed
 
-    async def backfill(self, conn: Executor, destination: str, *, since: dt.datetime) -> int:
+    async def backfill(
+        self,
+        conn: Executor,
+        destination: str,
+        *,
+        since: dt.datetime,
+        registry: SubscriberRegistry | None = None,
+    ) -> int:
         """Opt-in: give ``destination`` (a later subscriber) the retained events since ``since``.
 
         New subscribers start from "now": rows are only written for destinations known
-        at commit. This inserts pending rows, due at once, for older events it has no
-        row for yet.
+        at commit. This inserts pending rows, due at once and marked as replays, for
+        older events it has no row for yet, of the names ``registry`` (default: the
+        default one) routes to it: a subscriber of ``user_*`` gets only ``user_*``
+        events. One statement; :meth:`replay` is the batched, rate-limited form that
+        also redelivers. Raises OutboxError for a destination the registry does not know.
         """
-        d, e = self.deliveries, self.events
-        source = (
-            select(
-                e.c.id,
-                literal(destination, String),
-                e.c.aggregate_type,
-                e.c.aggregate_id,
-                literal(PENDING, String),
-                literal(0, Integer),
-                database_now(),
-            )
-            .where(
-                e.c.occurred_at >= since,
-                ~exists().where(d.c.event_id == e.c.id, d.c.destination == destination),
-            )
-            .order_by(e.c.sequence)
-        )
-        stmt = insert(d).from_select(
-            [
-                "event_id",
-                "destination",
-                "aggregate_type",
-                "aggregate_id",
-                "status",
-                "attempts",
-                "next_attempt_at",
-            ],
-            source,
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        names = await self.replay_names(conn, destination, since=since, registry=registry)
+        return await self.backfill_rows(conn, destination, names, since=since)

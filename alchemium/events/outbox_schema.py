@@ -8,6 +8,7 @@ in-process subscriber or an external publisher), with its delivery state::
        ^                  |
        +----failure-------+  (attempts < max_attempts, next_attempt_at = backoff)
                           +----failure----> dead  (attempts >= max_attempts; requeue -> pending)
+                          +----failure----> abandoned  (a destination's DeliveryPolicy gave up)
 
 A claim sets a fresh ``claim_token`` and a lease (``claimed_until``). Outcomes are
 written only ``WHERE claim_token = :mine``, so whoever lost its lease can never
@@ -74,6 +75,7 @@ from alchemium.errors import OutboxError
 from alchemium.events.tables import BigId, JsonDocument, existing_table
 
 __all__ = [
+    "ABANDONED",
     "CLAIMED",
     "COMPLETIONS",
     "DEAD",
@@ -90,6 +92,9 @@ __all__ = [
 ]
 
 PENDING, CLAIMED, DELIVERED, DEAD = "pending", "claimed", "delivered", "dead"
+# Given up by a destination's policy (alchemium.events.policies): never retried, and not
+# requeued by a requeue of every dead row unless asked for.
+ABANDONED = "abandoned"
 
 Executor = AsyncSession | AsyncConnection
 
@@ -184,17 +189,24 @@ def event_of(row: Mapping[Any, Any], prefix: str = "") -> DomainEvent:
     fields = ("id", "name", "aggregate_type", "aggregate_id", "payload", "metadata")
     data = {f: row[prefix + f] for f in fields}
     data["occurred_at"] = aware(row[prefix + "occurred_at"])
+    # NULL (a row written before the column existed) is version 1.
+    data["schema_version"] = row.get(prefix + "schema_version")
     return DomainEvent.from_dict(data)
 
 
 @dataclass(frozen=True, slots=True)
 class DeliveryRow:
-    """A claimed delivery: the event, where it goes, and which attempt this is."""
+    """A claimed delivery: the event, where it goes, and which attempt this is.
+
+    ``event`` is as stored (its stored schema version); ``replay`` is True for a
+    delivery made by a replay (``Outbox.replay``, ``backfill``).
+    """
 
     id: int
     destination: str
     attempts: int
     event: DomainEvent
+    replay: bool = False
 
 
 COMPLETIONS = ("keep", "delete", "archive")
@@ -244,6 +256,8 @@ class OutboxTables:
             Column("payload", JsonDocument, nullable=False),
             Column("metadata", JsonDocument, nullable=False),
             Column("occurred_at", DateTime(timezone=True), nullable=False),
+            # NULL: written before schema versions existed, i.e. version 1.
+            Column("schema_version", Integer, nullable=True),
             schema=schema,
         )
         self.deliveries = Table(
@@ -267,6 +281,12 @@ class OutboxTables:
             Column("claimed_by", String(100), nullable=True),
             Column("last_error", Text, nullable=True),
             Column("delivered_at", DateTime(timezone=True), nullable=True),
+            # Set (database clock) when a replay made this delivery; publishers see
+            # metadata["replay"] = True.
+            Column("replayed_at", DateTime(timezone=True), nullable=True),
+            # True while the destination's fallback handler has yet to run for this dead
+            # or abandoned row (alchemium.events.policies).
+            Column("fallback_pending", Boolean, nullable=True),
             UniqueConstraint("event_id", "destination", name=f"uq_{table_name}_delivery_event"),
             schema=schema,
         )
@@ -319,6 +339,12 @@ class OutboxTables:
             return all(
                 inspector.has_table(t.name, schema=t.schema) for t in (self.events, self.deliveries)
             )
+
+    async def events_by_id(self, conn: Executor, ids: set[Any]) -> dict[Any, DomainEvent]:
+        """The stored events with these ids (one SELECT), as DomainEvents by id."""
+        e = self.events
+        rows = await conn.execute(select(e).where(e.c.id.in_(ids)))
+        return {row.id: event_of(row._mapping) for row in rows}
 
     def insert_deliveries(self, lease: float) -> Any:
         """The INSERT of delivery rows: due now, claimed ones leased, on the database clock."""
@@ -387,7 +413,7 @@ class OutboxTables:
                 claimed_by=bindparam("claimed_by", type_=d.c.claimed_by.type),
                 attempts=d.c.attempts + 1,
             )
-            .returning(d.c.id, d.c.event_id, d.c.destination, d.c.attempts)
+            .returning(d.c.id, d.c.event_id, d.c.destination, d.c.attempts, d.c.replayed_at)
             .cte("claimed")
         )
         return (
@@ -395,6 +421,7 @@ class OutboxTables:
                 claimed.c.id,
                 claimed.c.destination,
                 claimed.c.attempts,
+                claimed.c.replayed_at,
                 *(c.label(f"event_{c.name}") for c in e.c),
             )
             .join(e, e.c.id == claimed.c.event_id)

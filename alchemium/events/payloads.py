@@ -20,6 +20,13 @@ from typing import Any, TypeGuard
 
 from alchemium.encoding import decode_value, plain_json, unencodable_type
 from alchemium.errors import EventConfigurationError, EventDecodeError, EventSerializationError
+from alchemium.events.sensitive import (
+    ERASED,
+    HASH_PREFIX,
+    REDACTED,
+    SensitiveFields,
+    sensitive_fields,
+)
 from alchemium.modelinfo import ModelInfo, model_info
 
 __all__ = ["PayloadPolicy", "configure_payload", "decode_payload", "payload_policy"]
@@ -41,6 +48,7 @@ class PayloadPolicy:
     model: str
     exclude: frozenset[str]
     transform: Mapping[str, Transform]
+    sensitive: SensitiveFields | None = None
 
     def apply(self, event: str, action: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The payload ``event`` carries; None for an update of excluded columns only."""
@@ -58,6 +66,8 @@ class PayloadPolicy:
         return {k: self._value(event, k, v) for k, v in payload.items() if k not in exclude}
 
     def _value(self, event: str, key: str, value: Any) -> Any:
+        if self.sensitive is not None and key in self.sensitive.fields:
+            return self.sensitive.hide(key, value)
         transform = self.transform.get(key)
         if transform is None or value is None:
             return value
@@ -89,11 +99,14 @@ def configure_payload(
     repositories of one model must not disagree on what leaves it (a secret excluded
     by one would be sent by the other). ``check``: the model records events, so every
     column they carry untransformed must have an encoder (EventConfigurationError
-    otherwise, naming the model, the field and the type).
+    otherwise, naming the model, the field and the type). The model's sensitive
+    columns (:mod:`alchemium.events.sensitive`) are part of the policy; one cannot
+    also be transformed.
     """
     current = _policies.get(info.model)
     names = _declared_exclude(info, exclude, current)
     functions = _declared_transform(info, transform, current)
+    sensitive = sensitive_fields(info)
     both = names & functions.keys()
     if both:
         raise EventConfigurationError(
@@ -102,12 +115,20 @@ def configure_payload(
             model=info.name,
             field=sorted(both)[0],
         )
+    hidden = (sensitive.fields if sensitive is not None else frozenset()) & functions.keys()
+    if hidden:
+        raise EventConfigurationError(
+            f"{info.name}: {', '.join(sorted(hidden))} is sensitive and in event_transform; "
+            "a sensitive column is hidden, not transformed: keep it in one",
+            model=info.name,
+            field=sorted(hidden)[0],
+        )
     if check:
         _check_encodable(info, names | functions.keys())
-    if not names and not functions:
+    if not names and not functions and sensitive is None:
         _policies.pop(info.model, None)
         return None
-    policy = PayloadPolicy(info.name, names, MappingProxyType(dict(functions)))
+    policy = PayloadPolicy(info.name, names, MappingProxyType(dict(functions)), sensitive)
     _policies[info.model] = policy
     return policy
 
@@ -211,12 +232,16 @@ def decode_payload(model: type[Any], payload: Mapping[str, Any]) -> dict[str, An
     updated payload (its only key is ``changes``) gives ``{"changes": {column: {"old":
     value, "new": value}}}``. Columns the repository transforms keep their JSON value
     (a transform is not reversible); excluded ones are absent, as in the payload; the
-    ``soft`` flag of a soft delete is kept. A key that is not a column of ``model``
-    (a payload of another model, or of a column since renamed) raises EventDecodeError.
+    ``soft`` flag of a soft delete is kept. Sensitive columns keep what hides them
+    (``"[redacted]"``, a hash, ``"[erased]"``, an erasable token not yet revealed with
+    :func:`alchemium.events.erasure.reveal_payload`); revealed values are decoded. A key
+    that is not a column of ``model`` (a payload of another model, or of a column since
+    renamed) raises EventDecodeError.
     """
     info = model_info(model)
     policy = payload_policy(model)
     kept = policy.transform if policy is not None else {}
+    hidden = policy.sensitive.fields if policy is not None and policy.sensitive else frozenset()
 
     def decode(key: str, value: Any) -> Any:
         column = info.columns.get(key)
@@ -226,7 +251,7 @@ def decode_payload(model: type[Any], payload: Mapping[str, Any]) -> dict[str, An
             raise EventDecodeError(
                 f"{info.name}.{key}", value, f"a column of {info.name} (it has none by that name)"
             )
-        if key in kept:
+        if key in kept or (key in hidden and _hides(value)):
             return plain_json(value)
         return decode_value(column.type, value, field=f"{info.name}.{key}")
 
@@ -239,6 +264,13 @@ def decode_payload(model: type[Any], payload: Mapping[str, Any]) -> dict[str, An
             }
         }
     return {key: decode(key, value) for key, value in payload.items()}
+
+
+def _hides(value: Any) -> bool:
+    """Whether ``value`` stands for a hidden sensitive value rather than being one."""
+    if isinstance(value, str):
+        return value in (REDACTED, ERASED) or value.startswith(HASH_PREFIX)
+    return isinstance(value, Mapping) and "$erasable" in value
 
 
 def _is_diff(changes: Any) -> TypeGuard[Mapping[str, Mapping[str, Any]]]:

@@ -33,6 +33,8 @@ from sqlalchemy.orm.base import NO_VALUE, PASSIVE_NO_INITIALIZE, PASSIVE_NO_RESU
 from alchemium.domain_event import DomainEvent
 from alchemium.encoding import ADDRESS_TYPES, json_safe
 from alchemium.events.payloads import PayloadPolicy, Transform, configure_payload
+from alchemium.events.sensitive import register_encrypting
+from alchemium.events.upcasting import default_upcasters
 from alchemium.modelinfo import ModelInfo, model_info
 from alchemium.uow import (
     UnitOfWork,
@@ -82,16 +84,24 @@ def register_entity(
     enabled: bool = True,
     exclude: Collection[str] | None = None,
     transform: Mapping[str, Transform] | None = None,
+    schema_version: int | None = None,
 ) -> None:
     """Record change events for ``model`` under the prefix ``entity`` (or not, if disabled).
 
     ``exclude`` / ``transform``: see :class:`alchemium.events.payloads.PayloadPolicy`.
+    ``schema_version``: the current schema version of every change event of the
+    model (``<entity>_created``, ``_updated``, ...), declared in the default upcaster
+    registry (:mod:`alchemium.events.upcasting`); None leaves them undeclared (1).
     Raises EventConfigurationError, before anything is registered, for a column the
     events cannot carry (see :func:`alchemium.events.payloads.configure_payload`).
     """
     payload = configure_payload(
         model_info(model), exclude=exclude, transform=transform, check=enabled
     )
+    register_encrypting(entity, payload.sensitive if payload is not None and enabled else None)
+    if schema_version is not None:
+        for action in CHANGE_ACTIONS:
+            default_upcasters.declare(f"{entity}_{action}", schema_version)
     _entities[model] = EntityConfig(entity=entity, enabled=enabled, payload=payload)
     _resolved.clear()
 

@@ -27,9 +27,10 @@ destinations it does not serve whose rows have been due for longer than
 
 All SQL lives in :mod:`alchemium.events.outbox`; this module only schedules.
 
-Why this module is long (about 600 lines): the loop, its heartbeat, the recording
-of outcomes and the LISTEN connection are one scheduler whose parts share state;
-SQL stays in the outbox modules.
+Why this module is long (about 730 lines): the loop, its heartbeat, the recording
+of outcomes (with the destinations' policies for giving up) and the LISTEN
+connection are one scheduler whose parts share state; SQL stays in the outbox
+modules, what a policy decides in :mod:`alchemium.events.policies`.
 """
 
 from __future__ import annotations
@@ -53,8 +54,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from alchemium.errors import OutboxError
 from alchemium.events.dispatch import retry_delay
 from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox
+from alchemium.events.outbox_schema import ABANDONED
+from alchemium.events.policies import (
+    DeliveryPolicies,
+    DeliveryPolicy,
+    default_policies,
+    event_age,
+    prepare_delivery,
+    run_fallbacks,
+)
 from alchemium.events.publishers.base import Publisher, destinations_of
 from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
+from alchemium.events.upcasting import UpcasterRegistry, default_upcasters
 from alchemium.uow import check_session_factory
 
 __all__ = ["OutboxRelay", "RelayStats"]
@@ -65,6 +76,7 @@ SessionFactory = Callable[[], AsyncSession]
 
 _RECONNECT_MAX = 30.0  # seconds between LISTEN reconnection attempts, at most
 _LISTEN_CHECK = 5.0
+_NO_POLICY = DeliveryPolicy()  # a destination without a policy: dead after max_attempts
 _RECORD_ATTEMPTS = 4  # seconds between health checks of the LISTEN connection
 
 
@@ -141,6 +153,7 @@ class RelayStats:
     rounds: int = 0
     errors: int = 0
     oldest_pending_age: float | None = None
+    abandoned: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +176,8 @@ class OutboxRelay:
             this long.
         poll_interval: seconds between polls when idle (and LISTEN is unavailable,
             or to pick up retries whose backoff elapsed).
-        max_attempts: attempts before a row is marked dead.
+        max_attempts: attempts before a row is marked dead (a destination's
+            ``DeliveryPolicy`` may abandon it earlier).
         backoff_base: first retry delay in seconds; doubles per attempt (capped at
             ``backoff_cap``), with jitter.
         ordered: deliver the events of one aggregate in sequence order: a later
@@ -180,6 +194,11 @@ class OutboxRelay:
             WARNING, again at most every ``stranded_after`` seconds per destination);
             default ``max(60, 5 * poll_interval)``.
         outbox: the outbox to drain (default: the one set by ``enable_outbox``).
+        upcasters: the schema versions and upcasters events are brought up to date with
+            before publishing (default: ``alchemium.events.upcasting.default_upcasters``);
+            validated when the relay starts.
+        policies: per-destination delivery policies (abandoning, fallback handlers;
+            default: ``alchemium.events.policies.default_policies``).
     """
 
     def __init__(
@@ -201,6 +220,8 @@ class OutboxRelay:
         lag_interval: float = 5.0,
         stranded_after: float | None = None,
         outbox: Outbox | None = None,
+        upcasters: UpcasterRegistry | None = None,
+        policies: DeliveryPolicies | None = None,
     ) -> None:
         if batch_size < 1 or max_attempts < 1 or lease <= 0 or poll_interval <= 0:
             raise ValueError("batch_size, max_attempts, lease and poll_interval must be > 0")
@@ -238,6 +259,8 @@ class OutboxRelay:
         self._listening = asyncio.Event()
         self._lag_checked = -float("inf")
         self._purged = -float("inf")
+        self.upcasters = upcasters if upcasters is not None else default_upcasters
+        self.policies = policies if policies is not None else default_policies
 
     # -- public API --------------------------------------------------------------------------
 
@@ -283,10 +306,12 @@ class OutboxRelay:
         keep it going forever), or until :meth:`stop` is called. Purges if
         ``retention`` is set. No LISTEN; database errors propagate.
         """
+        self.upcasters.validate()
         destinations = self._destinations()
         async with self.session_factory() as session:
             bound = await self.outbox.undelivered(session, destinations)
         await self._check_lag()
+        await self._run_fallbacks()
         before, claimed_total = self.stats.delivered, 0
         while not self._stopping.is_set() and claimed_total < bound:
             claimed = await self._rounds(most=bound - claimed_total)
@@ -305,6 +330,7 @@ class OutboxRelay:
         a backoff; the relay never gives up by itself.
         """
         self._stopping.clear()
+        self.upcasters.validate()
         listener: asyncio.Task[None] | None = None
         if self.listen:
             dsn = await self._listen_dsn()
@@ -438,7 +464,8 @@ class OutboxRelay:
         try:
             if publisher is None:  # the publisher's names changed since the claim
                 raise OutboxError(f"no publisher for destination {row.destination!r}")
-            await _within(self.publish_timeout, publisher.publish(row.event, row.destination))
+            event = prepare_delivery(row, self.upcasters)
+            await _within(self.publish_timeout, publisher.publish(event, row.destination))
         except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
             return _Outcome(row, err)
         return _Outcome(row, None)
@@ -482,33 +509,45 @@ class OutboxRelay:
     async def _record_once(self, token: uuid.UUID, outcomes: list[_Outcome]) -> int:
         ok = [o.row.id for o in outcomes if o.error is None]
         failed = [o for o in outcomes if o.error is not None]
-        retried = dead = 0
+        retried = dead = abandoned = fallbacks = 0
         async with self.session_factory() as session:
             # All delivered (the usual case) is one UPDATE: no transaction needed.
             conn = session if failed else await autocommit(session)
             delivered = await self.outbox.mark_delivered(conn, token, ok)
+            now = await self._now_if_aged(session, failed)
             for outcome in failed:
                 row, err = outcome.row, outcome.error
-                give_up = row.attempts >= self.max_attempts
-                delay = (
-                    None
-                    if give_up
-                    else retry_delay(row.attempts, base=self.backoff_base, cap=self.backoff_cap)
+                policy = self.policies.get(row.destination)
+                age = event_age(now, row.event) if now is not None else None
+                gave_up = (policy or _NO_POLICY).gives_up(
+                    attempts=row.attempts, max_attempts=self.max_attempts, age=age
                 )
-                written = await self.outbox.mark_failed(
-                    session,
-                    token,
-                    error=f"{type(err).__name__}: {err}",
-                    retry_in=delay,
-                    row_id=row.id,
-                )
-                if written and give_up:
-                    dead += 1
-                elif written:
-                    retried += 1
-                self._log_failure(row, err, give_up=give_up, written=bool(written))
+                error = f"{type(err).__name__}: {err}"
+                if gave_up is None:
+                    delay = retry_delay(row.attempts, base=self.backoff_base, cap=self.backoff_cap)
+                    written = await self.outbox.mark_failed(
+                        session, token, error=error, retry_in=delay, row_id=row.id
+                    )
+                    retried += written
+                else:
+                    fallback = policy is not None and policy.on_dead is not None
+                    written = await self.outbox.mark_given_up(
+                        session,
+                        token,
+                        row_id=row.id,
+                        status=gave_up,
+                        error=error,
+                        fallback=fallback,
+                    )
+                    abandoned += written if gave_up == ABANDONED else 0
+                    dead += written if gave_up != ABANDONED else 0
+                    fallbacks += written if fallback else 0
+                self._log_failure(row, err, give_up=gave_up, written=bool(written))
             await session.commit()
-        lost = len(outcomes) - delivered - retried - dead
+        if fallbacks:
+            await self._run_fallbacks()
+        self.stats.abandoned += abandoned
+        lost = len(outcomes) - delivered - retried - dead - abandoned
         self.stats.delivered += delivered
         self.stats.retried += retried
         self.stats.dead += dead
@@ -531,17 +570,38 @@ class OutboxRelay:
             )
         return delivered
 
+    async def _now_if_aged(self, session: AsyncSession, failed: list[_Outcome]) -> Any:
+        """The database's now, if a failed row's policy abandons by age (else None)."""
+        for outcome in failed:
+            policy = self.policies.get(outcome.row.destination)
+            if policy is not None and policy.abandon_after is not None:
+                return await self.outbox.database_time(session)
+        return None
+
+    async def _run_fallbacks(self) -> None:
+        """Run the fallback handlers owed for this relay's destinations (policies.py)."""
+        await run_fallbacks(
+            self.outbox,
+            self.session_factory,
+            self._destinations(),
+            self.policies,
+            lease=self.lease,
+            backoff_cap=self.backoff_cap,
+            relay_id=self.relay_id,
+        )
+
     def _log_failure(
-        self, row: DeliveryRow, err: BaseException | None, *, give_up: bool, written: bool
+        self, row: DeliveryRow, err: BaseException | None, *, give_up: str | None, written: bool
     ) -> None:
         event = row.event
         if not written:
             return  # counted as a lost lease
         if give_up:
             logger.error(
-                "event %s (%s) is dead for %s after %d attempt(s): %r",
+                "event %s (%s) is %s for %s after %d attempt(s): %r",
                 event.id,
                 event.name,
+                give_up,
                 row.destination,
                 row.attempts,
                 err,
@@ -562,6 +622,7 @@ class OutboxRelay:
         if now - self._lag_checked >= self.lag_interval:
             self._lag_checked = now
             await self._check_lag()
+            await self._run_fallbacks()
         if idle and self.retention is not None and now - self._purged >= 60.0:
             self._purged = now
             if await self._purge(self.retention):

@@ -283,6 +283,10 @@ class SubscriberRegistry:
     def __repr__(self) -> str:
         return f"SubscriberRegistry({self.name!r}, subscribers={len(self._by_name)})"
 
+    def knows(self, destination: str) -> bool:
+        """Whether ``destination`` is a subscriber or an external destination of this registry."""
+        return destination in self._by_name or destination in self._destinations
+
 
 def _cache(routes: dict[str, _Route], event_name: str, found: _Route) -> _Route:
     if len(routes) >= _ROUTES_CACHED:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,6 +372,36 @@ class RabbitServer:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def rabbitmq_consumer(
+    url: str, exchange: str, routing_key: str
+) -> AsyncIterator[Callable[[int], Awaitable[list[Any]]]]:
+    """A consumer's exclusive queue bound to topic ``exchange`` for ``routing_key``.
+
+    Yields ``take(n)``, which gets (and acks) the next ``n`` messages, 5 s each at most.
+    """
+    import aio_pika
+
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        topic = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(topic, routing_key=routing_key)
+
+        async def take(n: int) -> list[Any]:
+            received = []
+            for _ in range(n):
+                message = await queue.get(timeout=5)
+                await message.ack()
+                received.append(message)
+            return received
+
+        yield take
+    finally:
+        await connection.close()
 
 
 @pytest.fixture(scope="session")

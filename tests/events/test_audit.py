@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -12,10 +10,8 @@ from alchemium.events import (
     AuditLog,
     SubscriberRegistry,
     audit_history,
-    create_audit_table,
     disable_audit,
     disable_outbox,
-    enable_audit,
 )
 from alchemium.events.audit import default_audit_log
 from alchemium.events.recording import global_before_commit_hooks
@@ -23,18 +19,6 @@ from tests.events.conftest import count
 from tests.models import Base, MembershipRepository, ScratchRepository, UserRepository
 
 Sessions = async_sessionmaker[AsyncSession]
-
-
-@pytest.fixture
-async def audit(engine: AsyncEngine) -> AsyncIterator[AuditLog]:
-    """Audit enabled for one test only: the hook and the table leave with it."""
-    log = enable_audit(Base.metadata)
-    try:
-        await create_audit_table(engine, log)
-        yield log
-    finally:
-        disable_audit()
-        Base.metadata.remove(log.table)
 
 
 async def test_each_committed_change_gets_one_audit_row(

@@ -47,10 +47,10 @@ async def test_late_subscriber_starts_from_now_unless_backfilled(
 
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
     async with session_factory() as session, session.begin():
-        assert await outbox.backfill(session, "late", since=since) == 2
+        assert await outbox.backfill(session, "late", since=since, registry=registry) == 2
     async with session_factory() as session, session.begin():
         # a second backfill adds nothing: the late subscriber has a row for every event
-        assert await outbox.backfill(session, "late", since=since) == 0
+        assert await outbox.backfill(session, "late", since=since, registry=registry) == 0
     assert await _drain(session_factory, registry, outbox) == 2
     assert sorted(e.payload["name"] for e in late) == ["new1", "old1", "old2"]
     assert early == ["old1", "old2", "new1"]  # the early subscriber saw each exactly once

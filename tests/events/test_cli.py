@@ -268,9 +268,17 @@ async def test_status_shows_each_destination_and_json_for_scripts(
     code, out, err = await cli("outbox", "status", "--url", db_url)
     assert code == 0, err
     table = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
-    assert table["destination"] == ["pending", "claimed", "dead", "delivered", "lag", "overdue"]
-    assert table["sink"] == ["0", "0", "0", "2", "-", "-"]
-    assert table["__main__.notify"][:4] == ["2", "0", "0", "0"]
+    assert table["destination"] == [
+        "pending",
+        "claimed",
+        "dead",
+        "abandoned",
+        "delivered",
+        "lag",
+        "overdue",
+    ]
+    assert table["sink"] == ["0", "0", "0", "0", "2", "-", "-"]
+    assert table["__main__.notify"][:5] == ["2", "0", "0", "0", "0"]
     assert "note: '__main__.notify' is a handler name from a script; pass name=" in out
 
     code, out, err = await cli("outbox", "status", "--url", db_url, "--json")
@@ -313,7 +321,9 @@ async def test_relay_once_delivers_what_is_due_and_reports_the_counts(
         env={"ALCHEMIUM_SINK": str(sink)},
     )
     assert code == 0, err
-    assert err.splitlines()[-1] == "relay pass done: delivered=5 retried=0 dead=0 lost_leases=0"
+    assert err.splitlines()[-1] == (
+        "relay pass done: delivered=5 retried=0 dead=0 abandoned=0 lost_leases=0"
+    )
     assert sorted(sink_lines(sink)) == sorted(str(e.id) for e in events)
     rows = {r["event_id"]: r["status"] for r in await delivery_rows(engine, outbox)}
     assert rows.pop(later.id) == "pending"

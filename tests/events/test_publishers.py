@@ -31,6 +31,7 @@ from tests.events.relay_support import (
     delivery_rows,
     eventually,
     insert_events,
+    rabbitmq_consumer,
 )
 from tests.rig import free_port
 
@@ -99,17 +100,7 @@ async def test_redis_outage_leaves_events_pending_until_it_is_back(
 async def test_rabbitmq_publisher_delivers_with_confirms_to_a_consumer(
     session_factory: Factory, outbox: Outbox, rabbitmq_server: RabbitServer
 ) -> None:
-    import aio_pika
-
-    connection = await aio_pika.connect(rabbitmq_server.url)
-    try:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            "shop.events", aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        queue = await channel.declare_queue("", exclusive=True)
-        await queue.bind(exchange, routing_key="user_created")
-
+    async with rabbitmq_consumer(rabbitmq_server.url, "shop.events", "user_created") as take:
         events = await insert_events(session_factory, outbox, 4, destinations=["rabbitmq"])
         publisher = RabbitMQPublisher(rabbitmq_server.url, exchange="shop.events")
         try:
@@ -117,14 +108,7 @@ async def test_rabbitmq_publisher_delivers_with_confirms_to_a_consumer(
             assert await relay.run_once() == 4
         finally:
             await publisher.close()
-
-        received = []
-        for _ in range(4):
-            message = await queue.get(timeout=5)
-            await message.ack()
-            received.append(message)
-    finally:
-        await connection.close()
+        received = await take(4)
     assert [m.message_id for m in received] == [str(e.id) for e in events]
     assert DomainEvent.from_dict(json.loads(received[0].body)) == events[0]
     assert received[0].type == "user_created"

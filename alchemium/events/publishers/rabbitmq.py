@@ -31,7 +31,9 @@ class RabbitMQPublisher:
     acknowledged the message, and raises if it was nacked, returned as unroutable
     (``mandatory``: no queue is bound for it) or the connection failed. Messages
     are persistent, ``message_id`` is the event id (the consumer's deduplication
-    key), ``type`` the event name, the body :meth:`DomainEvent.to_json`. The
+    key), ``type`` the event name, the body :meth:`DomainEvent.to_json`; headers
+    ``aggregate_type``, ``aggregate_id``, ``schema_version`` and, for a delivery made
+    by a replay, ``replay: true``. The
     exchange is declared (durable) on first use. After a connection failure the
     next publish reconnects; the failed row stays pending and is retried.
     """
@@ -83,6 +85,8 @@ class RabbitMQPublisher:
             headers={
                 "aggregate_type": event.aggregate_type,
                 "aggregate_id": event.aggregate_id,
+                "schema_version": event.schema_version,
+                **({"replay": True} if event.metadata.get("replay") else {}),
             },
         )
         try:

@@ -24,8 +24,9 @@ class RedisStreamPublisher:
     """Appends each event to a Redis stream with ``XADD``.
 
     Entry fields: ``event_id`` (the consumer's deduplication key: delivery is at
-    least once), ``name``, ``aggregate_type``, ``aggregate_id`` and ``event`` (the
-    whole event as JSON, see :meth:`DomainEvent.to_json`). The entry id is Redis's
+    least once), ``name``, ``aggregate_type``, ``aggregate_id``, ``event`` (the
+    whole event as JSON, see :meth:`DomainEvent.to_json`), ``schema_version`` and, for
+    a delivery made by a replay, ``replay`` (``"1"``). The entry id is Redis's
     own (``*``). ``XADD`` returns only after Redis accepted the entry; with Redis
     persistence off, an accepted entry can still be lost if Redis itself restarts.
     The client connects on first use and reconnects by itself after an outage; a
@@ -67,7 +68,10 @@ class RedisStreamPublisher:
             "aggregate_type": event.aggregate_type,
             "aggregate_id": event.aggregate_id,
             "event": event.to_json(),
+            "schema_version": str(event.schema_version),
         }
+        if event.metadata.get("replay"):
+            fields["replay"] = "1"
         await self._connect().xadd(
             self.stream, fields, maxlen=self.maxlen, approximate=self.maxlen is not None
         )
