@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import exc as sa_exc
@@ -28,10 +28,16 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from alchemium import __version__
+from alchemium.dashboard.actions import (
+    one,
+    parse_form_action,
+    parse_json_action,
+    read_form,
+    read_json,
+)
 from alchemium.dashboard.chart import throughput_svg
 from alchemium.dashboard.errors import (
     DashboardRequestError,
-    InvalidParameterError,
     NotAuthenticatedError,
     UnavailableError,
     UnsupportedMediaError,
@@ -42,7 +48,7 @@ from alchemium.dashboard.state import ACTIONS, Dashboard
 from alchemium.events.audit import AuditLog, default_audit_log
 from alchemium.events.outbox import default_outbox
 from alchemium.events.outbox_actions import OutboxActionLog
-from alchemium.events.outbox_admin import DeadSelection, DeliveryChangedError, OutboxAdministration
+from alchemium.events.outbox_admin import DeliveryChangedError, OutboxAdministration
 
 __all__ = ["create_app"]
 
@@ -51,8 +57,6 @@ logger = logging.getLogger("alchemium.dashboard")
 Document = dict[str, Any]
 Builder = Callable[[Dashboard, Request, Params], Awaitable[Document]]
 
-MAX_FORM_BYTES = 1 << 20
-MAX_IDS = 10_000
 PAGE_PARAMS = ("page", "per_page")
 
 
@@ -301,29 +305,9 @@ class _Http:
         action = _action(request)
         self.access.require_actions()
         operator = await self.access.operator(request)
-        form = await _form(request)
-        self.access.check_action(request, operator, _one(form, CSRF_FIELD) or "")
-        allowed = {CSRF_FIELD, "row", "ids", "scope", "next", "expected", *SELECTION_FIELDS}
-        unknown = sorted(set(form) - allowed)
-        if unknown:
-            raise InvalidParameterError(unknown[0], "not a field of the action form")
-        row = _one(form, "row")
-        ids: list[int] | None = None
-        selection: DeadSelection | None = None
-        expected: int | None = None
-        if row:
-            ids = [_positive(row, "row")]
-        elif _one(form, "scope") == "selection":
-            values = {k: _one(form, k) or "" for k in (*SELECTION_FIELDS, "expected")}
-            params = Params(values, (*SELECTION_FIELDS, "expected"))
-            selection = params.selection()
-            expected = params.integer("expected", -1, low=0)
-            if expected < 0:
-                raise InvalidParameterError("expected", "how many rows the selection showed")
-        else:
-            ids = [_positive(v, "ids") for v in form.get("ids", [])]
-            if not ids:
-                raise InvalidParameterError("ids", "select at least one dead letter")
+        form = await read_form(request)
+        self.access.check_action(request, operator, one(form, CSRF_FIELD) or "")
+        ids, selection, expected = parse_form_action(form)
         result = await self.dashboard.act(
             action,
             actor=_actor(operator),
@@ -332,7 +316,7 @@ class _Http:
             selection=selection,
             expected=expected,
         )
-        target = _local_path(_one(form, "next"), request.url_for("dead").path)
+        target = _local_path(one(form, "next"), request.url_for("dead").path)
         separator = "&" if "?" in target else "?"
         notice = urlencode({"notice": action, "rows": result["rows"]})
         return RedirectResponse(f"{target}{separator}{notice}", status_code=303)
@@ -345,8 +329,7 @@ class _Http:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise UnsupportedMediaError("send the action as application/json")
         self.access.check_action(request, operator, None)
-        body = await _json_body(request)
-        ids, selection, expected = _parse_action(body)
+        ids, selection, expected = parse_json_action(await read_json(request))
         result = await self.dashboard.act(
             action,
             actor=_actor(operator),
@@ -367,12 +350,12 @@ class _Http:
         target = _local_path(request.query_params.get("next"), request.url_for("overview").path)
         if request.method == "POST":
             self.access.check_origin(request)
-            form = await _form(request)
-            target = _local_path(_one(form, "next"), target)
-            name = (_one(form, "name") or "").strip()[:100]
+            form = await read_form(request)
+            target = _local_path(one(form, "next"), target)
+            name = (one(form, "name") or "").strip()[:100]
             if not name:
                 error = "Give your name: it is recorded with every action you take."
-            elif not self.access.check_token(_one(form, "token") or ""):
+            elif not self.access.check_token(one(form, "token") or ""):
                 error = "That is not the dashboard's token."
             else:
                 response = RedirectResponse(target, status_code=303)
@@ -507,83 +490,3 @@ def _actor(operator: Operator) -> str:
 
 def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
-
-
-async def _form(request: Request) -> dict[str, list[str]]:
-    """An url-encoded form body (what the pages send), as lists of values per field."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip()
-    if kind != "application/x-www-form-urlencoded":
-        raise UnsupportedMediaError("send the form as application/x-www-form-urlencoded")
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise InvalidParameterError("body", f"at most {MAX_FORM_BYTES} bytes")
-    form: dict[str, list[str]] = {}
-    try:
-        pairs = parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=MAX_IDS + 20)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise InvalidParameterError("body", f"not a readable form: {err}") from err
-    for key, value in pairs:
-        form.setdefault(key, []).append(value)
-    return form
-
-
-def _one(form: dict[str, list[str]], key: str) -> str | None:
-    values = form.get(key)
-    return values[-1] if values else None
-
-
-def _positive(raw: Any, name: str) -> int:
-    if isinstance(raw, bool):
-        raise InvalidParameterError(name, f"expected delivery ids (whole numbers), got {raw!r}")
-    try:
-        value = int(raw)
-    except (TypeError, ValueError) as err:
-        raise InvalidParameterError(name, f"expected a delivery id, got {raw!r}") from err
-    if value < 1 or (isinstance(raw, float)):
-        raise InvalidParameterError(name, f"expected a delivery id of 1 or more, got {raw!r}")
-    return value
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_FORM_BYTES:
-        raise InvalidParameterError("body", f"at most {MAX_FORM_BYTES} bytes")
-    try:
-        body = json.loads(raw)
-    except ValueError as err:
-        raise InvalidParameterError("body", f"not valid JSON: {err}") from err
-    if not isinstance(body, dict):
-        raise InvalidParameterError("body", "expected a JSON object")
-    return body
-
-
-def _parse_action(
-    body: dict[str, Any],
-) -> tuple[list[int] | None, DeadSelection | None, int | None]:
-    """``{"ids": [...]}`` or ``{"selection": {...}, "expected": N}``."""
-    unknown = sorted(set(body) - {"ids", "selection", "expected"})
-    if unknown:
-        raise InvalidParameterError(unknown[0], "expected 'ids', or 'selection' and 'expected'")
-    if ("ids" in body) == ("selection" in body):
-        raise InvalidParameterError("ids", "give either 'ids' or 'selection' (with 'expected')")
-    if "ids" in body:
-        raw = body["ids"]
-        if not isinstance(raw, list) or not raw or len(raw) > MAX_IDS:
-            raise InvalidParameterError("ids", f"expected a list of 1 to {MAX_IDS} delivery ids")
-        if "expected" in body:
-            raise InvalidParameterError("expected", "only with 'selection'")
-        return [_positive(v, "ids") for v in raw], None, None
-    raw_selection = body["selection"]
-    if not isinstance(raw_selection, dict):
-        raise InvalidParameterError("selection", f"expected an object with {SELECTION_FIELDS}")
-    for key, value in raw_selection.items():
-        if key not in SELECTION_FIELDS:
-            raise InvalidParameterError(f"selection.{key}", f"expected one of {SELECTION_FIELDS}")
-        if value is not None and not isinstance(value, str):
-            raise InvalidParameterError(f"selection.{key}", f"expected a string, got {value!r}")
-    expected = body.get("expected")
-    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
-        raise InvalidParameterError(
-            "expected", "the number of dead rows the selection matched when you looked (0 or more)"
-        )
-    return None, DeadSelection(**raw_selection), expected
