@@ -271,6 +271,15 @@ class OutboxTables:
             sqlite_where=open_rows,
         )
         Index(f"ix_{table_name}_delivery_token", self.deliveries.c.claim_token)
+        # Deliveries per minute (the dashboard's chart) and the purge's cutoff read
+        # delivered rows by time; without it both scan every row kept for retention.
+        delivered = text("status = 'delivered'")
+        Index(
+            f"ix_{table_name}_delivery_delivered",
+            self.deliveries.c.delivered_at,
+            postgresql_where=delivered,
+            sqlite_where=delivered,
+        )
         Index(f"ix_{table_name}_occurred", self.events.c.occurred_at)
 
     def tables_exist(self, bind: Engine | Connection) -> bool:
