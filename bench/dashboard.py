@@ -51,7 +51,8 @@ async def fill(engine: AsyncEngine, outbox: Outbox, rows: int, days: float = 7.0
                 f"INSERT INTO {e} (id, name, aggregate_type, aggregate_id, payload, metadata, "
                 "occurred_at) SELECT md5(i::text)::uuid, 'order_placed', 'order', "
                 "(i % 50000)::text, jsonb_build_object('n', i), '{}'::jsonb, "
-                "statement_timestamp() - make_interval(secs => (:n - i) * CAST(:span AS float8) / :n) "
+                "statement_timestamp() "
+                "- make_interval(secs => (:n - i) * CAST(:span AS float8) / :n) "
                 "FROM generate_series(1, :n) AS i"
             ),
             {"n": events, "span": days * 86400.0},
