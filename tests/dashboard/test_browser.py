@@ -144,7 +144,8 @@ async def test_requeue_a_dead_letter_and_watch_a_running_relay_deliver_it(
     running = asyncio.create_task(relay.run())
     try:
         async with serving(make_app(actions=True, token=TOKEN, refresh=1)) as base:
-            page = await browser.new_page()
+            context = await browser.new_context()  # one browser session: its cookies
+            page = await context.new_page()
             await page.goto(f"{base}/dead")
             assert page.url.startswith(f"{base}/login")  # a token protects the dashboard
             await page.fill("input[name=name]", "dora")
@@ -158,7 +159,12 @@ async def test_requeue_a_dead_letter_and_watch_a_running_relay_deliver_it(
             await page.wait_for_url(re.compile(r".*/events/.*"))
             status = f'#deliveries tr[data-delivery="{dead_id}"] td.status'
             assert await cell(page, status) == "dead"
-            await page.click(f'#deliveries tr[data-delivery="{dead_id}"] button.requeue')
+            # The page reloads itself every second; it holds still while the pointer is on
+            # an action form, so hover first, as a person's pointer would.
+            requeue = page.locator(f'#deliveries tr[data-delivery="{dead_id}"] button.requeue')
+            await requeue.hover()
+            await page.wait_for_load_state("load")
+            await requeue.click()
             await page.wait_for_selector("p.notice")
             assert await cell(page, "p.notice") == "Requeued 1 dead delivery."
             # The relay claims the row within a poll interval; the page reloads itself.
@@ -167,8 +173,11 @@ async def test_requeue_a_dead_letter_and_watch_a_running_relay_deliver_it(
                 timeout=30_000,
             )
             await page.screenshot(path=str(screenshot_path(request, "delivered")), full_page=True)
-            await page.goto(f"{base}/actions")
-            assert "dora" in await cell(page, "#actions tbody tr")
+            # A page of its own: the event page keeps reloading itself, which would abort
+            # a navigation started from it.
+            actions = await context.new_page()
+            await actions.goto(f"{base}/actions")
+            assert "dora" in await cell(actions, "#actions tbody tr")
     finally:
         relay.stop()
         await asyncio.wait_for(running, 30)

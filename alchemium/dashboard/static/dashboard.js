@@ -1,12 +1,18 @@
 // alchemium dashboard: the only script. Everything works without it but these three.
 (function () {
   "use strict";
-  // Live pages reload every data-refresh seconds, unless a form field is being edited.
+  // Live pages reload every data-refresh seconds, but never under an operator's hand: not
+  // while a field is being edited, the pointer is on an action form, or a form is on its way.
   var seconds = Number(document.body.dataset.refresh || 0);
+  var submitting = false;
+  document.addEventListener("submit", function () { submitting = true; }, true);
   if (seconds > 0) {
-    setInterval(function () {
+    var timer = setInterval(function () {
       var active = document.activeElement;
-      if (!active || !/^(INPUT|TEXTAREA|SELECT)$/.test(active.tagName)) location.reload();
+      var editing = active && /^(INPUT|TEXTAREA|SELECT)$/.test(active.tagName);
+      var aiming = document.querySelector("form[method=post]:hover");
+      if (submitting) clearInterval(timer);
+      else if (!editing && !aiming) location.reload();
     }, seconds * 1000);
   }
   // "Select all" on the dead letters page.
