@@ -84,7 +84,8 @@ class Dashboard:
         return bool(found)
 
     async def _require_outbox(self, conn: AsyncConnection) -> None:
-        for table in (self.outbox.events, self.outbox.deliveries):
+        archive = [] if self.outbox.archive is None else [self.outbox.archive]
+        for table in (self.outbox.events, self.outbox.deliveries, *archive):
             if not await self._has_table(conn, table.name, table.schema):
                 raise UnavailableError(
                     f"no outbox table {table.fullname!r} in this database "
@@ -153,7 +154,10 @@ class Dashboard:
                 f"no event {event_id} in the outbox (never written, or purged)"
             )
         event, deliveries = found
-        return event_view(event, deliveries, self.show_payloads)
+        return {
+            **event_view(event, deliveries, self.show_payloads),
+            "completion": self.outbox.completion,
+        }
 
     async def blocked_document(self, params: Params) -> Document:
         page = params.page()

@@ -71,15 +71,27 @@ def overview_view(overview: OutboxOverview) -> Document:
     return {
         "now": iso(overview.now),
         "delivered_exact": overview.delivered_exact,
-        "counting": EXACT if overview.delivered_exact else ESTIMATED,
+        "counting": _counting(overview),
+        "completion": overview.completion,
+        "delivered_kept": overview.delivered_kept,
         "totals": asdict(OutboxStatus.total(overview.destinations)),
         "destinations": destinations,
     }
 
 
+def _counting(overview: OutboxOverview) -> str:
+    counting = EXACT if overview.delivered_exact else ESTIMATED
+    if overview.completion == "archive":
+        return f"{counting}; delivered rows are those of the archive table (completion=archive)"
+    if overview.completion == "delete":
+        return f"{counting}; delivered rows are deleted at delivery (completion=delete): none kept"
+    return counting
+
+
 def throughput_view(throughput: Throughput) -> Document:
     return {
         "now": iso(throughput.now),
+        "recorded": throughput.recorded,
         "minutes": [{"start": iso(start), "delivered": n} for start, n in throughput.minutes],
         "total": sum(n for _, n in throughput.minutes),
     }
@@ -131,6 +143,7 @@ def event_view(
                 "claim_token": _plain(d["claim_token"]),
                 "last_error": d["last_error"],
                 "delivered_at": iso(d["delivered_at"]),
+                "archived": d.get("archived", False),
             }
             for d in deliveries
         ],

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import (
     Integer,
     String,
+    Table,
     and_,
     case,
     delete,
@@ -37,6 +38,7 @@ from sqlalchemy import (
 )
 
 from alchemium.errors import ConcurrencyConflictError
+from alchemium.events.marks import flush_marks_before_reading
 from alchemium.events.outbox_schema import (
     CLAIMED,
     DEAD,
@@ -130,6 +132,15 @@ class OverdueDestination:
 class OutboxAdministration(OutboxTables):
     """Status, lag and maintenance of the outbox tables; :class:`Outbox` inherits them."""
 
+    async def settle_marks(self, conn: Executor) -> None:
+        """Write this process's queued "delivered" marks of after-commit dispatches first.
+
+        The reads of the delivery states call it, so a status read right after a
+        commit in the same process shows what the commit's subscribers did (see
+        :mod:`alchemium.events.marks`).
+        """
+        await flush_marks_before_reading(self, conn.in_transaction(), dialect_of(conn))
+
     async def status(
         self, conn: Executor, destinations: Sequence[str] | None = None
     ) -> OutboxStatus:
@@ -148,7 +159,8 @@ class OutboxAdministration(OutboxTables):
         delivered ones kept for retention included), then the lag and the overdue
         time of the undelivered rows, on the database's clock.
         """
-        d, e = self.deliveries, self.events
+        await self.settle_marks(conn)
+        d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         counts: dict[str, dict[str, int]] = {}
         for destination, state, n in await conn.execute(
@@ -164,11 +176,10 @@ class OutboxAdministration(OutboxTables):
                 await conn.execute(
                     select(
                         d.c.destination,
-                        func.min(e.c.occurred_at),
+                        func.min(self.occurred_at_of_row()),
                         func.min(self.due_since(now)),
                         now,
                     )
-                    .select_from(d.join(e, e.c.id == d.c.event_id))
                     .where(d.c.status.in_((PENDING, CLAIMED)), *where)
                     .group_by(d.c.destination)
                 )
@@ -194,13 +205,14 @@ class OutboxAdministration(OutboxTables):
         One statement over the undelivered rows only. See :class:`OutboxStatus` for
         what the writer's clock does to it.
         """
-        d, e = self.deliveries, self.events
+        await self.settle_marks(conn)
+        d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         oldest, now = (
             await conn.execute(
-                select(func.min(e.c.occurred_at), database_now())
-                .select_from(d.join(e, e.c.id == d.c.event_id))
-                .where(d.c.status.in_((PENDING, CLAIMED)), *where)
+                select(func.min(self.occurred_at_of_row()), database_now()).where(
+                    d.c.status.in_((PENDING, CLAIMED)), *where
+                )
             )
         ).one()
         return age_of(now, oldest)
@@ -240,6 +252,7 @@ class OutboxAdministration(OutboxTables):
         """How many rows of ``destinations`` are pending or claimed (none if no destination)."""
         if not destinations:
             return 0
+        await self.settle_marks(conn)
         d = self.deliveries
         stmt = select(func.count()).where(
             d.c.destination.in_(destinations), d.c.status.in_((PENDING, CLAIMED))
@@ -283,14 +296,43 @@ class OutboxAdministration(OutboxTables):
         return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
     async def discard(self, conn: Executor, ids: Sequence[int]) -> int:
-        """Give up on dead deliveries (marked delivered with their error kept)."""
+        """Give up on dead deliveries: completed like delivered rows, their error kept."""
         d = self.deliveries
-        stmt = (
-            update(d)
-            .where(d.c.status == DEAD, d.c.id.in_(ids))
-            .values(status=DELIVERED, delivered_at=database_now())
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        return await self.complete(conn, d.c.status == DEAD, d.c.id.in_(ids), keep_claim=True)
+
+    async def complete(self, conn: Executor, *where: Any, keep_claim: bool = False) -> int:
+        """Complete the rows matching ``where`` as delivered, by the outbox's ``completion``.
+
+        ``keep``: status ``delivered`` and ``delivered_at`` the database's now (the claim
+        cleared unless ``keep_claim``). ``delete``: the rows are deleted. ``archive``:
+        moved to the archive table, delivered (one statement on PostgreSQL; an INSERT
+        and a DELETE in the caller's transaction on SQLite). Returns how many rows.
+        """
+        d = self.deliveries
+        if self.completion == "keep":
+            values: dict[str, Any] = {"status": DELIVERED, "delivered_at": database_now()}
+            if not keep_claim:
+                values |= {"claim_token": None, "claimed_until": None}
+            stmt = update(d).where(*where).values(**values)
+            return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        if self.completion == "delete":
+            return int(getattr(await conn.execute(delete(d).where(*where)), "rowcount", 0))
+        archive = self.archive
+        assert archive is not None
+        names = [c.name for c in d.c]
+        if dialect_of(conn) == "postgresql":
+            moved = delete(d).where(*where).returning(*d.c).cte("moved")
+            source: Any = moved
+        else:
+            source = d
+        done = {"status": literal(DELIVERED, String), "delivered_at": database_now()}
+        rows = select(*(done.get(n, source.c[n]) for n in names))
+        if source is d:
+            rows = rows.where(*where)
+        inserted = await conn.execute(insert(archive).from_select(names, rows))
+        if source is d:
+            await conn.execute(delete(d).where(*where))
+        return int(getattr(inserted, "rowcount", 0))
 
     async def blocked_aggregates(self, conn: Executor) -> list[tuple[str, str, str]]:
         """(destination, aggregate type, aggregate id) held up by a dead delivery (ordered mode)."""
@@ -304,34 +346,37 @@ class OutboxAdministration(OutboxTables):
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def purge(self, conn: Executor, *, older_than: float, batch_size: int = 1000) -> int:
-        """Delete up to ``batch_size`` delivered rows older than ``older_than`` seconds.
+        """Delete up to ``batch_size`` events older than ``older_than`` seconds, and their rows.
 
-        Then deletes events older than that which have no delivery row left. Rows being
-        delivered (claimed) or pending are never touched. Returns the number of delivery
-        rows deleted; call again until it returns 0. The cutoff is the database's now
-        minus ``older_than``; an event's age is read from its ``occurred_at`` (the
-        writer's clock), which only shifts when an event with nothing left to deliver
-        is deleted.
+        Only events every delivery row of which is delivered (or that have none) go:
+        pending, claimed and dead rows, and their events, are never touched. Returns
+        the number of delivery rows deleted; call again until it returns 0. An event's
+        age is read from its ``occurred_at`` (the writer's clock) against the
+        database's now: retention, not a comparison anything is decided by.
+
+        The events are chosen by the ``occurred_at`` index, oldest first, each checked
+        for undelivered rows by the (event, destination) unique index, and locked
+        ``SKIP LOCKED``: a purge costs the same with millions of rows kept as with
+        none, whether or not anything is left to purge, and never waits for a relay.
         """
         d, e = self.deliveries, self.events
-        cutoff = database_now(-older_than)
         picked = (
-            select(d.c.id)
-            .where(d.c.status == DELIVERED, d.c.delivered_at < cutoff)
+            select(e.c.id)
+            .where(
+                e.c.occurred_at < database_now(-older_than),
+                ~exists().where(d.c.event_id == e.c.id, d.c.status != DELIVERED),
+            )
+            .order_by(e.c.occurred_at)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
+        ids = list((await conn.execute(picked)).scalars())
+        if not ids:
+            return 0
         removed = int(
-            getattr(await conn.execute(delete(d).where(d.c.id.in_(picked))), "rowcount", 0)
+            getattr(await conn.execute(delete(d).where(d.c.event_id.in_(ids))), "rowcount", 0)
         )
-        stale = (
-            select(e.c.sequence)
-            .where(e.c.occurred_at < cutoff, ~exists().where(d.c.event_id == e.c.id))
-            .limit(batch_size)
-            .scalar_subquery()
-        )
-        await conn.execute(delete(e).where(e.c.sequence.in_(stale)))
+        await conn.execute(delete(e).where(e.c.id.in_(ids)))
         return removed
 
     async def backfill(self, conn: Executor, destination: str, *, since: dt.datetime) -> int:
@@ -389,8 +434,14 @@ class OutboxAdministration(OutboxTables):
         ANALYZE / autovacuum) minus the exact undelivered counts, and
         ``delivered_exact`` is False. Three or four statements, none of which reads
         every row of a large table.
+
+        What "delivered" counts follows the outbox's ``completion``: the delivered rows
+        kept in the delivery table (``"keep"``), the rows of the archive table
+        (``"archive"``, counted or estimated the same way), or nothing (``"delete"``:
+        delivered rows are gone, ``delivered_kept`` is False and the counts are 0).
         """
-        d, e = self.deliveries, self.events
+        await self.settle_marks(conn)
+        d = self.deliveries
         undelivered: dict[str, dict[str, int]] = {}
         for destination, state, n in await conn.execute(
             select(d.c.destination, d.c.status, func.count())
@@ -405,30 +456,16 @@ class OutboxAdministration(OutboxTables):
             for destination, oldest, due_since, db_now in await conn.execute(
                 select(
                     d.c.destination,
-                    func.min(e.c.occurred_at),
+                    func.min(self.occurred_at_of_row()),
                     func.min(self.due_since(now)),
                     now,
                 )
-                .select_from(d.join(e, e.c.id == d.c.event_id))
                 .where(d.c.status.in_((PENDING, CLAIMED)))
                 .group_by(d.c.destination)
             )
         }
         db_now = aware((await conn.execute(select(database_now()))).scalar_one())
-        estimate = None
-        if dialect_of(conn) == "postgresql":
-            estimate = await self._delivered_estimate(conn, undelivered, exact_below)
-        if estimate is None:
-            delivered = {
-                destination: int(n)
-                for destination, n in await conn.execute(
-                    select(d.c.destination, func.count())
-                    .where(d.c.status == DELIVERED)
-                    .group_by(d.c.destination)
-                )
-            }
-        else:
-            delivered = estimate
+        delivered, estimated = await self._delivered_counts(conn, undelivered, exact_below)
         names = sorted(set(undelivered) | {k for k, v in delivered.items() if v > 0})
         rows = [
             DestinationStatus(
@@ -442,18 +479,46 @@ class OutboxAdministration(OutboxTables):
             )
             for name in names
         ]
-        return OutboxOverview(rows, delivered_exact=estimate is None, now=db_now)
+        return OutboxOverview(
+            rows,
+            delivered_exact=not estimated,
+            now=db_now,
+            completion=self.completion,
+            delivered_kept=self.completion != "delete",
+        )
 
-    async def _delivered_estimate(
+    async def _delivered_counts(
         self, conn: Executor, undelivered: dict[str, dict[str, int]], exact_below: int
-    ) -> dict[str, int] | None:
-        """PostgreSQL: delivered rows per destination from the planner's statistics.
+    ) -> tuple[dict[str, int], bool]:
+        """Delivered rows per destination by ``completion``, and whether they are estimates."""
+        if self.completion == "delete":
+            return {}, False
+        table = self.archive if self.archive is not None else self.deliveries
+        # Rows of the delivery table that are not delivered are subtracted from its estimate.
+        subtract = undelivered if table is self.deliveries else {}
+        if dialect_of(conn) == "postgresql":
+            estimate = await self._estimate_by_destination(conn, table, subtract, exact_below)
+            if estimate is not None:
+                return estimate, True
+        stmt = select(table.c.destination, func.count()).group_by(table.c.destination)
+        if table is self.deliveries:
+            stmt = stmt.where(table.c.status == DELIVERED)
+        return {destination: int(n) for destination, n in await conn.execute(stmt)}, False
 
-        None when the table is small, was never analyzed, or has no statistics of the
+    async def _estimate_by_destination(
+        self,
+        conn: Executor,
+        table: Table,
+        undelivered: dict[str, dict[str, int]],
+        exact_below: int,
+    ) -> dict[str, int] | None:
+        """PostgreSQL: rows of ``table`` per destination from the planner's statistics.
+
+        Minus the exact ``undelivered`` counts (the delivery table's other states). None
+        when the table is small, was never analyzed, or has no statistics of the
         ``destination`` column yet: the caller counts exactly then.
         """
-        d = self.deliveries
-        params = {"table": d.name, "schema": d.schema}
+        params = {"table": table.name, "schema": table.schema}
         schema = "coalesce(:schema, current_schema())"
         total = (
             await conn.execute(
@@ -503,10 +568,20 @@ class OutboxAdministration(OutboxTables):
 
         Counts delivered rows by the minute of ``delivered_at``; minutes without a
         delivery are 0. The last bucket is the current, unfinished minute. Reads the
-        delivered rows of the window; there is no index on ``delivered_at``, so
-        PostgreSQL scans the delivery table (measured in bench/dashboard.py).
+        delivered rows of the window only, by the partial index
+        ``ix_<table>_delivery_delivered`` (measured in bench/dashboard.py); with
+        ``completion="archive"`` the archive table's rows, by its ``delivered_at``
+        index; with ``"delete"`` nothing is left to count: every minute is 0 and
+        ``recorded`` is False.
         """
-        d = self.deliveries
+        read = aware((await conn.execute(select(database_now()))).scalar_one())
+        assert read is not None
+        now = read.astimezone(dt.timezone.utc)
+        current = now.replace(second=0, microsecond=0)
+        starts = [current - dt.timedelta(minutes=i) for i in reversed(range(minutes))]
+        if self.completion == "delete":
+            return Throughput(minutes=[(s, 0) for s in starts], now=now, recorded=False)
+        d = self.archive if self.archive is not None else self.deliveries
         if dialect_of(conn) == "postgresql":
             minute: Any = func.date_trunc("minute", d.c.delivered_at)
         else:  # SQLite stores "YYYY-MM-DD HH:MM:SS.ffffff"
@@ -522,13 +597,10 @@ class OutboxAdministration(OutboxTables):
                 .group_by(minute)
             )
         }
-        read = aware((await conn.execute(select(database_now()))).scalar_one())
-        assert read is not None
-        now = read.astimezone(dt.timezone.utc)
-        current = now.replace(second=0, microsecond=0)
-        starts = [current - dt.timedelta(minutes=i) for i in reversed(range(minutes))]
         return Throughput(
-            minutes=[(s, counted.get(s.strftime("%Y-%m-%d %H:%M"), 0)) for s in starts], now=now
+            minutes=[(s, counted.get(s.strftime("%Y-%m-%d %H:%M"), 0)) for s in starts],
+            now=now,
+            recorded=True,
         )
 
     async def leases(self, conn: Executor) -> list[RelayLease]:
@@ -572,14 +644,27 @@ class OutboxAdministration(OutboxTables):
     ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """One event's row (payload and metadata included) and all its delivery rows.
 
-        None if no event has that id (never written, or purged). Two statements by key.
+        None if no event has that id (never written, or purged). Each delivery row has
+        ``archived``: True for a row of the archive table (``completion="archive"``).
+        With ``completion="delete"`` delivered rows are gone: only the undelivered ones
+        are listed. Two statements by key (three with an archive).
         """
+        await self.settle_marks(conn)
         d, e = self.deliveries, self.events
         event = (await conn.execute(select(e).where(e.c.id == event_id))).one_or_none()
         if event is None:
             return None
-        rows = await conn.execute(select(d).where(d.c.event_id == event_id).order_by(d.c.id))
-        return _aware_row(event._mapping), [_aware_row(r._mapping) for r in rows]
+        found = [
+            {**_aware_row(r._mapping), "archived": False}
+            for r in await conn.execute(select(d).where(d.c.event_id == event_id))
+        ]
+        if self.archive is not None:
+            a = self.archive
+            found += [
+                {**_aware_row(r._mapping), "archived": True}
+                for r in await conn.execute(select(a).where(a.c.event_id == event_id))
+            ]
+        return _aware_row(event._mapping), sorted(found, key=lambda r: int(r["id"]))
 
     async def dead_letters(
         self,
@@ -639,9 +724,12 @@ class OutboxAdministration(OutboxTables):
         saw (exactly that many must still match). Otherwise :class:`DeliveryChangedError`
         is raised after the UPDATE: run this in a transaction and let the error roll it
         back, so nothing changes (``async with engine.begin()`` does). Requeue makes the
-        rows pending, due now, attempts 0, error cleared; discard marks them delivered
-        with their error kept. One UPDATE ... RETURNING, ``WHERE status = 'dead'``: a row
-        a relay or another operator changed meanwhile is never touched.
+        rows pending, due now, attempts 0, error cleared; discard completes them as a
+        delivery would, by the outbox's ``completion`` (delivered with their error kept,
+        deleted, or archived). One UPDATE ... RETURNING, ``WHERE status = 'dead'``: a row
+        a relay or another operator changed meanwhile is never touched; a discard with
+        ``completion="delete"`` or ``"archive"`` then deletes or moves the rows it
+        changed, in the same transaction.
         """
         if action not in ("requeue", "discard"):
             raise ValueError(f"action must be 'requeue' or 'discard', not {action!r}")
@@ -665,6 +753,8 @@ class OutboxAdministration(OutboxTables):
         if len(changed) != expected:
             missing = sorted(set(ids) - set(changed)) if ids is not None else []
             raise DeliveryChangedError(action, expected or 0, len(changed), missing)
+        if action == "discard" and self.completion != "keep" and changed:
+            await self.complete(conn, d.c.id.in_(changed), keep_claim=True)
         return changed
 
     async def blocked_heads(
@@ -767,19 +857,29 @@ class OutboxOverview:
 
     ``delivered_exact`` is False when the delivered counts are PostgreSQL estimates
     (planner statistics); the other counts are always exact. ``now`` is the database's.
+    ``completion`` is the outbox's (see ``Outbox(completion=...)``): with ``"archive"``
+    the delivered counts are the archive table's rows; with ``"delete"`` delivered rows
+    are not kept (``delivered_kept`` is False) and every delivered count is 0.
     """
 
     destinations: list[DestinationStatus]
     delivered_exact: bool
     now: dt.datetime | None
+    completion: str = "keep"
+    delivered_kept: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Throughput:
-    """Deliveries per minute: ``(start of the minute, count)`` oldest first; the database's now."""
+    """Deliveries per minute: ``(start of the minute, count)`` oldest first; the database's now.
+
+    ``recorded`` is False with ``completion="delete"``: no delivered row is left to
+    count, and every minute reads 0 whatever was delivered.
+    """
 
     minutes: list[tuple[dt.datetime, int]]
     now: dt.datetime
+    recorded: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,21 +68,59 @@ _LISTEN_CHECK = 5.0
 _RECORD_ATTEMPTS = 4  # seconds between health checks of the LISTEN connection
 
 
-if sys.version_info >= (3, 11):
+class _Resumed:
+    """A coroutine whose first step already ran and yielded ``first``: await the rest of it."""
 
-    async def _within(seconds: float | None, awaitable: Awaitable[None]) -> None:
-        """``await awaitable``, raising TimeoutError after ``seconds``, in this task.
+    __slots__ = ("_coroutine", "_first")
 
-        ``asyncio.timeout`` only arms a timer; ``wait_for`` (before 3.12) would start
-        a task per publish, several event loop iterations for a handler that never waits.
-        """
+    def __init__(self, coroutine: Coroutine[Any, Any, None], first: Any) -> None:
+        self._coroutine = coroutine
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coroutine, value = self._coroutine, self._first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as err:  # noqa: BLE001 - handed to the coroutine, as await does
+                try:
+                    value = coroutine.throw(err)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = coroutine.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _within(seconds: float | None, publishing: Awaitable[None]) -> None:
+    """``await publishing``, raising TimeoutError if it takes more than ``seconds``.
+
+    Its first step runs at once: a publish that never waits (an in-process handler)
+    finishes there, and no timer is armed for it. Only one that waits (a broker's
+    acknowledgement) goes on under ``asyncio.timeout`` (``wait_for`` before 3.11).
+    """
+    if seconds is None or not asyncio.iscoroutine(publishing):
+        if seconds is None:
+            await publishing
+        else:
+            await asyncio.wait_for(publishing, seconds)
+        return
+    try:
+        first = publishing.send(None)
+    except StopIteration:
+        return
+    rest = _Resumed(publishing, first)
+    if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):
-            await awaitable
+            await rest
+    else:  # pragma: no cover - Python 3.10
+        await asyncio.wait_for(_await(rest), seconds)
 
-else:  # pragma: no cover - Python 3.10
 
-    async def _within(seconds: float | None, awaitable: Awaitable[None]) -> None:
-        await asyncio.wait_for(awaitable, seconds)
+async def _await(awaitable: Awaitable[None]) -> None:
+    await awaitable
 
 
 @dataclass(slots=True)
@@ -251,7 +289,7 @@ class OutboxRelay:
         await self._check_lag()
         before, claimed_total = self.stats.delivered, 0
         while not self._stopping.is_set() and claimed_total < bound:
-            claimed, _ = await self._round()
+            claimed = await self._rounds(most=bound - claimed_total)
             claimed_total += claimed
             if not claimed:
                 break
@@ -285,8 +323,8 @@ class OutboxRelay:
             while not self._stopping.is_set():
                 self._wake.clear()
                 try:
-                    claimed, _ = await self._round()
-                    await self._housekeeping(idle=claimed < self.batch_size)
+                    await self._rounds()
+                    await self._housekeeping(idle=True)
                 except Exception:
                     failures += 1
                     self.stats.errors += 1
@@ -301,8 +339,6 @@ class OutboxRelay:
                     await self._sleep(delay, wakeable=False)
                     continue
                 failures = 0
-                if claimed >= self.batch_size:
-                    continue  # more is probably waiting
                 await self._sleep(self.poll_interval, wakeable=True)
         finally:
             if listener is not None:
@@ -320,10 +356,54 @@ class OutboxRelay:
         return {d: p for p in self.publishers for d in destinations_of(p)}
 
     async def _round(self) -> tuple[int, int]:
-        routes = self._publisher_for()
-        if not routes:
+        """Claim, publish and record one batch: ``(rows claimed, rows delivered)``."""
+        routes, token, rows = await self._claim()
+        if not rows:
             return 0, 0
+        return len(rows), await self._deliver(routes, token, rows)
+
+    async def _rounds(self, most: int | None = None) -> int:
+        """Rounds while full batches come back; returns how many rows were claimed.
+
+        The next batch is claimed while this one is published: the claim's round trip
+        overlaps the publishing instead of following it. A prefetched batch is claimed
+        like any other (leased, fenced by its own token), so a relay that dies holding
+        it only delays it by a lease. Stops at a batch that is not full, at ``most``
+        rows claimed, or when :meth:`stop` is called.
+        """
+        claimed = 0
+        upcoming = await self._claim()
+        while True:
+            routes, token, rows = upcoming
+            if not rows:
+                return claimed
+            claimed += len(rows)
+            more = (
+                len(rows) >= self.batch_size
+                and not self._stopping.is_set()
+                and (most is None or claimed < most)
+            )
+            following = asyncio.create_task(self._claim()) if more else None
+            try:
+                await self._deliver(routes, token, rows)
+                await self._housekeeping(idle=False)
+            except BaseException:
+                if following is not None:
+                    # Its rows, if it claimed any, come back to a relay when its lease ends.
+                    following.cancel()
+                    with contextlib.suppress(BaseException):
+                        await following
+                raise
+            if following is None:
+                return claimed
+            upcoming = await following
+
+    async def _claim(self) -> tuple[dict[str, Publisher], uuid.UUID, list[DeliveryRow]]:
+        """Claim a batch (its own short transaction); the publishers' routes it was claimed for."""
+        routes = self._publisher_for()
         token = uuid.uuid4()
+        if not routes:
+            return routes, token, []
         async with self.session_factory() as session:
             rows = await self.outbox.claim(
                 await autocommit(session),
@@ -336,9 +416,14 @@ class OutboxRelay:
             )
             await session.commit()
         self.stats.rounds += 1
-        if not rows:
-            return 0, 0
-        logger.debug("relay %s claimed %d row(s) under %s", self.relay_id, len(rows), token)
+        if rows:
+            logger.debug("relay %s claimed %d row(s) under %s", self.relay_id, len(rows), token)
+        return routes, token, rows
+
+    async def _deliver(
+        self, routes: dict[str, Publisher], token: uuid.UUID, rows: list[DeliveryRow]
+    ) -> int:
+        """Publish the claimed ``rows`` (the lease renewed meanwhile), record the outcomes."""
         heartbeat = asyncio.create_task(self._heartbeat(token))
         try:
             outcomes = [await self._publish(routes, row) for row in rows]
@@ -346,8 +431,7 @@ class OutboxRelay:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        delivered = await self._record(token, outcomes)
-        return len(rows), delivered
+        return await self._record(token, outcomes)
 
     async def _publish(self, routes: dict[str, Publisher], row: DeliveryRow) -> _Outcome:
         publisher = routes.get(row.destination)
@@ -534,7 +618,12 @@ class OutboxRelay:
         if bind.dialect.name != "postgresql":
             return None
         url: URL = bind.engine.url
-        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # The asyncpg dialect takes ``ssl=<mode>`` in the URL; a DSN spells it ``sslmode``
+        # (asyncpg.connect sends unknown DSN keys to the server as settings, which fails).
+        query = dict(url.query)
+        if "ssl" in query:
+            query.setdefault("sslmode", query.pop("ssl"))
+        return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
     async def _listen_forever(self, dsn: str) -> None:
         """Keep a LISTEN connection up; every (re)connection triggers a round."""

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import MetaData, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,6 +28,7 @@ from alchemium.events import (
     OutboxRelay,
     SubscriberRegistry,
     create_audit_table,
+    create_outbox_tables,
     disable_audit,
     enable_audit,
 )
@@ -153,6 +155,52 @@ async def test_one_event_shows_every_delivery(
     assert page.status_code == 200
     assert "status-delivered" in page.text
     assert "status-pending" in page.text
+
+
+@pytest.mark.parametrize("completion", ["delete", "archive"])
+async def test_deleted_or_archived_deliveries_are_read_where_they_went(
+    make_app: MakeApp, engine: AsyncEngine, session_factory: Factory, completion: str
+) -> None:
+    """Counts, chart, one event and discard follow ``Outbox(completion=...)``."""
+    box = Outbox(MetaData(), table_name="done_outbox", completion=completion)
+    await create_outbox_tables(engine, box)
+    seeded = await seed(session_factory, box, delivered=2, dead=2, pending=1)
+    archived = completion == "archive"
+    async with client(make_app(outbox=box, actions=True, token=TOKEN), **bearer("ops")) as c:
+        overview = (await c.get("/api/overview")).json()
+        page = await c.get("/")
+        event = (await c.get(f"/api/events/{seeded.events[0].id}")).json()
+        discarded = await c.post("/api/dead/discard", json={"ids": seeded.dead_ids[:1]})
+        after = (await c.get("/api/overview")).json()
+    (sink,) = overview["destinations"]
+    assert (sink["pending"], sink["dead"], sink["delivered"]) == (1, 2, 2 if archived else 0)
+    assert (overview["completion"], overview["delivered_kept"]) == (completion, archived)
+    assert f"completion={completion}" in overview["counting"]
+    assert overview["throughput"]["recorded"] is archived
+    assert overview["throughput"]["total"] == (2 if archived else 0)
+    assert page.status_code == 200
+    assert ("delivered in the window" in page.text) is archived
+    assert [(d["status"], d["archived"]) for d in event["deliveries"]] == (
+        [("delivered", True)] if archived else []
+    )
+    assert event["completion"] == completion
+    assert discarded.status_code == 200, discarded.text
+    (sink,) = after["destinations"]
+    assert (sink["dead"], sink["delivered"]) == (1, 3 if archived else 0)
+    async with engine.connect() as conn:
+        left = await conn.execute(
+            select(box.deliveries.c.id).where(box.deliveries.c.id == seeded.dead_ids[0])
+        )
+        assert left.all() == []
+        if box.archive is not None:
+            moved = await conn.execute(
+                select(box.archive.c.status, box.archive.c.last_error).where(
+                    box.archive.c.id == seeded.dead_ids[0]
+                )
+            )
+            status, error = moved.one()
+            assert status == "delivered"
+            assert "sink refused" in error
 
 
 async def test_blocked_aggregates_name_the_dead_head_and_what_waits_behind_it(

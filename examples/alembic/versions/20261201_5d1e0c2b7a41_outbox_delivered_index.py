@@ -1,4 +1,4 @@
-"""outbox: index delivered rows by delivered_at (alchemium 0.2: dashboard chart, purge)
+"""outbox: index delivered rows by delivered_at (the dashboard's deliveries-per-minute chart)
 
 Revision ID: 5d1e0c2b7a41
 Revises: c66961fd3f0a
