@@ -614,10 +614,10 @@ CATALOG: tuple[Mutation, ...] = (
             except TypeError as err:  # mutation: a malformed id escapes as ValueError
             """,
         tests=(
-            "tests/dashboard/test_api.py::test_bad_requests_get_a_clear_json_error"
-            "[sqlite-/api/events/not-a-uuid-400-expected a UUID]",
-            "tests/dashboard/test_api.py::test_bad_page_requests_get_an_error_page"
-            "[sqlite-/events/xyz-400-expected a UUID]",
+            "tests/dashboard/test_api.py::"
+            "test_bad_requests_get_a_clear_json_error[sqlite-api-events-not-a-uuid]",
+            "tests/dashboard/test_api.py::"
+            "test_bad_page_requests_get_an_error_page[sqlite-events-xyz]",
         ),
     ),
     Mutation(

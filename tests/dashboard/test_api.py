@@ -572,7 +572,14 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize(("path", "status", "message"), BAD_REQUESTS)
+def path_id(path: str) -> str:
+    """A test id of a request path: ``/api/events/not-a-uuid`` -> ``api-events-not-a-uuid``."""
+    return re.sub(r"[^a-z0-9]+", "-", path.lower()).strip("-")
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"), BAD_REQUESTS, ids=[path_id(r[0]) for r in BAD_REQUESTS]
+)
 async def test_bad_requests_get_a_clear_json_error(
     path: str,
     status: int,
@@ -590,15 +597,17 @@ async def test_bad_requests_get_a_clear_json_error(
     assert message in response.json()["error"]["message"]
 
 
+BAD_PAGES = [
+    ("/dead?destination=nowhere", 404, "unknown destination &#39;nowhere&#39;"),
+    ("/events/xyz", 400, "expected a UUID"),
+    ("/dead?page=9", 404, "page 9 is past the end"),
+    ("/audit?until=2024-13-45", 400, "expected an ISO 8601 time"),
+    ("/no-such-page", 404, "Not Found"),
+]
+
+
 @pytest.mark.parametrize(
-    ("path", "status", "message"),
-    [
-        ("/dead?destination=nowhere", 404, "unknown destination &#39;nowhere&#39;"),
-        ("/events/xyz", 400, "expected a UUID"),
-        ("/dead?page=9", 404, "page 9 is past the end"),
-        ("/audit?until=2024-13-45", 400, "expected an ISO 8601 time"),
-        ("/no-such-page", 404, "Not Found"),
-    ],
+    ("path", "status", "message"), BAD_PAGES, ids=[path_id(r[0]) for r in BAD_PAGES]
 )
 async def test_bad_page_requests_get_an_error_page(
     path: str,

@@ -160,10 +160,12 @@ async def test_requeue_a_dead_letter_and_watch_a_running_relay_deliver_it(
             status = f'#deliveries tr[data-delivery="{dead_id}"] td.status'
             assert await cell(page, status) == "dead"
             # The page reloads itself every second; it holds still while the pointer is on
-            # an action form, so hover first, as a person's pointer would.
+            # an action form, so hover first, as a person's pointer would, and wait for a
+            # tick of its timer to have held (<body data-live="held">): from then on no
+            # reload can start under the click.
             requeue = page.locator(f'#deliveries tr[data-delivery="{dead_id}"] button.requeue')
             await requeue.hover()
-            await page.wait_for_load_state("load")
+            await page.wait_for_function("document.body.dataset.live === 'held'", timeout=20_000)
             await requeue.click()
             await page.wait_for_selector("p.notice")
             assert await cell(page, "p.notice") == "Requeued 1 dead delivery."

@@ -3,16 +3,26 @@
   "use strict";
   // Live pages reload every data-refresh seconds, but never under an operator's hand: not
   // while a field is being edited, the pointer is on an action form, or a form is on its way.
+  // <body data-live> says what the last tick decided: "waiting" (no tick yet), "held",
+  // "reloading" or "stopped" (a form was sent); scripts and tests can wait on it.
   var seconds = Number(document.body.dataset.refresh || 0);
   var submitting = false;
   document.addEventListener("submit", function () { submitting = true; }, true);
   if (seconds > 0) {
+    document.body.dataset.live = "waiting";
     var timer = setInterval(function () {
       var active = document.activeElement;
       var editing = active && /^(INPUT|TEXTAREA|SELECT)$/.test(active.tagName);
       var aiming = document.querySelector("form[method=post]:hover");
-      if (submitting) clearInterval(timer);
-      else if (!editing && !aiming) location.reload();
+      if (submitting) {
+        clearInterval(timer);
+        document.body.dataset.live = "stopped";
+      } else if (editing || aiming) {
+        document.body.dataset.live = "held";
+      } else {
+        document.body.dataset.live = "reloading";
+        location.reload();
+      }
     }, seconds * 1000);
   }
   // "Select all" on the dead letters page.
