@@ -4,7 +4,7 @@
 that the CLI (``alchemium outbox ...``), dashboards and scripts use; the commit and
 the relay use the other half (``outbox.py``). Every time is the database's clock.
 
-Why this module is long (about 870 lines): it is the one place of every statement an
+Why this module is long (about 960 lines): it is the one place of every statement an
 operator runs on the outbox: the CLI's (status, lag, requeue, purge, backfill) and,
 at the end of the class, the operations dashboard's (the overview with its
 PostgreSQL estimates, throughput, leases, one event, dead letters, blocked

@@ -209,7 +209,7 @@ class OutboxTables:
     ``completion`` says what becomes of a delivery row once delivered: ``"keep"`` it
     (status ``delivered``, until the retention purge), ``"delete"`` it at once, or
     ``"archive"`` it: move it to ``<table_name>_delivery_archive`` (declared here too),
-    where nothing reads or locks it.
+    where no relay or commit reads or locks it (the dashboard reads it).
     """
 
     def __init__(
