@@ -12,6 +12,7 @@
                              [--event-type T ...] [--aggregate TYPE[:ID]] [--import MODULE]
                              [--batch-size N] [--pause 0.5s] [--max-waiting ROWS]
     alchemium outbox purge   --url URL --older-than 7d
+    alchemium dashboard      --url URL [--port 8000] [--actions]  # binds 127.0.0.1
 
 ``--url`` defaults to ``$ALCHEMIUM_DATABASE_URL``; ``python -m alchemium`` is the
 same program. Exit codes: 0 success, 1 unexpected failure, 2 wrong usage (bad
@@ -22,7 +23,7 @@ tables, 130 interrupted, 141 the reader of stdout went away (``| head -1``).
 Usage errors are one line on stderr, never a traceback. The relay stops cleanly
 on SIGTERM and SIGINT, finishing the batch in flight.
 
-Why this module is long (about 720 lines): every command's argument parsing, help
+Why this module is long (about 800 lines): every command's argument parsing, help
 text and exit codes are the command line's contract, kept in one place; the work
 itself is the outbox's and the relay's.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import importlib
 import json
@@ -39,7 +41,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -280,6 +282,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ROWS",
         help="rows deleted per statement (1000)",
     )
+    _dashboard_parser(commands, common)
     return parser
 
 
@@ -685,9 +688,145 @@ async def _main(args: argparse.Namespace) -> int:
         await _check_database(engine, outbox)
         if args.command == "relay":
             return await _relay(args, engine, outbox, publishers)
+        if args.command == "dashboard":
+            return await _dashboard(args, engine, outbox)
         return await _outbox_command(args, engine, outbox)
     finally:
         await engine.dispose()
+
+
+# -- alchemium dashboard -----------------------------------------------------------------------
+
+TOKEN_VARIABLE = "ALCHEMIUM_DASHBOARD_TOKEN"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _port(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {value!r}")
+    return number
+
+
+def _dashboard_parser(
+    commands: argparse._SubParsersAction[Any],
+    common: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the operations dashboard (read-only unless --actions)"
+    )
+    common(dashboard)
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)"
+    )
+    dashboard.add_argument("--port", type=_port, default=8000, help="port to bind (8000)")
+    dashboard.add_argument(
+        "--actions",
+        action="store_true",
+        help="allow requeue and discard (needs a token; creates the action log table)",
+    )
+    dashboard.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help=f"file holding the access token (default: ${TOKEN_VARIABLE}); every page needs it",
+    )
+    dashboard.add_argument(
+        "--show-payloads",
+        action="store_true",
+        help="show event payloads and audited changes (they may hold personal data)",
+    )
+    dashboard.add_argument(
+        "--audit-table",
+        default="alchemium_audit_log",
+        metavar="NAME",
+        help="audit log table for the audit page, if it exists (alchemium_audit_log)",
+    )
+    dashboard.add_argument(
+        "--refresh",
+        type=parse_duration,
+        default=5.0,
+        metavar="DURATION",
+        help=f"reload interval of the live pages, 0 for never; {_DURATION} (5s)",
+    )
+
+
+def _dashboard_token(args: argparse.Namespace) -> str | None:
+    if args.token_file is None:
+        return os.environ.get(TOKEN_VARIABLE) or None
+    try:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise CommandError(f"cannot read --token-file: {err}", EXIT_USAGE) from err
+    if not token:
+        raise CommandError(f"--token-file {args.token_file!r} is empty", EXIT_USAGE)
+    return token
+
+
+async def _dashboard(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox) -> int:
+    try:
+        import uvicorn
+
+        from alchemium.dashboard import DashboardConfigurationError, create_app
+    except ImportError as err:
+        raise CommandError(
+            f"the dashboard needs its extra: pip install 'alchemium[dashboard]' ({err})",
+            EXIT_USAGE,
+        ) from err
+    from alchemium.events.audit import AuditLog
+    from alchemium.events.outbox_actions import OutboxActionLog, create_action_table
+
+    token = _dashboard_token(args)
+    action_log = OutboxActionLog(MetaData(), schema=args.schema)
+    try:
+        app = create_app(
+            engine,
+            actions=args.actions,
+            token=token,
+            show_payloads=args.show_payloads,
+            outbox=outbox,
+            audit=AuditLog(MetaData(), table_name=args.audit_table, schema=args.schema),
+            action_log=action_log,
+            refresh=args.refresh,
+        )
+    except DashboardConfigurationError as err:
+        raise CommandError(
+            f"{err} (--actions needs --token-file or ${TOKEN_VARIABLE})", EXIT_USAGE
+        ) from err
+    if args.actions:
+        await create_action_table(engine, action_log)
+    if args.host not in _LOOPBACK and token is None:
+        print(
+            f"alchemium: warning: serving on {args.host} without a token: whoever reaches "
+            "this port can read the outbox",
+            file=sys.stderr,
+        )
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # SIGTERM/SIGINT are ours (below): stop serving, exit 0
+
+    server = _Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    mode = "actions enabled" if args.actions else "read-only"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"alchemium dashboard on http://{host}:{args.port}/ ({mode})", file=sys.stderr)
+    try:
+        await server.serve()
+    except SystemExit as stop:  # uvicorn exits when it cannot bind (it logged why)
+        raise CommandError(f"cannot serve on {host}:{args.port}", EXIT_FAILURE) from stop
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return EXIT_OK
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -607,6 +607,80 @@ CATALOG: tuple[Mutation, ...] = (
         ),
         slow=True,
     ),
+    # -- operations dashboard ----------------------------------------------------------
+    Mutation(
+        name="action_ignores_row_state",
+        guarantee="an action on rows changed meanwhile changes nothing",
+        where="alchemium/events/outbox_admin.py",
+        find="stmt = update(d).where(*self._dead_where(selection))",
+        replace="stmt = update(d).where(*self._dead_where(selection)[1:])  # mutation: any state",
+        tests=(
+            "tests/dashboard/test_api.py::"
+            "test_a_row_changed_meanwhile_is_a_409_and_nothing_changes[sqlite]",
+            "tests/dashboard/test_api.py::"
+            "test_a_row_changed_meanwhile_is_a_409_and_nothing_changes[postgresql]",
+            "tests/dashboard/test_api.py::"
+            "test_two_operators_requeueing_the_same_row_at_once_change_it_once[sqlite]",
+            "tests/dashboard/test_api.py::"
+            "test_two_operators_requeueing_the_same_row_at_once_change_it_once[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="action_not_recorded",
+        guarantee="every operator action is recorded",
+        where="alchemium/dashboard/state.py",
+        find="""
+            await self.action_log.record(
+                conn,
+                actor=actor,
+                action=action,
+                delivery_ids=changed,
+                selection=None if selection is None else asdict(selection),
+                client=client,
+            )
+            """,
+        replace="""
+            # mutation: the action is not recorded
+            """,
+        tests=(
+            "tests/dashboard/test_api.py::"
+            "test_requeue_by_api_records_who_and_a_relay_then_delivers[sqlite]",
+            "tests/dashboard/test_api.py::"
+            "test_form_actions_need_the_csrf_token_and_the_same_origin[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="read_only_accepts_actions",
+        guarantee="a read-only dashboard refuses every action",
+        where="alchemium/dashboard/security.py",
+        find="if not self.actions:",
+        replace="if False:  # mutation: actions allowed without actions=True",
+        tests=(
+            "tests/dashboard/test_api.py::"
+            "test_read_only_dashboard_has_no_buttons_and_refuses_every_action[sqlite]",
+            "tests/dashboard/test_api.py::"
+            "test_read_only_dashboard_has_no_buttons_and_refuses_every_action[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="bad_event_id_unchecked",
+        guarantee="bad input is a 4xx, never a 500",
+        where="alchemium/dashboard/params.py",
+        find="""
+                return uuid.UUID(raw)
+            except ValueError as err:
+            """,
+        replace="""
+                return uuid.UUID(raw)
+            except TypeError as err:  # mutation: a malformed id escapes as ValueError
+            """,
+        tests=(
+            "tests/dashboard/test_api.py::"
+            "test_bad_requests_get_a_clear_json_error[sqlite-api-events-not-a-uuid]",
+            "tests/dashboard/test_api.py::"
+            "test_bad_page_requests_get_an_error_page[sqlite-events-xyz]",
+        ),
+    ),
     Mutation(
         name="audit_in_own_transaction",
         guarantee="audit rows exist iff the change committed",

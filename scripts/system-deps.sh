@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test rig runs: PostgreSQL server, Redis, RabbitMQ, PgBouncer,
-# and faketime (relays and writers with a skewed clock, tests/events/test_database_clock.py).
+# faketime (relays and writers with a skewed clock, tests/events/test_database_clock.py) and
+# chromium (the dashboard's browser tests drive Debian's build with Playwright, tests/dashboard).
 # Skips what is already there; needs root (or sudo) and Debian's package registry.
 set -euo pipefail
 need=()
@@ -9,6 +10,7 @@ command -v redis-server >/dev/null || need+=(redis-server)
 command -v rabbitmq-server >/dev/null || [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 command -v pgbouncer >/dev/null || need+=(pgbouncer)
 command -v faketime >/dev/null || need+=(faketime)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ "${#need[@]}" -eq 0 ]; then exit 0; fi
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 echo "installing system packages: ${need[*]}"

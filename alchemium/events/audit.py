@@ -192,6 +192,46 @@ class AuditLog:
             ]
         return [_upcast(entry) for entry in entries] if upcast else entries
 
+    async def browse(
+        self,
+        conn: AsyncSession | AsyncConnection,
+        *,
+        entity: str | None = None,
+        entity_id: object | None = None,
+        actor: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> list[AuditEntry]:
+        """Audited changes matching every given filter, newest first (one SELECT).
+
+        ``since`` is inclusive, ``until`` exclusive (``occurred_at``, the writer's
+        clock). For the operations dashboard and scripts; :meth:`history` is the
+        shortcut for one entity. Filtering by ``entity`` (and ``entity_id``) uses the
+        table's index; by actor or time alone it reads the table in time order.
+        """
+        t = self.table
+        where = []
+        if entity is not None:
+            where.append(t.c.entity == entity)
+        if entity_id is not None:
+            where.append(t.c.entity_id == str(entity_id))
+        if actor is not None:
+            where.append(t.c.actor == actor)
+        if since is not None:
+            where.append(t.c.occurred_at >= since)
+        if until is not None:
+            where.append(t.c.occurred_at < until)
+        stmt = (
+            select(t)
+            .where(*where)
+            .order_by(t.c.occurred_at.desc(), t.c.id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
+        return [_entry(row._mapping) for row in await conn.execute(stmt)]
+
 
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
