@@ -29,8 +29,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from alchemium import telemetry as _telemetry
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError, UnitOfWorkError
+from alchemium.events.observe import dispatch_span, log_fields, outbox_write_span
 from alchemium.events.outbox import Outbox, autocommit, default_outbox
 from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry
 from alchemium.uow import Commit, UnitOfWork, UnitOfWorkHooks, add_hooks
@@ -174,9 +176,15 @@ def write_events(
             rows.append((event, destination, False))
             external = True
     try:
-        outbox.write(
-            session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
-        )
+        if _telemetry.enabled:  # one check when opentelemetry is not installed
+            with outbox_write_span(outbox, session, len(events), len(rows)):
+                outbox.write(
+                    session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
+                )
+        else:
+            outbox.write(
+                session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
+            )
     except sa_exc.DBAPIError as err:
         if not outbox.tables_exist(session.get_bind()):
             raise OutboxError(
@@ -198,10 +206,15 @@ async def dispatch_events(
         return
     failures: list[tuple[DomainEvent, Subscriber, Exception]] = []
     succeeded: list[tuple[uuid.UUID, str]] = []
+    tracing = _telemetry.enabled and _telemetry.tracer() is not None
     for event, subscribers in delivery.plan:
         for subscriber in subscribers:
             try:
-                await subscriber(event)
+                if tracing:
+                    with dispatch_span(event, subscriber.name):
+                        await subscriber(event)
+                else:
+                    await subscriber(event)
             except Exception as err:
                 logger.exception(
                     "subscriber %s failed for event %s (%s); %s",
@@ -209,6 +222,7 @@ async def dispatch_events(
                     event.id,
                     event.name,
                     "the relay will retry it" if delivery.outbox else "not retried (no outbox)",
+                    extra=log_fields(event, subscriber.name, attempt=1, claim=delivery.token),
                 )
                 failures.append((event, subscriber, err))
             else:
@@ -249,6 +263,7 @@ async def _record_outcomes(
             "could not record delivery outcomes (claim %s); the relay will redeliver them",
             token,
             exc_info=True,
+            extra={"claim_token": str(token)},
         )
         await session.rollback()
 

@@ -50,10 +50,13 @@ from sqlalchemy import exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from alchemium import telemetry as _telemetry
 from alchemium.errors import OutboxError
 from alchemium.events.dispatch import retry_delay
+from alchemium.events.observe import claim_span, log_fields, publish_span
 from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox
 from alchemium.events.publishers.base import Publisher, destinations_of
+from alchemium.events.relay_monitor import RelayMonitor
 from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
 from alchemium.uow import check_session_factory
 
@@ -200,6 +203,7 @@ class OutboxRelay:
         self._listening = asyncio.Event()
         self._lag_checked = -float("inf")
         self._purged = -float("inf")
+        self.monitor = RelayMonitor()  # metrics and liveness (alchemium.events.monitoring)
 
     # -- public API --------------------------------------------------------------------------
 
@@ -272,6 +276,7 @@ class OutboxRelay:
             dsn = await self._listen_dsn()
             if dsn is not None:
                 listener = asyncio.create_task(self._listen_forever(dsn))
+        self.monitor.started(listen=listener is not None)
         logger.info(
             "relay %s started (destinations %s, batch %d, lease %.1fs, %s)",
             self.relay_id,
@@ -305,6 +310,7 @@ class OutboxRelay:
                     continue  # more is probably waiting
                 await self._sleep(self.poll_interval, wakeable=True)
         finally:
+            self.monitor.stopped()
             if listener is not None:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -320,10 +326,23 @@ class OutboxRelay:
         return {d: p for p in self.publishers for d in destinations_of(p)}
 
     async def _round(self) -> tuple[int, int]:
+        """One claim / publish / record round, told to the monitor (liveness, failures)."""
+        self.monitor.round_started()
+        try:
+            result = await self._claim_publish_record()
+        except Exception as err:
+            self.monitor.round_finished(err)
+            raise
+        self.monitor.round_finished()
+        return result
+
+    async def _claim_publish_record(self) -> tuple[int, int]:
         routes = self._publisher_for()
         if not routes:
             return 0, 0
         token = uuid.uuid4()
+        tracing = _telemetry.enabled and _telemetry.tracer() is not None
+        started = time.time_ns() if tracing else 0
         async with self.session_factory() as session:
             rows = await self.outbox.claim(
                 await autocommit(session),
@@ -335,13 +354,30 @@ class OutboxRelay:
                 ordered=self.ordered,
             )
             await session.commit()
+            dialect = session.get_bind().dialect.name
         self.stats.rounds += 1
         if not rows:
             return 0, 0
-        logger.debug("relay %s claimed %d row(s) under %s", self.relay_id, len(rows), token)
+        logger.debug(
+            "relay %s claimed %d row(s) under %s",
+            self.relay_id,
+            len(rows),
+            token,
+            extra={"claim_token": str(token), "relay_id": self.relay_id},
+        )
+        claim = None
+        if tracing:
+            claim = claim_span(
+                self.outbox,
+                dialect=dialect,
+                relay_id=self.relay_id,
+                token=token,
+                rows=len(rows),
+                started=started,
+            )
         heartbeat = asyncio.create_task(self._heartbeat(token))
         try:
-            outcomes = [await self._publish(routes, row) for row in rows]
+            outcomes = [await self._publish(routes, row, claim) for row in rows]
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -349,15 +385,29 @@ class OutboxRelay:
         delivered = await self._record(token, outcomes)
         return len(rows), delivered
 
-    async def _publish(self, routes: dict[str, Publisher], row: DeliveryRow) -> _Outcome:
+    async def _publish(
+        self, routes: dict[str, Publisher], row: DeliveryRow, claim: Any = None
+    ) -> _Outcome:
+        """Publish one row; ``claim``: the claim span's context when tracing (else None)."""
         publisher = routes.get(row.destination)
+        started = time.perf_counter()
         try:
             if publisher is None:  # the publisher's names changed since the claim
                 raise OutboxError(f"no publisher for destination {row.destination!r}")
-            await _within(self.publish_timeout, publisher.publish(row.event, row.destination))
+            sending = publisher.publish(row.event, row.destination)
+            if claim is not None:
+                with publish_span(row, publisher, claim):
+                    await _within(self.publish_timeout, sending)
+            else:
+                await _within(self.publish_timeout, sending)
         except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
-            return _Outcome(row, err)
-        return _Outcome(row, None)
+            outcome = _Outcome(row, err)
+        else:
+            outcome = _Outcome(row, None)
+        self.monitor.published(
+            row.destination, time.perf_counter() - started, ok=outcome.error is None
+        )
+        return outcome
 
     async def _heartbeat(self, token: uuid.UUID) -> None:
         while True:
@@ -368,7 +418,11 @@ class OutboxRelay:
                     await session.commit()
             except Exception:
                 logger.warning(
-                    "relay %s could not renew its lease on %s", self.relay_id, token, exc_info=True
+                    "relay %s could not renew its lease on %s",
+                    self.relay_id,
+                    token,
+                    exc_info=True,
+                    extra={"claim_token": str(token), "relay_id": self.relay_id},
                 )
             else:
                 logger.debug("relay %s renewed %d lease(s)", self.relay_id, renewed)
@@ -392,13 +446,17 @@ class OutboxRelay:
                     token,
                     attempt,
                     exc_info=attempt == 1,
+                    extra={"claim_token": str(token), "relay_id": self.relay_id},
                 )
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
 
     async def _record_once(self, token: uuid.UUID, outcomes: list[_Outcome]) -> int:
-        ok = [o.row.id for o in outcomes if o.error is None]
+        ok_rows = [o.row for o in outcomes if o.error is None]
+        ok = [row.id for row in ok_rows]
         failed = [o for o in outcomes if o.error is not None]
         retried = dead = 0
+        retried_rows: list[DeliveryRow] = []
+        dead_rows: list[DeliveryRow] = []
         async with self.session_factory() as session:
             # All delivered (the usual case) is one UPDATE: no transaction needed.
             conn = session if failed else await autocommit(session)
@@ -420,22 +478,32 @@ class OutboxRelay:
                 )
                 if written and give_up:
                     dead += 1
+                    dead_rows.append(row)
                 elif written:
                     retried += 1
-                self._log_failure(row, err, give_up=give_up, written=bool(written))
+                    retried_rows.append(row)
+                self._log_failure(row, err, token, give_up=give_up, written=bool(written))
             await session.commit()
         lost = len(outcomes) - delivered - retried - dead
         self.stats.delivered += delivered
         self.stats.retried += retried
         self.stats.dead += dead
         self.stats.lost_leases += lost
-        for o in outcomes:
-            if o.error is None:
+        self.monitor.recorded(ok_rows, delivered, retried_rows, dead_rows, lost)
+        if logger.isEnabledFor(logging.DEBUG):
+            for row in ok_rows:
                 logger.debug(
                     "delivered event %s (%s) to %s",
-                    o.row.event.id,
-                    o.row.event.name,
-                    o.row.destination,
+                    row.event.id,
+                    row.event.name,
+                    row.destination,
+                    extra=log_fields(
+                        row.event,
+                        row.destination,
+                        attempt=row.attempts,
+                        claim=token,
+                        relay_id=self.relay_id,
+                    ),
                 )
         if lost:
             logger.warning(
@@ -444,15 +512,25 @@ class OutboxRelay:
                 self.relay_id,
                 lost,
                 token,
+                extra={"claim_token": str(token), "relay_id": self.relay_id},
             )
         return delivered
 
     def _log_failure(
-        self, row: DeliveryRow, err: BaseException | None, *, give_up: bool, written: bool
+        self,
+        row: DeliveryRow,
+        err: BaseException | None,
+        token: uuid.UUID,
+        *,
+        give_up: bool,
+        written: bool,
     ) -> None:
         event = row.event
         if not written:
             return  # counted as a lost lease
+        fields = log_fields(
+            event, row.destination, attempt=row.attempts, claim=token, relay_id=self.relay_id
+        )
         if give_up:
             logger.error(
                 "event %s (%s) is dead for %s after %d attempt(s): %r",
@@ -461,6 +539,7 @@ class OutboxRelay:
                 row.destination,
                 row.attempts,
                 err,
+                extra=fields,
             )
         else:
             logger.warning(
@@ -471,6 +550,7 @@ class OutboxRelay:
                 row.attempts,
                 self.max_attempts,
                 err,
+                extra=fields,
             )
 
     async def _housekeeping(self, *, idle: bool) -> None:
@@ -493,6 +573,7 @@ class OutboxRelay:
             overdue = await self.outbox.overdue(
                 session, older_than=self.stranded_after, exclude=served
             )
+            self.monitor.clock(await self.outbox.database_clock(session))
         now = time.monotonic()
         for found in overdue:
             last = self._stranded_warned.get(found.destination)
@@ -553,6 +634,7 @@ class OutboxRelay:
                 await conn.add_listener(self.outbox.channel, lambda *_args: self._wake.set())
                 attempt = 0
                 self._listening.set()
+                self.monitor.listen(True)
                 self._wake.set()  # anything committed while we were not listening
                 logger.info("relay %s listening on channel %r", self.relay_id, self.outbox.channel)
                 while not lost.is_set():
@@ -563,6 +645,7 @@ class OutboxRelay:
                 raise ConnectionError("LISTEN connection closed")
             except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 self._listening.clear()
+                self.monitor.listen(False)
                 attempt += 1
                 delay = min(_RECONNECT_MAX, 0.5 * 2 ** min(attempt - 1, 6))
                 logger.warning(
@@ -576,6 +659,7 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
             finally:
                 self._listening.clear()
+                self.monitor.listen(False)
                 if conn is not None:
                     try:
                         # asyncpg aborts the socket itself if closing fails or is interrupted.

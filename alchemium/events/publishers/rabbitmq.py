@@ -8,6 +8,7 @@ from typing import Any
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.telemetry import trace_headers
 
 __all__ = ["RabbitMQPublisher"]
 
@@ -31,10 +32,14 @@ class RabbitMQPublisher:
     acknowledged the message, and raises if it was nacked, returned as unroutable
     (``mandatory``: no queue is bound for it) or the connection failed. Messages
     are persistent, ``message_id`` is the event id (the consumer's deduplication
-    key), ``type`` the event name, the body :meth:`DomainEvent.to_json`. The
+    key), ``type`` the event name, the body :meth:`DomainEvent.to_json`, and the
+    headers carry the trace context (``traceparent``, ``tracestate``:
+    :func:`alchemium.telemetry.trace_headers`) for a consumer to continue the trace. The
     exchange is declared (durable) on first use. After a connection failure the
     next publish reconnects; the failed row stays pending and is retried.
     """
+
+    messaging_system = "rabbitmq"  # the publish span's messaging.system
 
     def __init__(
         self,
@@ -83,6 +88,7 @@ class RabbitMQPublisher:
             headers={
                 "aggregate_type": event.aggregate_type,
                 "aggregate_id": event.aggregate_id,
+                **trace_headers(event),
             },
         )
         try:

@@ -6,6 +6,7 @@ from typing import Any
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.telemetry import trace_headers
 
 __all__ = ["RedisStreamPublisher"]
 
@@ -25,12 +26,16 @@ class RedisStreamPublisher:
 
     Entry fields: ``event_id`` (the consumer's deduplication key: delivery is at
     least once), ``name``, ``aggregate_type``, ``aggregate_id`` and ``event`` (the
-    whole event as JSON, see :meth:`DomainEvent.to_json`). The entry id is Redis's
+    whole event as JSON, see :meth:`DomainEvent.to_json`), and the trace context
+    (``traceparent``, ``tracestate``: :func:`alchemium.telemetry.trace_headers`) for a
+    consumer to continue the trace. The entry id is Redis's
     own (``*``). ``XADD`` returns only after Redis accepted the entry; with Redis
     persistence off, an accepted entry can still be lost if Redis itself restarts.
     The client connects on first use and reconnects by itself after an outage; a
     publish during an outage raises, so the row stays pending and is retried.
     """
+
+    messaging_system = "redis"  # the publish span's messaging.system
 
     def __init__(
         self,
@@ -67,6 +72,7 @@ class RedisStreamPublisher:
             "aggregate_type": event.aggregate_type,
             "aggregate_id": event.aggregate_id,
             "event": event.to_json(),
+            **trace_headers(event),
         }
         await self._connect().xadd(
             self.stream, fields, maxlen=self.maxlen, approximate=self.maxlen is not None
