@@ -33,9 +33,9 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 try:
+    from opentelemetry import metrics as _metrics
     from opentelemetry import propagate as _propagate
     from opentelemetry import trace as _trace
-    from opentelemetry import metrics as _metrics
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 except ImportError:  # pragma: no cover - exercised where opentelemetry-api is not installed
     _trace = None  # type: ignore[assignment]
@@ -120,7 +120,9 @@ def instrument(
     """
     global _tracer_provider, _meter_provider, _tracer, _meter
     if not available:
-        raise RuntimeError("alchemium.telemetry needs opentelemetry-api: pip install 'alchemium[otel]'")
+        raise RuntimeError(
+            "alchemium.telemetry needs opentelemetry-api: pip install 'alchemium[otel]'"
+        )
     _tracer_provider, _meter_provider = tracer_provider, meter_provider
     _tracer = _meter = None
 
@@ -200,7 +202,7 @@ def _stored(metadata: Mapping[str, Any]) -> dict[str, str]:
 
 
 def event_context(event: EventLike) -> Context | None:
-    """The context stored with ``event`` (its recording span, remote), or None if none or invalid."""
+    """The context stored with ``event`` (its recording span, remote); None if none or invalid."""
     carrier = _stored(event.metadata)
     if "traceparent" not in carrier:
         return None

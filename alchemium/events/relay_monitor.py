@@ -24,10 +24,27 @@ from alchemium.events.outbox_schema import DeliveryRow
 
 __all__ = ["LATENCY_BUCKETS", "PUBLISH_BUCKETS", "Histogram", "RelayMonitor"]
 
-PUBLISH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+PUBLISH_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 """Upper bounds (seconds) of the publish duration histogram."""
 LATENCY_BUCKETS = (
-    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0, 21600.0, 86400.0,
 )  # fmt: skip
 """Upper bounds (seconds) of the commit-to-delivered histogram: milliseconds to a day."""
 
