@@ -28,6 +28,7 @@ imports the standard library and, guarded, ``opentelemetry``; nothing of alchemi
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -102,7 +103,9 @@ class EventLike(Protocol):
         ...
 
 
+@functools.cache
 def _version() -> str | None:
+    """alchemium's version, for the tracer and meter (read once: it scans sys.path)."""
     try:
         return importlib.metadata.version("alchemium")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
