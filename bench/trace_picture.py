@@ -3,9 +3,9 @@
 The spans come from the end-to-end test (``tests/observability/test_end_to_end_trace.py``),
 which keeps them when asked::
 
-    ALCHEMIUM_TRACE_PICTURE=docs/observability-trace.jsonl \\
-        .venv/bin/python -m pytest "tests/observability/test_end_to_end_trace.py" -k postgresql
-    .venv/bin/python -m bench.trace_picture docs/observability-trace.jsonl docs/observability-trace.png
+    export ALCHEMIUM_TRACE_PICTURE=docs/observability-trace.jsonl
+    .venv/bin/python -m pytest tests/observability/test_end_to_end_trace.py -k postgresql
+    .venv/bin/python -m bench.trace_picture $ALCHEMIUM_TRACE_PICTURE docs/observability-trace.png
 
 Two panels with their own time axes: the application process (the request, its
 commit, the outbox write, the after-commit dispatch) and, later, the relay process
@@ -65,7 +65,7 @@ def draw(spans: list[dict[str, Any]], path: Path) -> None:
         start = min(s["start"] for s, _ in mine)
         end = max(s["end"] for s, _ in mine)
         width_ms = (end - start) / 1e6
-        for span, depth in mine:
+        for span, _depth in mine:
             left, width = (span["start"] - start) / 1e6, (span["end"] - span["start"]) / 1e6
             y = y_of[span["span_id"]]
             ax.barh(y, max(width, width_ms / 300), left=left, height=0.6,
@@ -85,10 +85,10 @@ def draw(spans: list[dict[str, Any]], path: Path) -> None:
         for target in span["links"]:
             if target in y_of:
                 ax = axes[0][services.index(span["service"])]
+                arrow = {"arrowstyle": "->", "linestyle": "--", "color": "gray"}
                 ax.annotate("link", xy=(starts[target], y_of[target] + 0.3),
                             xytext=(starts[span["span_id"]], y_of[span["span_id"]] - 0.3),
-                            fontsize=7, color="gray",
-                            arrowprops={"arrowstyle": "->", "linestyle": "--", "color": "gray"})  # fmt: skip
+                            fontsize=7, color="gray", arrowprops=arrow)  # fmt: skip
     axes[0][0].set_yticks([])
     fig.suptitle(
         f"one trace across the outbox (trace id {root['trace_id'][:12]}…; "
