@@ -13,6 +13,14 @@ from alchemium.events.audit import (
     enable_audit,
 )
 from alchemium.events.inbox import Inbox, enable_inbox
+from alchemium.events.metrics import OutboxGauges
+from alchemium.events.monitoring import (
+    RelayHealth,
+    monitoring_app,
+    probe_relay,
+    relay_health,
+    serve_monitoring,
+)
 from alchemium.events.outbox import (
     DestinationStatus,
     Outbox,
@@ -55,11 +63,13 @@ __all__ = [
     "Inbox",
     "MainModuleNameWarning",
     "Outbox",
+    "OutboxGauges",
     "OutboxRelay",
     "OutboxStatus",
     "Publisher",
     "RabbitMQPublisher",
     "RedisStreamPublisher",
+    "RelayHealth",
     "RelayStats",
     "Subscriber",
     "SubscriberRegistry",
@@ -77,7 +87,11 @@ __all__ = [
     "enable_audit",
     "enable_inbox",
     "enable_outbox",
+    "monitoring_app",
     "off",
     "on",
+    "probe_relay",
+    "relay_health",
     "remove_before_commit_hook",
+    "serve_monitoring",
 ]
