@@ -77,6 +77,9 @@ enabled: bool = available
 """Checked by every instrumented point: False without ``opentelemetry-api`` or after
 :func:`disable`. Read it, do not set it (use :func:`disable` / :func:`enable`)."""
 
+_KINDS: dict[str, Any] = (
+    {k.name.lower(): k for k in _trace.SpanKind} if _trace is not None else {}
+)  # "client" -> SpanKind.CLIENT
 _tracer_provider: Any = None  # given to instrument(); None: the global one
 _meter_provider: Any = None
 _tracer: Any = None  # the alchemium tracer, once a real provider is known
@@ -269,14 +272,14 @@ def span(
     found = tracer()
     if found is None:
         return _NO_SPAN
-    if isinstance(parent, _trace.SpanContext):
+    if parent is not None and isinstance(parent, _trace.SpanContext):
         parent = _trace.set_span_in_context(_trace.NonRecordingSpan(parent))
     return found.start_as_current_span(
         name,
         context=parent,
-        kind=_trace.SpanKind[kind.upper()],
+        kind=_KINDS[kind],
         attributes=attributes,
-        links=[_trace.Link(c) for c in links],
+        links=[_trace.Link(c) for c in links] if links else None,
     )
 
 
@@ -293,7 +296,7 @@ def finished_span(
     if found is None:
         return None
     started = found.start_span(
-        name, kind=_trace.SpanKind[kind.upper()], attributes=attributes, start_time=start_time
+        name, kind=_KINDS[kind], attributes=attributes, start_time=start_time
     )
     started.end()
     return started.get_span_context()
