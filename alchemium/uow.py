@@ -675,6 +675,8 @@ def _commit_span(session: AsyncSession) -> contextlib.AbstractContextManager[Any
     call to the database. Its children are the outbox write and, if SQLAlchemy is
     instrumented, the statements.
     """
+    if _telemetry.tracer() is None:  # the API without an SDK: build no attributes
+        return contextlib.nullcontext()
     bind = session.get_bind()
     attributes = _telemetry.database_attributes(bind.dialect.name, bind.engine.url.database)
     attributes["db.operation.name"] = "COMMIT"

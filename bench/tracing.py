@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 repetitions")
     parser.add_argument("--backends", default="postgresql,sqlite")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 15)")
+    parser.add_argument(
+        "--ops", type=int, default=None, help="W1/O1 operations per sample (400/300)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--no-docs", action="store_true")
@@ -171,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = replace(QUICK, reps=3) if args.quick else replace(FULL, reps=15)
     if args.reps is not None:
         sizes = replace(sizes, reps=args.reps)
+    if args.ops is not None:  # shorter samples, interleaved more finely on a noisy machine
+        sizes = replace(sizes, w1=args.ops, o1=args.ops)
     from importlib import metadata
 
     started = time.time()

@@ -72,6 +72,8 @@ def outbox_write_span(
     outbox: Outbox, session: Session, events: int, rows: int
 ) -> contextlib.AbstractContextManager[Any]:
     """``INSERT <outbox table>``: the outbox rows written in the committing transaction."""
+    if _telemetry.tracer() is None:  # the API without an SDK: build no attributes
+        return contextlib.nullcontext()
     attributes = _database(session)
     attributes.update(
         {
