@@ -97,6 +97,54 @@ async def _backend(backend: str, url: str, sizes: Sizes) -> dict[str, Any]:
     return results
 
 
+def micro(provider: TracerProvider, n: int = 20_000) -> dict[str, float]:
+    """CPU microseconds per call of the instrumented points alone (no database), medians of 5.
+
+    Steadier than whole operations on a loaded machine: what each mode adds to one
+    unit of work, before the SDK's own work (``sdk span``) is counted.
+    """
+    attributes = {"db.system.name": "postgresql", "db.operation.name": "COMMIT"}
+    raw = provider.get_tracer("bench")
+    metadata: dict[str, Any] = {}
+
+    def off() -> None:
+        for _ in range(n):
+            if telemetry.enabled:
+                raise AssertionError("telemetry is disabled")
+
+    def api() -> None:  # the commit span check and the context capture of a unit of work
+        for _ in range(n):
+            if telemetry.enabled and telemetry.tracer() is None:
+                telemetry.add_trace_context(metadata)
+
+    def sdk_raw() -> None:
+        for _ in range(n):
+            with raw.start_as_current_span("COMMIT", attributes=attributes):
+                pass
+
+    def sdk() -> None:
+        for _ in range(n):
+            with telemetry.span("COMMIT", "client", attributes):
+                pass
+
+    costs: dict[str, float] = {}
+    for name, mode, loop in (
+        ("off: one check", "off", off),
+        ("api: commit check + context capture", "api", api),
+        ("sdk: one span, OpenTelemetry SDK directly", "sdk", sdk_raw),
+        ("sdk: one span through alchemium.telemetry", "sdk", sdk),
+    ):
+        _mode(mode, provider)
+        samples = []
+        for _ in range(5):
+            started = time.process_time()
+            loop()
+            samples.append((time.process_time() - started) / n * 1e6)
+        costs[name] = statistics.median(samples)
+    _mode("api", provider)
+    return costs
+
+
 def paired(entry: dict[str, Any], mode: str, what: str) -> dict[str, float]:
     """Median, min and max over the repetitions of ``mode``'s figure divided by ``off``'s."""
     ratios = [m / o for m, o in zip(entry[what][mode], entry[what]["off"], strict=True)]
@@ -139,6 +187,9 @@ def _markdown(report: dict[str, Any], source: str) -> str:
                 f"| {cell(paired(entry, 'api', 'cpu_us'))} "
                 f"| {cell(paired(entry, 'sdk', 'cpu_us'))} |"
             )
+    if report.get("micro"):
+        lines += ["", "| instrumented point alone | CPU µs per call |", "|---|---:|"]
+        lines += [f"| {name} | {us:.2f} |" for name, us in report["micro"].items()]
     lines += ["", END]
     return "\n".join(lines)
 
@@ -187,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         "otel": metadata.version("opentelemetry-sdk"),
         "results": {},
     }
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DropExporter()))
+    report["micro"] = micro(provider, 2_000 if args.quick else 20_000)
+    provider.shutdown()
+    for name, us in report["micro"].items():
+        print(f"  {name}: {us:.2f} us")
     print("tracing overhead (paired ratios to off, medians)")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         with _database(backend) as url:
