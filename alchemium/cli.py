@@ -20,7 +20,7 @@ no relay answered, 130 interrupted, 141 the reader of stdout went away (``| head
 Usage errors are one line on stderr, never a traceback. The relay stops cleanly
 on SIGTERM and SIGINT, finishing the batch in flight.
 
-Why this module is long (about 560 lines): every command's argument parsing, help
+Why this module is long (about 670 lines): every command's argument parsing, help
 text and exit codes are the command line's contract, kept in one place; the work
 itself is the outbox's and the relay's.
 """

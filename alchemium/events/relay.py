@@ -26,8 +26,11 @@ destinations it does not serve whose rows have been due for longer than
 ``stranded_after`` (nobody drains them).
 
 All SQL lives in :mod:`alchemium.events.outbox`; this module only schedules.
+What it reports lives elsewhere too: spans and log fields in
+:mod:`alchemium.events.observe`, counters and liveness in ``self.monitor``
+(:mod:`alchemium.events.relay_monitor`, served by :mod:`alchemium.events.monitoring`).
 
-Why this module is long (about 600 lines): the loop, its heartbeat, the recording
+Why this module is long (about 670 lines): the loop, its heartbeat, the recording
 of outcomes and the LISTEN connection are one scheduler whose parts share state;
 SQL stays in the outbox modules.
 """
