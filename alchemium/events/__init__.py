@@ -13,6 +13,7 @@ from alchemium.events.audit import (
     enable_audit,
 )
 from alchemium.events.inbox import Inbox, enable_inbox
+from alchemium.events.marks import flush_delivery_marks
 from alchemium.events.metrics import OutboxGauges
 from alchemium.events.monitoring import (
     RelayHealth,
@@ -87,6 +88,7 @@ __all__ = [
     "enable_audit",
     "enable_inbox",
     "enable_outbox",
+    "flush_delivery_marks",
     "monitoring_app",
     "off",
     "on",

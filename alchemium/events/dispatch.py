@@ -26,18 +26,20 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from alchemium import telemetry as _telemetry
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError, UnitOfWorkError
+from alchemium.events.marks import queue_delivery_mark
 from alchemium.events.observe import dispatch_span, log_fields, outbox_write_span
-from alchemium.events.outbox import Outbox, autocommit, default_outbox
+from alchemium.events.outbox import DISPATCH_LEASE, Outbox, autocommit, default_outbox
 from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry
 from alchemium.uow import Commit, UnitOfWork, UnitOfWorkHooks, add_hooks
 
 __all__ = [
+    "DISPATCH_LEASE",
     "EventDelivery",
     "dispatch_events",
     "events_to_commit",
@@ -50,7 +52,6 @@ __all__ = [
 
 logger = logging.getLogger("alchemium.events")
 
-DISPATCH_LEASE = 300.0  # seconds an in-process claim protects rows from the relay
 
 _watchers: ContextVar[tuple[Callable[[Sequence[DomainEvent]], None], ...]] = ContextVar(
     "alchemium_commit_watchers", default=()
@@ -176,15 +177,12 @@ def write_events(
             rows.append((event, destination, False))
             external = True
     try:
+        lease = outbox.dispatch_lease
         if _telemetry.enabled:  # one check when opentelemetry is not installed
             with outbox_write_span(outbox, session, len(events), len(rows)):
-                outbox.write(
-                    session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
-                )
+                outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
         else:
-            outbox.write(
-                session, events, rows, claim_token=token, lease=DISPATCH_LEASE, notify=external
-            )
+            outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
     except sa_exc.DBAPIError as err:
         if not outbox.tables_exist(session.get_bind()):
             raise OutboxError(
@@ -252,6 +250,11 @@ async def _record_outcomes(
                     destination=subscriber.name,
                 )
         else:
+            bind = session.bind
+            if outbox.mark_window > 0 and isinstance(bind, AsyncEngine):
+                # Written with the marks of other commits by one UPDATE, soon.
+                queue_delivery_mark(outbox, bind, token)
+                return
             # One UPDATE needs no transaction around it: in autocommit it is one round
             # trip instead of three (BEGIN, UPDATE, COMMIT) after every unit of work.
             await outbox.mark_delivered(await autocommit(session), token)
@@ -276,6 +279,13 @@ class EventDelivery(UnitOfWorkHooks):
         events = events_to_commit(uow, commit)
         commit.events = events
         commit.info[self] = write_events(uow, session, events)
+
+    def wants_event(self, uow: UnitOfWork, name: str) -> bool:
+        """An outbox writes every event; else a watcher, subscriber or destination wants it."""
+        if outbox_of(uow) is not None or _watchers.get():
+            return True
+        registry = registry_of(uow)
+        return bool(registry.subscribers_for(name) or registry.destinations_for(name))
 
     async def after_commit(self, uow: UnitOfWork, commit: Commit) -> None:
         """Tell ``watch_commits`` watchers, call the subscribers, record the outcomes."""

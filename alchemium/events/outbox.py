@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     MetaData,
+    Uuid,
     any_,
     bindparam,
     func,
@@ -34,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from alchemium.domain_event import DomainEvent
+from alchemium.encoding import plain_json
 from alchemium.errors import OutboxError
 from alchemium.events.outbox_admin import (
     DestinationStatus,
@@ -44,7 +46,6 @@ from alchemium.events.outbox_admin import (
 from alchemium.events.outbox_schema import (
     CLAIMED,
     DEAD,
-    DELIVERED,
     PENDING,
     DeliveryRow,
     Executor,
@@ -55,6 +56,7 @@ from alchemium.events.outbox_schema import (
 from alchemium.events.tables import create_tables
 
 __all__ = [
+    "DISPATCH_LEASE",
     "DeliveryRow",
     "DestinationStatus",
     "Outbox",
@@ -85,12 +87,32 @@ async def autocommit(session: AsyncSession) -> Executor:
     return session
 
 
+_ONE_STATEMENT_EVENTS = 100  # at most this many events (and delivery rows) in one statement
+
+DISPATCH_LEASE = 300.0  # default seconds an after-commit dispatch's claim keeps the relay away
+
+
 class Outbox(OutboxAdministration):
     """The outbox tables in ``metadata`` and the statements that use them.
 
     Add it to the metadata your migrations and ``create_all`` use::
 
         outbox = enable_outbox(Base.metadata)   # also makes it the default outbox
+
+    Args:
+        metadata: the ``MetaData`` the two tables are declared in (or found in).
+        table_name: the events table; the delivery table is ``<table_name>_delivery``.
+        channel: the PostgreSQL NOTIFY channel relays LISTEN on.
+        schema: the schema of both tables.
+        dispatch_lease: seconds the rows of a commit's in-process subscribers stay
+            claimed for its after-commit dispatch; if the process dies before marking
+            them, the relay delivers them again once this has passed.
+        mark_window: seconds within which the "delivered" marks of many commits are
+            written by one UPDATE in the background (see ``alchemium.events.marks``);
+            0 writes each commit's mark at once, in the committing task.
+        completion: what a delivered row becomes: ``"keep"`` (status ``delivered``,
+            until the retention purge), ``"delete"`` (deleted at once; its event goes
+            with the purge), ``"archive"`` (moved to ``<table_name>_delivery_archive``).
     """
 
     def __init__(
@@ -100,9 +122,19 @@ class Outbox(OutboxAdministration):
         table_name: str = "alchemium_outbox",
         channel: str = "alchemium_outbox",
         schema: str | None = None,
+        dispatch_lease: float = DISPATCH_LEASE,
+        mark_window: float = 0.05,
+        completion: str = "keep",
     ) -> None:
-        super().__init__(metadata, table_name=table_name, schema=schema)
+        super().__init__(metadata, table_name=table_name, schema=schema, completion=completion)
+        if dispatch_lease <= 0 or mark_window < 0:
+            raise OutboxError(
+                f"Outbox(dispatch_lease={dispatch_lease!r}, mark_window={mark_window!r}): the "
+                "lease must be > 0 seconds and the window >= 0 seconds"
+            )
         self.channel = channel
+        self.dispatch_lease = dispatch_lease
+        self.mark_window = mark_window
         # Built claim statements by (destinations, ordered): a relay claims with the same
         # statement every round; only its parameters change.
         self._claims: dict[tuple[tuple[str, ...], bool], Any] = {}
@@ -130,21 +162,18 @@ class Outbox(OutboxAdministration):
         Synchronous: it runs inside the unit of work's commit pass (see
         ``UnitOfWorkHooks.before_commit``), or through ``AsyncSession.run_sync``.
         """
-        session.execute(
-            insert(self.events),
-            [
-                {
-                    "id": e.id,
-                    "name": e.name,
-                    "aggregate_type": e.aggregate_type,
-                    "aggregate_id": e.aggregate_id,
-                    "payload": e.to_dict()["payload"],
-                    "metadata": e.to_dict()["metadata"],
-                    "occurred_at": e.occurred_at,
-                }
-                for e in events
-            ],
-        )
+        written = [
+            {
+                "id": e.id,
+                "name": e.name,
+                "aggregate_type": e.aggregate_type,
+                "aggregate_id": e.aggregate_id,
+                "payload": plain_json(e.payload),
+                "metadata": plain_json(e.metadata),
+                "occurred_at": e.occurred_at,
+            }
+            for e in events
+        ]
         rows = [
             {
                 "event_id": e.id,
@@ -158,11 +187,40 @@ class Outbox(OutboxAdministration):
             }
             for e, destination, claim_now in deliveries
         ]
-        if rows:
-            session.execute(self.insert_deliveries(lease), rows)
-        if notify and rows and session.get_bind().dialect.name == "postgresql":
+        postgresql = session.get_bind().dialect.name == "postgresql"
+        small = len(written) <= _ONE_STATEMENT_EVENTS and len(rows) <= _ONE_STATEMENT_EVENTS
+        if postgresql and rows and small:
+            # One round trip: the events INSERT rides in a data-modifying CTE of the
+            # deliveries INSERT (the foreign key is checked at the end of the statement).
+            session.execute(self._insert_all(written, rows, lease))
+        else:
+            session.execute(insert(self.events), written)
+            if rows:
+                session.execute(self.insert_deliveries(lease), rows)
+        if notify and rows and postgresql:
             session.execute(select(func.pg_notify(self.channel, "")))
         return len(rows)
+
+    def _insert_all(
+        self, written: list[dict[str, Any]], rows: list[dict[str, Any]], lease: float
+    ) -> Any:
+        """PostgreSQL: ``WITH e AS (INSERT events ...) INSERT deliveries ...``, one statement."""
+        events = insert(self.events).values(written).cte("written_events")
+        now, until = database_now(), database_now(lease)
+        return (
+            insert(self.deliveries)
+            .values(
+                [
+                    {
+                        **{k: v for k, v in row.items() if k != "claim_now"},
+                        "next_attempt_at": now,
+                        "claimed_until": until if row["claim_now"] else None,
+                    }
+                    for row in rows
+                ]
+            )
+            .add_cte(events)
+        )
 
     # -- claiming and completing ------------------------------------------------------------
 
@@ -254,18 +312,27 @@ class Outbox(OutboxAdministration):
         ``delivered_at`` is the database's now.
         """
         d = self.deliveries
-        stmt = update(d).where(d.c.claim_token == token, d.c.status == CLAIMED)
+        where = [d.c.claim_token == token, d.c.status == CLAIMED]
         if ids is not None:
             if not ids:
                 return 0
             if dialect_of(conn) == "postgresql":  # one array parameter, not one per id
-                stmt = stmt.where(d.c.id == any_(bindparam("ids", list(ids), ARRAY(BigInteger))))
+                where.append(d.c.id == any_(bindparam("ids", list(ids), ARRAY(BigInteger))))
             else:
-                stmt = stmt.where(d.c.id.in_(ids))
-        stmt = stmt.values(
-            status=DELIVERED, delivered_at=database_now(), claim_token=None, claimed_until=None
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+                where.append(d.c.id.in_(ids))
+        return await self.complete(conn, *where)
+
+    async def mark_delivered_tokens(self, conn: Executor, tokens: Sequence[uuid.UUID]) -> int:
+        """Mark every row still claimed under one of ``tokens`` delivered; returns how many."""
+        if not tokens:
+            return 0
+        d = self.deliveries
+        if dialect_of(conn) == "postgresql":  # one array parameter, not one per token
+            tokens_param = bindparam("tokens", list(tokens), ARRAY(Uuid()))
+            by_token = d.c.claim_token == any_(tokens_param)
+        else:
+            by_token = d.c.claim_token.in_(tokens)
+        return await self.complete(conn, d.c.status == CLAIMED, by_token)
 
     async def mark_delivered_by_destination(
         self, conn: Executor, token: uuid.UUID, pairs: Sequence[tuple[uuid.UUID, str]]
@@ -274,18 +341,12 @@ class Outbox(OutboxAdministration):
         if not pairs:
             return 0
         d = self.deliveries
-        stmt = (
-            update(d)
-            .where(
-                d.c.claim_token == token,
-                d.c.status == CLAIMED,
-                tuple_(d.c.event_id, d.c.destination).in_(list(pairs)),
-            )
-            .values(
-                status=DELIVERED, delivered_at=database_now(), claim_token=None, claimed_until=None
-            )
+        return await self.complete(
+            conn,
+            d.c.claim_token == token,
+            d.c.status == CLAIMED,
+            tuple_(d.c.event_id, d.c.destination).in_(list(pairs)),
         )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
     async def mark_failed(
         self,
@@ -352,4 +413,7 @@ async def create_outbox_tables(engine: AsyncEngine, outbox: Outbox | None = None
     outbox = outbox or default_outbox()
     if outbox is None:
         raise OutboxError("no outbox enabled; call enable_outbox(metadata) first")
-    await create_tables(engine, outbox.metadata, [outbox.events, outbox.deliveries])
+    tables = [outbox.events, outbox.deliveries]
+    if outbox.archive is not None:
+        tables.append(outbox.archive)
+    await create_tables(engine, outbox.metadata, tables)

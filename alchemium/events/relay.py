@@ -30,7 +30,7 @@ What it reports lives elsewhere too: spans and log fields in
 :mod:`alchemium.events.observe`, counters and liveness in ``self.monitor``
 (:mod:`alchemium.events.relay_monitor`, served by :mod:`alchemium.events.monitoring`).
 
-Why this module is long (about 670 lines): the loop, its heartbeat, the recording
+Why this module is long (about 780 lines): the loop, its heartbeat, the recording
 of outcomes and the LISTEN connection are one scheduler whose parts share state;
 SQL stays in the outbox modules.
 """
@@ -45,9 +45,9 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
@@ -63,6 +63,9 @@ from alchemium.events.relay_monitor import RelayMonitor
 from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
 from alchemium.uow import check_session_factory
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
+
 __all__ = ["OutboxRelay", "RelayStats"]
 
 logger = logging.getLogger("alchemium.relay")
@@ -74,21 +77,59 @@ _LISTEN_CHECK = 5.0
 _RECORD_ATTEMPTS = 4  # seconds between health checks of the LISTEN connection
 
 
-if sys.version_info >= (3, 11):
+class _Resumed:
+    """A coroutine whose first step already ran and yielded ``first``: await the rest of it."""
 
-    async def _within(seconds: float | None, awaitable: Awaitable[None]) -> None:
-        """``await awaitable``, raising TimeoutError after ``seconds``, in this task.
+    __slots__ = ("_coroutine", "_first")
 
-        ``asyncio.timeout`` only arms a timer; ``wait_for`` (before 3.12) would start
-        a task per publish, several event loop iterations for a handler that never waits.
-        """
+    def __init__(self, coroutine: Coroutine[Any, Any, None], first: Any) -> None:
+        self._coroutine = coroutine
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coroutine, value = self._coroutine, self._first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as err:  # noqa: BLE001 - handed to the coroutine, as await does
+                try:
+                    value = coroutine.throw(err)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = coroutine.send(sent)
+                except StopIteration:
+                    return
+
+
+async def _within(seconds: float | None, publishing: Awaitable[None]) -> None:
+    """``await publishing``, raising TimeoutError if it takes more than ``seconds``.
+
+    Its first step runs at once: a publish that never waits (an in-process handler)
+    finishes there, and no timer is armed for it. Only one that waits (a broker's
+    acknowledgement) goes on under ``asyncio.timeout`` (``wait_for`` before 3.11).
+    """
+    if seconds is None or not asyncio.iscoroutine(publishing):
+        if seconds is None:
+            await publishing
+        else:
+            await asyncio.wait_for(publishing, seconds)
+        return
+    try:
+        first = publishing.send(None)
+    except StopIteration:
+        return
+    rest = _Resumed(publishing, first)
+    if sys.version_info >= (3, 11):
         async with asyncio.timeout(seconds):
-            await awaitable
+            await rest
+    else:  # pragma: no cover - Python 3.10
+        await asyncio.wait_for(_await(rest), seconds)
 
-else:  # pragma: no cover - Python 3.10
 
-    async def _within(seconds: float | None, awaitable: Awaitable[None]) -> None:
-        await asyncio.wait_for(awaitable, seconds)
+async def _await(awaitable: Awaitable[None]) -> None:
+    await awaitable
 
 
 @dataclass(slots=True)
@@ -109,6 +150,16 @@ class RelayStats:
     rounds: int = 0
     errors: int = 0
     oldest_pending_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Rows one claim took under ``token``, for the publishers' ``routes`` of that moment."""
+
+    routes: dict[str, Publisher]
+    token: uuid.UUID
+    rows: list[DeliveryRow]
+    claim: SpanContext | None = None  # the claim span's context, when tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +309,7 @@ class OutboxRelay:
         await self._check_lag()
         before, claimed_total = self.stats.delivered, 0
         while not self._stopping.is_set() and claimed_total < bound:
-            claimed, _ = await self._round()
+            claimed = await self._rounds(most=bound - claimed_total)
             claimed_total += claimed
             if not claimed:
                 break
@@ -293,8 +344,8 @@ class OutboxRelay:
             while not self._stopping.is_set():
                 self._wake.clear()
                 try:
-                    claimed, _ = await self._round()
-                    await self._housekeeping(idle=claimed < self.batch_size)
+                    await self._rounds()
+                    await self._housekeeping(idle=True)
                 except Exception:
                     failures += 1
                     self.stats.errors += 1
@@ -309,8 +360,6 @@ class OutboxRelay:
                     await self._sleep(delay, wakeable=False)
                     continue
                 failures = 0
-                if claimed >= self.batch_size:
-                    continue  # more is probably waiting
                 await self._sleep(self.poll_interval, wakeable=True)
         finally:
             self.monitor.stopped()
@@ -329,21 +378,70 @@ class OutboxRelay:
         return {d: p for p in self.publishers for d in destinations_of(p)}
 
     async def _round(self) -> tuple[int, int]:
-        """One claim / publish / record round, told to the monitor (liveness, failures)."""
+        """Claim, publish and record one batch: ``(rows claimed, rows delivered)``."""
+        with self._watched():
+            batch = await self._claim()
+            if not batch.rows:
+                return 0, 0
+            return len(batch.rows), await self._deliver(batch)
+
+    async def _rounds(self, most: int | None = None) -> int:
+        """Rounds while full batches come back; returns how many rows were claimed.
+
+        The next batch is claimed while this one is published: the claim's round trip
+        overlaps the publishing instead of following it. A prefetched batch is claimed
+        like any other (leased, fenced by its own token), so a relay that dies holding
+        it only delays it by a lease. Stops at a batch that is not full, at ``most``
+        rows claimed, or when :meth:`stop` is called.
+        """
+        with self._watched():
+            claimed = 0
+            upcoming = await self._claim()
+            while True:
+                if not upcoming.rows:
+                    return claimed
+                claimed += len(upcoming.rows)
+                more = (
+                    len(upcoming.rows) >= self.batch_size
+                    and not self._stopping.is_set()
+                    and (most is None or claimed < most)
+                )
+                following = asyncio.create_task(self._claim()) if more else None
+                try:
+                    await self._deliver(upcoming)
+                    await self._housekeeping(idle=False)
+                except BaseException:
+                    if following is not None:
+                        # Its rows, if it claimed any, come back to a relay when its lease ends.
+                        following.cancel()
+                        with contextlib.suppress(BaseException):
+                            await following
+                    raise
+                if following is None:
+                    return claimed
+                upcoming = await following
+
+    @contextlib.contextmanager
+    def _watched(self) -> Iterator[None]:
+        """Tell the monitor a round is in progress and how it ended (liveness, failures)."""
         self.monitor.round_started()
         try:
-            result = await self._claim_publish_record()
+            yield
         except Exception as err:
             self.monitor.round_finished(err)
             raise
         self.monitor.round_finished()
-        return result
 
-    async def _claim_publish_record(self) -> tuple[int, int]:
+    async def _claim(self) -> _Batch:
+        """Claim a batch (its own short transaction), with the routes it was claimed for.
+
+        With a tracer, a claim that found rows makes a ``claim`` span (see
+        :func:`~alchemium.events.observe.claim_span`) that the batch's publish spans link to.
+        """
         routes = self._publisher_for()
-        if not routes:
-            return 0, 0
         token = uuid.uuid4()
+        if not routes:
+            return _Batch(routes, token, [])
         tracing = _telemetry.enabled and _telemetry.tracer() is not None
         started = time.time_ns() if tracing else 0
         async with self.session_factory() as session:
@@ -359,8 +457,9 @@ class OutboxRelay:
             await session.commit()
             dialect = session.get_bind().dialect.name
         self.stats.rounds += 1
+        self.monitor.progressed()
         if not rows:
-            return 0, 0
+            return _Batch(routes, token, rows)
         logger.debug(
             "relay %s claimed %d row(s) under %s",
             self.relay_id,
@@ -378,18 +477,22 @@ class OutboxRelay:
                 rows=len(rows),
                 started=started,
             )
+        return _Batch(routes, token, rows, claim)
+
+    async def _deliver(self, batch: _Batch) -> int:
+        """Publish the claimed rows (the lease renewed meanwhile), record the outcomes."""
+        routes, token, claim = batch.routes, batch.token, batch.claim
         heartbeat = asyncio.create_task(self._heartbeat(token))
         try:
-            outcomes = [await self._publish(routes, row, claim) for row in rows]
+            outcomes = [await self._publish(routes, row, claim) for row in batch.rows]
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        delivered = await self._record(token, outcomes)
-        return len(rows), delivered
+        return await self._record(token, outcomes)
 
     async def _publish(
-        self, routes: dict[str, Publisher], row: DeliveryRow, claim: Any = None
+        self, routes: dict[str, Publisher], row: DeliveryRow, claim: SpanContext | None
     ) -> _Outcome:
         """Publish one row; ``claim``: the claim span's context when tracing (else None)."""
         publisher = routes.get(row.destination)
@@ -618,7 +721,12 @@ class OutboxRelay:
         if bind.dialect.name != "postgresql":
             return None
         url: URL = bind.engine.url
-        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # The asyncpg dialect takes ``ssl=<mode>`` in the URL; a DSN spells it ``sslmode``
+        # (asyncpg.connect sends unknown DSN keys to the server as settings, which fails).
+        query = dict(url.query)
+        if "ssl" in query:
+            query.setdefault("sslmode", query.pop("ssl"))
+        return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
     async def _listen_forever(self, dsn: str) -> None:
         """Keep a LISTEN connection up; every (re)connection triggers a round."""

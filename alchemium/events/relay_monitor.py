@@ -129,8 +129,12 @@ class RelayMonitor:
         self.busy_since = None
 
     def round_started(self) -> None:
-        """A round (claim, publish, record) begins."""
+        """Rounds (claim, publish, record; the next batch claimed during the publishes) begin."""
         self.busy_since = self.last_progress = time.monotonic()
+
+    def progressed(self) -> None:
+        """A step of the round in progress finished (a claim; publishes and records tell too)."""
+        self.last_progress = time.monotonic()
 
     def round_finished(self, error: BaseException | None = None) -> None:
         """The round ended, failed with ``error`` if given (database errors, mostly)."""
@@ -181,6 +185,7 @@ class RelayMonitor:
         """The outcomes one round recorded: ``delivered`` of the ``ok`` rows, the failed rows
         ``retried`` or ``dead``, and ``lost`` rows whose lease another relay had taken.
         """
+        self.last_progress = time.monotonic()
         counts: dict[tuple[str, str], int] = {}
         rows: Sequence[DeliveryRow] = ok
         if delivered != len(ok):  # a lost lease: which rows were recorded is unknown

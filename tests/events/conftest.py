@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from alchemium.events import DomainEvent, SubscriberRegistry
+from alchemium.events import DomainEvent, SubscriberRegistry, flush_delivery_marks
 from alchemium.events.outbox import Outbox
 
 
@@ -42,6 +42,7 @@ def received(registry: SubscriberRegistry) -> Received:
 
 async def outbox_events(engine: AsyncEngine, outbox: Outbox) -> list[dict[str, Any]]:
     """The rows of the outbox event table in sequence order."""
+    await flush_delivery_marks()
     async with engine.connect() as conn:
         rows = await conn.execute(select(outbox.events).order_by(outbox.events.c.sequence))
         return [dict(r._mapping) for r in rows]
@@ -49,6 +50,7 @@ async def outbox_events(engine: AsyncEngine, outbox: Outbox) -> list[dict[str, A
 
 async def deliveries(engine: AsyncEngine, outbox: Outbox) -> dict[str, dict[str, Any]]:
     """The delivery rows keyed by destination (tests that use one event per destination)."""
+    await flush_delivery_marks()  # the after-commit marks of the test's commits
     async with engine.connect() as conn:
         rows = await conn.execute(select(outbox.deliveries).order_by(outbox.deliveries.c.id))
         return {r.destination: dict(r._mapping) for r in rows}

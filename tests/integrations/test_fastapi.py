@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import UnitOfWork, current_actor, use_actor
-from alchemium.events import SubscriberRegistry
+from alchemium.events import SubscriberRegistry, flush_delivery_marks
 from alchemium.integrations.fastapi import actor_from_header, request_unit_of_work
 from examples.fastapi_app.app import create_app
 from examples.fastapi_app.models import outbox
@@ -38,6 +38,7 @@ async def client(users_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
     engine: AsyncEngine = users_app.state.engine
+    await flush_delivery_marks()  # marks in flight hold a connection
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
@@ -50,6 +51,7 @@ async def outbox_rows(app: FastAPI) -> list[dict[str, Any]]:
 
 
 async def delivery_statuses(app: FastAPI) -> list[str]:
+    await flush_delivery_marks()  # the after-commit marks of the requests' commits
     async with app.state.engine.connect() as conn:
         return list((await conn.scalars(select(outbox.deliveries.c.status))).all())
 
@@ -295,4 +297,5 @@ async def test_cancelled_request_rolls_back_and_returns_its_connection(
     with pytest.raises(asyncio.CancelledError):
         await request
     assert await count_users(session_factory) == 0
+    await flush_delivery_marks()  # marks in flight hold a connection
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
