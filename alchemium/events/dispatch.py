@@ -21,7 +21,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -52,6 +52,7 @@ __all__ = [
 
 logger = logging.getLogger("alchemium.events")
 
+_UNTRACED = nullcontext()  # the outbox write's span without opentelemetry (reusable)
 
 _watchers: ContextVar[tuple[Callable[[Sequence[DomainEvent]], None], ...]] = ContextVar(
     "alchemium_commit_watchers", default=()
@@ -176,12 +177,15 @@ def write_events(
         for destination in destinations[event.name]:
             rows.append((event, destination, False))
             external = True
+    lease = outbox.dispatch_lease
+    # One check when opentelemetry is not installed; a no-op without an SDK.
+    span = (
+        outbox_write_span(outbox, session, len(events), len(rows))
+        if _telemetry.enabled
+        else _UNTRACED
+    )
     try:
-        lease = outbox.dispatch_lease
-        if _telemetry.enabled:  # one check when opentelemetry is not installed
-            with outbox_write_span(outbox, session, len(events), len(rows)):
-                outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
-        else:
+        with span:
             outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
     except sa_exc.DBAPIError as err:
         if not outbox.tables_exist(session.get_bind()):

@@ -481,10 +481,10 @@ class OutboxRelay:
 
     async def _deliver(self, batch: _Batch) -> int:
         """Publish the claimed rows (the lease renewed meanwhile), record the outcomes."""
-        routes, token, claim = batch.routes, batch.token, batch.claim
+        routes, token, rows, claim = batch.routes, batch.token, batch.rows, batch.claim
         heartbeat = asyncio.create_task(self._heartbeat(token))
         try:
-            outcomes = [await self._publish(routes, row, claim) for row in batch.rows]
+            outcomes = [await self._publish(routes, row, claim) for row in rows]
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
