@@ -73,8 +73,7 @@ logger = logging.getLogger("alchemium.relay")
 SessionFactory = Callable[[], AsyncSession]
 
 _RECONNECT_MAX = 30.0  # seconds between LISTEN reconnection attempts, at most
-_LISTEN_CHECK = 5.0
-_RECORD_ATTEMPTS = 4  # seconds between health checks of the LISTEN connection
+_LISTEN_CHECK = 5.0  # seconds between health checks of the LISTEN connection
 
 
 class _Resumed:
