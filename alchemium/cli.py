@@ -4,6 +4,8 @@
 
     alchemium relay --url URL --import myapp.handlers [--publisher inprocess|redis://...|amqp://...]
     alchemium relay --url URL --import myapp.handlers --once     # drain what is due, then exit
+    alchemium relay --url URL --import myapp.handlers --metrics-port 9464   # /metrics, /health
+    alchemium relay --health --metrics-port 9464 [--max-lag 5m]  # probe a running relay
     alchemium outbox status  --url URL [--json]
     alchemium outbox requeue --url URL [--id N ...] [--destination NAME] [--event-type T]
                              [--error TEXT] [--min-age 1h] [--limit N] [--include-abandoned]
@@ -19,11 +21,12 @@ same program. Exit codes: 0 success, 1 unexpected failure, 2 wrong usage (bad
 arguments, an unknown or synchronous URL scheme, a module that cannot be
 imported, a publisher whose extra is not installed), 3 the database cannot be
 reached, does not exist (a SQLite file is never created) or has no outbox
-tables, 130 interrupted, 141 the reader of stdout went away (``| head -1``).
+tables, 4 ``relay --health``: the relay answered unhealthy, 5 ``relay --health``:
+no relay answered, 130 interrupted, 141 the reader of stdout went away (``| head -1``).
 Usage errors are one line on stderr, never a traceback. The relay stops cleanly
 on SIGTERM and SIGINT, finishing the batch in flight.
 
-Why this module is long (about 800 lines): every command's argument parsing, help
+Why this module is long (about 870 lines): every command's argument parsing, help
 text and exit codes are the command line's contract, kept in one place; the work
 itself is the outbox's and the relay's.
 """
@@ -60,6 +63,7 @@ from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
 __all__ = ["main", "parse_duration"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DATABASE = 0, 1, 2, 3
+EXIT_UNHEALTHY, EXIT_NO_RELAY = 4, 5  # relay --health
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as a shell reports
 
 URL_VARIABLE = "ALCHEMIUM_DATABASE_URL"
@@ -237,6 +241,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one pass: deliver what is due now, report the counts and exit (for cron)",
     )
+    _monitoring_arguments(relay)
 
     outbox = commands.add_parser("outbox", help="inspect and maintain the outbox")
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -444,6 +449,104 @@ async def _requeue(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox
         print(f"requeued {count} {kind} {rows}")
 
 
+def _monitoring_arguments(relay: argparse.ArgumentParser) -> None:
+    """``--metrics-port`` and ``--health`` (with its thresholds) of ``alchemium relay``."""
+    relay.add_argument(
+        "--metrics-port",
+        type=_positive_int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics (Prometheus text) and /health (JSON) on this port",
+    )
+    relay.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the metrics port (127.0.0.1; 0.0.0.0 to be scraped from outside)",
+    )
+    relay.add_argument(
+        "--health",
+        action="store_true",
+        help="ask the relay serving --metrics-port whether it is healthy and exit: 0 healthy, "
+        "4 unhealthy, 5 no relay answered (a Kubernetes exec probe)",
+    )
+    relay.add_argument(
+        "--max-lag",
+        type=_positive_duration,
+        default=None,
+        metavar="DURATION",
+        help=f"with --health: unhealthy if a served destination lags more; {_DURATION}",
+    )
+    relay.add_argument(
+        "--max-stall",
+        type=_positive_duration,
+        default=None,
+        metavar="DURATION",
+        help="with --health: unhealthy if a round makes no progress for longer; "
+        f"{_DURATION} (publish timeout + 2 leases)",
+    )
+    relay.add_argument(
+        "--max-listen-down",
+        type=_positive_duration,
+        default=None,
+        metavar="DURATION",
+        help=f"with --health: unhealthy if LISTEN is down for longer; {_DURATION} (60s)",
+    )
+
+
+async def _health(args: argparse.Namespace) -> int:
+    """``alchemium relay --health``: one line on stdout (healthy) or stderr, and the exit code."""
+    from alchemium.events.monitoring import probe_relay
+
+    if args.metrics_port is None:
+        raise CommandError("--health needs --metrics-port (the port the relay serves)", EXIT_USAGE)
+    host = "127.0.0.1" if args.metrics_host in ("0.0.0.0", "::") else args.metrics_host
+    try:
+        health = await probe_relay(
+            args.metrics_port,
+            host,
+            max_lag=args.max_lag,
+            max_stall=args.max_stall,
+            max_listen_down=args.max_listen_down,
+        )
+    except ConnectionError as err:
+        raise CommandError(str(err), EXIT_NO_RELAY) from err
+    if health.healthy:
+        print(f"relay {health.relay_id} healthy")
+        return EXIT_OK
+    for problem in health.problems:
+        print(f"alchemium: unhealthy: relay {health.relay_id}: {problem}", file=sys.stderr)
+    return EXIT_UNHEALTHY
+
+
+async def _start_monitoring(
+    args: argparse.Namespace, relay: OutboxRelay
+) -> tuple[asyncio.Server | None, asyncio.Task[None] | None]:
+    """The ``--metrics-port`` server, and the OpenTelemetry gauges' refresh if an SDK is set."""
+    from alchemium.events.metrics import OutboxGauges
+    from alchemium.events.monitoring import monitoring_app, serve_monitoring
+
+    gauges = OutboxGauges(relay.session_factory, relay.outbox)
+    refresh = None
+    if gauges.observe():
+        refresh = asyncio.create_task(gauges.refresh_forever(relay.lag_interval))
+    server = None
+    if args.metrics_port is not None:
+        try:
+            server = await serve_monitoring(
+                monitoring_app(relay, gauges), args.metrics_host, args.metrics_port
+            )
+        except OSError as err:
+            if refresh is not None:
+                refresh.cancel()
+            raise CommandError(
+                f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {err}",
+                EXIT_USAGE,
+            ) from err
+        logger.info("relay metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
+    return server, refresh
+
+
 def _import_modules(modules: Sequence[str]) -> None:
     # Like uvicorn and celery: modules of the current directory are importable.
     if modules and "" not in sys.path and os.getcwd() not in sys.path:
@@ -578,6 +681,7 @@ async def _relay(
     destinations = [d for p in publishers for d in destinations_of(p)]
     if not destinations:
         logger.warning("no destinations: no subscriber is registered (did --import run?)")
+    server, refresh = await _start_monitoring(args, relay)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop)
@@ -595,6 +699,10 @@ async def _relay(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if server is not None:
+            server.close()
+        if refresh is not None:
+            refresh.cancel()
         for publisher in publishers:
             close = getattr(publisher, "close", None)
             if close is not None:
@@ -680,6 +788,8 @@ async def _outbox_command(args: argparse.Namespace, engine: AsyncEngine, outbox:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    if args.command == "relay" and args.health:
+        return await _health(args)
     _import_modules(args.imports)
     publishers = _publishers(args) if args.command == "relay" else []
     engine = _engine(args.url)
@@ -833,7 +943,7 @@ def _run(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-        if args.url is None:
+        if args.url is None and not getattr(args, "health", False):
             parser.error(f"--url is required (or set {URL_VARIABLE})")
     except SystemExit as stop:  # usage errors, --help, --version
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE

@@ -39,6 +39,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
+from alchemium import telemetry as _telemetry
 from alchemium.context import current_actor, current_tenant
 from alchemium.domain_event import DomainEvent, PendingEvent
 from alchemium.errors import (
@@ -454,7 +455,11 @@ class UnitOfWork:
         """
         with self._exclusive("UnitOfWork.commit()") as session:
             with db_errors(session):
-                commit = await self._commit(session)
+                if _telemetry.enabled:  # one check when opentelemetry is not installed
+                    with _commit_span(session):
+                        commit = await self._commit(session)
+                else:
+                    commit = await self._commit(session)
             for hook in _hooks.after_commit:
                 try:
                     await hook.after_commit(self, commit)
@@ -611,7 +616,11 @@ class UnitOfWork:
         return event
 
     def event_metadata(self) -> dict[str, Any]:
-        """Metadata stamped on every event of this unit of work (actor, tenant, extra keys)."""
+        """Metadata stamped on every event of this unit of work (actor, tenant, extra keys).
+
+        With OpenTelemetry tracing, also the ``traceparent``/``tracestate`` of the span
+        current when the event is recorded (see :mod:`alchemium.telemetry`).
+        """
         meta: dict[str, Any] = dict(self.metadata)
         actor = self.actor if self.actor is not None else current_actor()
         tenant = self.tenant if self.tenant is not None else current_tenant()
@@ -619,6 +628,8 @@ class UnitOfWork:
             meta["actor"] = actor
         if tenant is not None:
             meta["tenant"] = tenant
+        if _telemetry.enabled:  # the W3C context of the current span, if any
+            _telemetry.add_trace_context(meta)
         return meta
 
     def on_commit(self, callback: Callback) -> None:
@@ -690,6 +701,21 @@ class _Exclusive:
         self._uow._busy = self._outer
         if self._map_errors and isinstance(exc, Exception):
             raise_mapped(exc, self._session)
+
+
+def _commit_span(session: AsyncSession) -> contextlib.AbstractContextManager[Any]:
+    """The ``COMMIT`` span around flush, before-commit hooks and COMMIT (a no-op without SDK).
+
+    Named and attributed by OpenTelemetry's database conventions: it is a client
+    call to the database. Its children are the outbox write and, if SQLAlchemy is
+    instrumented, the statements.
+    """
+    if _telemetry.tracer() is None:  # the API without an SDK: build no attributes
+        return contextlib.nullcontext()
+    bind = session.get_bind()
+    attributes = _telemetry.database_attributes(bind.dialect.name, bind.engine.url.database)
+    attributes["db.operation.name"] = "COMMIT"
+    return _telemetry.span("COMMIT", "client", attributes)
 
 
 def _what(value: object) -> str:

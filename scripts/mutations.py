@@ -304,12 +304,11 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="a rollback leaves no outbox row and calls no handler",
         where="alchemium/events/**/*.py",
         find="""
-            lease = outbox.dispatch_lease
-            outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
+            with span:
+                outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
             """,
         replace="""
-            lease = outbox.dispatch_lease
-            with Session(session.get_bind()) as own:  # mutation: a transaction of its own
+            with span, Session(session.get_bind()) as own:  # mutation: a transaction of its own
                 outbox.write(own, events, rows, claim_token=token, lease=lease, notify=external)
                 own.commit()
             """,
@@ -333,10 +332,10 @@ CATALOG: tuple[Mutation, ...] = (
         name="record_before_publish",
         guarantee="a SIGKILLed relay loses no event",
         where="alchemium/events/**/*.py",
-        find="outcomes = [await self._publish(routes, row) for row in rows]",
+        find="outcomes = [await self._publish(routes, row, claim) for row in rows]",
         replace=(
             "await self._record(token, [_Outcome(row, None) for row in rows])  # mutation\n"
-            "            outcomes = [await self._publish(routes, row) for row in rows]"
+            "            outcomes = [await self._publish(routes, row, claim) for row in rows]"
         ),
         tests=(
             "tests/events/test_relay.py::"
@@ -593,11 +592,11 @@ CATALOG: tuple[Mutation, ...] = (
         where="alchemium/events/**/*.py",
         find="""
             except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
-                return _Outcome(row, err)
+                outcome = _Outcome(row, err)
             """,
         replace="""
             except Exception:  # mutation: a failed publish is recorded as delivered
-                return _Outcome(row, None)
+                outcome = _Outcome(row, None)
             """,
         tests=(
             "tests/events/test_publishers.py::"
@@ -715,14 +714,14 @@ CATALOG: tuple[Mutation, ...] = (
         where="alchemium/events/**/*.py",
         find="""
             event = prepare_delivery(row, self.upcasters)
-            await _within(self.publish_timeout, publisher.publish(event, row.destination))
+            sending = publisher.publish(event, row.destination)
             """,
         replace="""
             try:
                 event = prepare_delivery(row, self.upcasters)
             except Exception:  # mutation: an event that cannot be upcast is skipped
                 return _Outcome(row, None)
-            await _within(self.publish_timeout, publisher.publish(event, row.destination))
+            sending = publisher.publish(event, row.destination)
             """,
         tests=(
             "tests/events/test_upcasting.py::"
@@ -777,6 +776,107 @@ CATALOG: tuple[Mutation, ...] = (
         tests=(
             "tests/events/test_personal_data.py::"
             "test_erasing_a_subject_leaves_no_plaintext_of_it_and_keeps_the_others[postgresql]",
+        ),
+    ),
+    # -- observability -----------------------------------------------------------------
+    Mutation(
+        name="trace_context_not_stored",
+        guarantee="the request's trace reaches the relay's publish",
+        where="alchemium/uow.py",
+        find="_telemetry.add_trace_context(meta)",
+        replace="pass  # mutation: the recording span's context is not stored",
+        tests=(
+            "tests/observability/test_end_to_end_trace.py::"
+            "test_request_commit_dispatch_and_relay_publish_share_one_trace[sqlite]",
+            "tests/observability/test_tracing.py::"
+            "test_an_event_stores_the_span_current_when_it_was_recorded[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="publish_under_the_claim",
+        guarantee="the publish span is a child of the recording span",
+        where="alchemium/events/observe.py",
+        find="parent=claim if recorded is None else recorded,",
+        replace="parent=claim,  # mutation: the stored context is not restored",
+        tests=(
+            "tests/observability/test_end_to_end_trace.py::"
+            "test_request_commit_dispatch_and_relay_publish_share_one_trace[sqlite]",
+            "tests/observability/test_tracing.py::"
+            "test_publish_span_belongs_to_the_recording_trace_and_links_the_claim[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="invalid_context_stored",
+        guarantee="without an SDK no trace context is stored",
+        where="alchemium/telemetry.py",
+        find="""
+            if not context.is_valid:
+                return
+            """,
+        replace="""
+            pass  # mutation: an invalid (all-zero) context is stored too
+            """,
+        tests=(
+            "tests/observability/test_tracing.py::"
+            "test_without_an_sdk_no_span_is_made_and_no_context_is_stored[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="amqp_without_trace_headers",
+        guarantee="AMQP messages carry the trace context",
+        where="alchemium/events/publishers/rabbitmq.py",
+        find="**trace_headers(event),",
+        replace="# mutation: no trace context in the headers",
+        tests=(
+            "tests/observability/test_brokers.py::test_amqp_headers_carry_the_publish_span[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="redis_without_trace_headers",
+        guarantee="Redis entries carry the trace context",
+        where="alchemium/events/publishers/redis.py",
+        find="**trace_headers(event),",
+        replace="# mutation: no trace context in the fields",
+        tests=(
+            "tests/observability/test_brokers.py::"
+            "test_redis_fields_carry_the_recorded_context_when_the_relay_is_not_traced[sqlite]",
+            "tests/observability/test_end_to_end_trace.py::"
+            "test_request_commit_dispatch_and_relay_publish_share_one_trace[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="deliveries_uncounted",
+        guarantee="scraped figures match the outbox tables",
+        where="alchemium/events/relay_monitor.py",
+        find="self.deliveries[key] = self.deliveries.get(key, 0) + n",
+        replace="pass  # mutation: deliveries are not counted",
+        tests=(
+            "tests/observability/test_metrics.py::"
+            "test_scraped_figures_match_the_outbox_tables[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="stall_unnoticed",
+        guarantee="a stalled relay fails its health check",
+        where="alchemium/events/monitoring.py",
+        find="if busy_for is not None and busy_for > stall:",
+        replace="if False:  # mutation: a round without progress is not noticed",
+        tests=(
+            "tests/observability/test_health.py::"
+            "test_a_stalled_round_and_a_lagging_destination_are_unhealthy[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="logs_without_event_id",
+        guarantee="delivery log records name the event",
+        where="alchemium/events/observe.py",
+        find='"event_id": str(event.id),',
+        replace="# mutation: log records do not name the event",
+        tests=(
+            "tests/observability/test_logs.py::"
+            "test_relay_records_name_event_destination_attempt_and_claim[sqlite]",
+            "tests/observability/test_logs.py::"
+            "test_a_failing_subscriber_is_logged_with_its_event_and_claim[sqlite]",
         ),
     ),
 )

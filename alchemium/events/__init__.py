@@ -24,6 +24,14 @@ from alchemium.events.erasure import (
 )
 from alchemium.events.inbox import Inbox, enable_inbox
 from alchemium.events.marks import flush_delivery_marks
+from alchemium.events.metrics import OutboxGauges
+from alchemium.events.monitoring import (
+    RelayHealth,
+    monitoring_app,
+    probe_relay,
+    relay_health,
+    serve_monitoring,
+)
 from alchemium.events.outbox import (
     DestinationStatus,
     Outbox,
@@ -79,11 +87,13 @@ __all__ = [
     "Inbox",
     "MainModuleNameWarning",
     "Outbox",
+    "OutboxGauges",
     "OutboxRelay",
     "OutboxStatus",
     "Publisher",
     "RabbitMQPublisher",
     "RedisStreamPublisher",
+    "RelayHealth",
     "RelayStats",
     "ReplayReport",
     "SubjectKeys",
@@ -111,11 +121,15 @@ __all__ = [
     "enable_outbox",
     "erase_subject",
     "flush_delivery_marks",
+    "monitoring_app",
     "off",
     "on",
+    "probe_relay",
+    "relay_health",
     "remove_before_commit_hook",
     "reveal_event",
     "reveal_payload",
+    "serve_monitoring",
     "set_delivery_policy",
     "set_sensitive_hash_key",
     "subject_id",

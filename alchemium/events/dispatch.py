@@ -21,7 +21,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -29,9 +29,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
+from alchemium import telemetry as _telemetry
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError, UnitOfWorkError, UpcastError
 from alchemium.events.marks import queue_delivery_mark
+from alchemium.events.observe import dispatch_span, log_fields, outbox_write_span
 from alchemium.events.outbox import DISPATCH_LEASE, Outbox, autocommit, default_outbox
 from alchemium.events.subscribers import Subscriber, SubscriberRegistry, default_registry
 from alchemium.events.upcasting import default_upcasters
@@ -52,6 +54,7 @@ __all__ = [
 logger = logging.getLogger("alchemium.events")
 
 _LATER = "the relay will retry it (no retry without an outbox)"
+_UNTRACED = nullcontext()  # the outbox write's span without opentelemetry (reusable)
 
 _watchers: ContextVar[tuple[Callable[[Sequence[DomainEvent]], None], ...]] = ContextVar(
     "alchemium_commit_watchers", default=()
@@ -176,9 +179,16 @@ def write_events(
         for destination in destinations[event.name]:
             rows.append((event, destination, False))
             external = True
+    lease = outbox.dispatch_lease
+    # One check when opentelemetry is not installed; a no-op without an SDK.
+    span = (
+        outbox_write_span(outbox, session, len(events), len(rows))
+        if _telemetry.enabled
+        else _UNTRACED
+    )
     try:
-        lease = outbox.dispatch_lease
-        outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
+        with span:
+            outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
     except sa_exc.DBAPIError as err:
         if not outbox.tables_exist(session.get_bind()):
             raise OutboxError(
@@ -200,6 +210,7 @@ async def dispatch_events(
         return
     failures: list[tuple[DomainEvent, Subscriber, Exception]] = []
     succeeded: list[tuple[uuid.UUID, str]] = []
+    tracing = _telemetry.enabled and _telemetry.tracer() is not None
     for stored, subscribers in delivery.plan:
         try:  # an event recorded at an older schema version reaches handlers upcast
             event = default_upcasters.upcast(stored)
@@ -209,7 +220,11 @@ async def dispatch_events(
             continue
         for subscriber in subscribers:
             try:
-                await subscriber(event)
+                if tracing:
+                    with dispatch_span(event, subscriber.name):
+                        await subscriber(event)
+                else:
+                    await subscriber(event)
             except Exception as err:
                 logger.exception(
                     "subscriber %s failed for event %s (%s); %s",
@@ -217,6 +232,7 @@ async def dispatch_events(
                     event.id,
                     event.name,
                     "the relay will retry it" if delivery.outbox else "not retried (no outbox)",
+                    extra=log_fields(event, subscriber.name, attempt=1, claim=delivery.token),
                 )
                 failures.append((event, subscriber, err))
             else:
@@ -262,6 +278,7 @@ async def _record_outcomes(
             "could not record delivery outcomes (claim %s); the relay will redeliver them",
             token,
             exc_info=True,
+            extra={"claim_token": str(token)},
         )
         await session.rollback()
 

@@ -835,6 +835,23 @@ class OutboxAdministration(OutboxLifecycle):
             where.append(d.c.event_id.in_(select(e.c.id).where(e.c.name == selection.name)))
         return where
 
+    async def database_clock(self, conn: Executor) -> dt.datetime:
+        """The database's current time (UTC), for figures read against its clock."""
+        now: dt.datetime = (await conn.execute(select(database_now()))).scalar_one()
+        return now if now.tzinfo is not None else now.replace(tzinfo=dt.timezone.utc)
+
+    async def leaseholders(self, conn: Executor) -> int:
+        """How many relays hold a live lease now (distinct ``claimed_by`` of claimed rows).
+
+        Rows the after-commit dispatch claims have no ``claimed_by`` and are not counted.
+        One statement over the undelivered rows, on the database's clock.
+        """
+        d = self.deliveries
+        stmt = select(func.count(d.c.claimed_by.distinct())).where(
+            d.c.status == CLAIMED, d.c.claimed_until >= database_now()
+        )
+        return int((await conn.execute(stmt)).scalar_one())
+
 
 # -- values of the dashboard's reads ----------------------------------------------------------
 

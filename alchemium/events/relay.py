@@ -26,8 +26,11 @@ destinations it does not serve whose rows have been due for longer than
 ``stranded_after`` (nobody drains them).
 
 All SQL lives in :mod:`alchemium.events.outbox`; this module only schedules.
+What it reports lives elsewhere too: spans and log fields in
+:mod:`alchemium.events.observe`, counters and liveness in ``self.monitor``
+(:mod:`alchemium.events.relay_monitor`, served by :mod:`alchemium.events.monitoring`).
 
-Why this module is long (about 730 lines): the loop, its heartbeat, the recording
+Why this module is long (about 830 lines): the loop, its heartbeat, the recording
 of outcomes (with the destinations' policies for giving up) and the LISTEN
 connection are one scheduler whose parts share state; SQL stays in the outbox
 modules, what a policy decides in :mod:`alchemium.events.policies`.
@@ -43,16 +46,18 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from alchemium import telemetry as _telemetry
 from alchemium.errors import OutboxError
 from alchemium.events.dispatch import retry_delay
+from alchemium.events.observe import claim_span, log_fields, publish_span
 from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox
 from alchemium.events.outbox_schema import ABANDONED
 from alchemium.events.policies import (
@@ -64,9 +69,13 @@ from alchemium.events.policies import (
     run_fallbacks,
 )
 from alchemium.events.publishers.base import Publisher, destinations_of
+from alchemium.events.relay_monitor import RelayMonitor
 from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
 from alchemium.events.upcasting import UpcasterRegistry, default_upcasters
 from alchemium.uow import check_session_factory
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext
 
 __all__ = ["OutboxRelay", "RelayStats"]
 
@@ -75,9 +84,8 @@ logger = logging.getLogger("alchemium.relay")
 SessionFactory = Callable[[], AsyncSession]
 
 _RECONNECT_MAX = 30.0  # seconds between LISTEN reconnection attempts, at most
-_LISTEN_CHECK = 5.0
+_LISTEN_CHECK = 5.0  # seconds between health checks of the LISTEN connection
 _NO_POLICY = DeliveryPolicy()  # a destination without a policy: dead after max_attempts
-_RECORD_ATTEMPTS = 4  # seconds between health checks of the LISTEN connection
 
 
 class _Resumed:
@@ -154,6 +162,16 @@ class RelayStats:
     errors: int = 0
     oldest_pending_age: float | None = None
     abandoned: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Rows one claim took under ``token``, for the publishers' ``routes`` of that moment."""
+
+    routes: dict[str, Publisher]
+    token: uuid.UUID
+    rows: list[DeliveryRow]
+    claim: SpanContext | None = None  # the claim span's context, when tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +279,7 @@ class OutboxRelay:
         self._purged = -float("inf")
         self.upcasters = upcasters if upcasters is not None else default_upcasters
         self.policies = policies if policies is not None else default_policies
+        self.monitor = RelayMonitor()  # metrics and liveness (alchemium.events.monitoring)
 
     # -- public API --------------------------------------------------------------------------
 
@@ -336,6 +355,7 @@ class OutboxRelay:
             dsn = await self._listen_dsn()
             if dsn is not None:
                 listener = asyncio.create_task(self._listen_forever(dsn))
+        self.monitor.started(listen=listener is not None)
         logger.info(
             "relay %s started (destinations %s, batch %d, lease %.1fs, %s)",
             self.relay_id,
@@ -367,6 +387,7 @@ class OutboxRelay:
                 failures = 0
                 await self._sleep(self.poll_interval, wakeable=True)
         finally:
+            self.monitor.stopped()
             if listener is not None:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -383,10 +404,11 @@ class OutboxRelay:
 
     async def _round(self) -> tuple[int, int]:
         """Claim, publish and record one batch: ``(rows claimed, rows delivered)``."""
-        routes, token, rows = await self._claim()
-        if not rows:
-            return 0, 0
-        return len(rows), await self._deliver(routes, token, rows)
+        with self._watched():
+            batch = await self._claim()
+            if not batch.rows:
+                return 0, 0
+            return len(batch.rows), await self._deliver(batch)
 
     async def _rounds(self, most: int | None = None) -> int:
         """Rounds while full batches come back; returns how many rows were claimed.
@@ -397,39 +419,56 @@ class OutboxRelay:
         it only delays it by a lease. Stops at a batch that is not full, at ``most``
         rows claimed, or when :meth:`stop` is called.
         """
-        claimed = 0
-        upcoming = await self._claim()
-        while True:
-            routes, token, rows = upcoming
-            if not rows:
-                return claimed
-            claimed += len(rows)
-            more = (
-                len(rows) >= self.batch_size
-                and not self._stopping.is_set()
-                and (most is None or claimed < most)
-            )
-            following = asyncio.create_task(self._claim()) if more else None
-            try:
-                await self._deliver(routes, token, rows)
-                await self._housekeeping(idle=False)
-            except BaseException:
-                if following is not None:
-                    # Its rows, if it claimed any, come back to a relay when its lease ends.
-                    following.cancel()
-                    with contextlib.suppress(BaseException):
-                        await following
-                raise
-            if following is None:
-                return claimed
-            upcoming = await following
+        with self._watched():
+            claimed = 0
+            upcoming = await self._claim()
+            while True:
+                if not upcoming.rows:
+                    return claimed
+                claimed += len(upcoming.rows)
+                more = (
+                    len(upcoming.rows) >= self.batch_size
+                    and not self._stopping.is_set()
+                    and (most is None or claimed < most)
+                )
+                following = asyncio.create_task(self._claim()) if more else None
+                try:
+                    await self._deliver(upcoming)
+                    await self._housekeeping(idle=False)
+                except BaseException:
+                    if following is not None:
+                        # Its rows, if it claimed any, come back to a relay when its lease ends.
+                        following.cancel()
+                        with contextlib.suppress(BaseException):
+                            await following
+                    raise
+                if following is None:
+                    return claimed
+                upcoming = await following
 
-    async def _claim(self) -> tuple[dict[str, Publisher], uuid.UUID, list[DeliveryRow]]:
-        """Claim a batch (its own short transaction); the publishers' routes it was claimed for."""
+    @contextlib.contextmanager
+    def _watched(self) -> Iterator[None]:
+        """Tell the monitor a round is in progress and how it ended (liveness, failures)."""
+        self.monitor.round_started()
+        try:
+            yield
+        except Exception as err:
+            self.monitor.round_finished(err)
+            raise
+        self.monitor.round_finished()
+
+    async def _claim(self) -> _Batch:
+        """Claim a batch (its own short transaction), with the routes it was claimed for.
+
+        With a tracer, a claim that found rows makes a ``claim`` span (see
+        :func:`~alchemium.events.observe.claim_span`) that the batch's publish spans link to.
+        """
         routes = self._publisher_for()
         token = uuid.uuid4()
         if not routes:
-            return routes, token, []
+            return _Batch(routes, token, [])
+        tracing = _telemetry.enabled and _telemetry.tracer() is not None
+        started = time.time_ns() if tracing else 0
         async with self.session_factory() as session:
             rows = await self.outbox.claim(
                 await autocommit(session),
@@ -441,34 +480,66 @@ class OutboxRelay:
                 ordered=self.ordered,
             )
             await session.commit()
+            dialect = session.get_bind().dialect.name
         self.stats.rounds += 1
-        if rows:
-            logger.debug("relay %s claimed %d row(s) under %s", self.relay_id, len(rows), token)
-        return routes, token, rows
+        self.monitor.progressed()
+        if not rows:
+            return _Batch(routes, token, rows)
+        logger.debug(
+            "relay %s claimed %d row(s) under %s",
+            self.relay_id,
+            len(rows),
+            token,
+            extra={"claim_token": str(token), "relay_id": self.relay_id},
+        )
+        claim = None
+        if tracing:
+            claim = claim_span(
+                self.outbox,
+                dialect=dialect,
+                relay_id=self.relay_id,
+                token=token,
+                rows=len(rows),
+                started=started,
+            )
+        return _Batch(routes, token, rows, claim)
 
-    async def _deliver(
-        self, routes: dict[str, Publisher], token: uuid.UUID, rows: list[DeliveryRow]
-    ) -> int:
-        """Publish the claimed ``rows`` (the lease renewed meanwhile), record the outcomes."""
+    async def _deliver(self, batch: _Batch) -> int:
+        """Publish the claimed rows (the lease renewed meanwhile), record the outcomes."""
+        routes, token, rows, claim = batch.routes, batch.token, batch.rows, batch.claim
         heartbeat = asyncio.create_task(self._heartbeat(token))
         try:
-            outcomes = [await self._publish(routes, row) for row in rows]
+            outcomes = [await self._publish(routes, row, claim) for row in rows]
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
         return await self._record(token, outcomes)
 
-    async def _publish(self, routes: dict[str, Publisher], row: DeliveryRow) -> _Outcome:
+    async def _publish(
+        self, routes: dict[str, Publisher], row: DeliveryRow, claim: SpanContext | None
+    ) -> _Outcome:
+        """Publish one row; ``claim``: the claim span's context when tracing (else None)."""
         publisher = routes.get(row.destination)
+        started = time.perf_counter()
         try:
             if publisher is None:  # the publisher's names changed since the claim
                 raise OutboxError(f"no publisher for destination {row.destination!r}")
             event = prepare_delivery(row, self.upcasters)
-            await _within(self.publish_timeout, publisher.publish(event, row.destination))
+            sending = publisher.publish(event, row.destination)
+            if claim is not None:
+                with publish_span(row, publisher, claim):
+                    await _within(self.publish_timeout, sending)
+            else:
+                await _within(self.publish_timeout, sending)
         except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
-            return _Outcome(row, err)
-        return _Outcome(row, None)
+            outcome = _Outcome(row, err)
+        else:
+            outcome = _Outcome(row, None)
+        self.monitor.published(
+            row.destination, time.perf_counter() - started, ok=outcome.error is None
+        )
+        return outcome
 
     async def _heartbeat(self, token: uuid.UUID) -> None:
         while True:
@@ -479,7 +550,11 @@ class OutboxRelay:
                     await session.commit()
             except Exception:
                 logger.warning(
-                    "relay %s could not renew its lease on %s", self.relay_id, token, exc_info=True
+                    "relay %s could not renew its lease on %s",
+                    self.relay_id,
+                    token,
+                    exc_info=True,
+                    extra={"claim_token": str(token), "relay_id": self.relay_id},
                 )
             else:
                 logger.debug("relay %s renewed %d lease(s)", self.relay_id, renewed)
@@ -503,13 +578,17 @@ class OutboxRelay:
                     token,
                     attempt,
                     exc_info=attempt == 1,
+                    extra={"claim_token": str(token), "relay_id": self.relay_id},
                 )
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
 
     async def _record_once(self, token: uuid.UUID, outcomes: list[_Outcome]) -> int:
-        ok = [o.row.id for o in outcomes if o.error is None]
+        ok_rows = [o.row for o in outcomes if o.error is None]
+        ok = [row.id for row in ok_rows]
         failed = [o for o in outcomes if o.error is not None]
         retried = dead = abandoned = fallbacks = 0
+        retried_rows: list[DeliveryRow] = []
+        dead_rows: list[DeliveryRow] = []  # dead or abandoned: given up
         async with self.session_factory() as session:
             # All delivered (the usual case) is one UPDATE: no transaction needed.
             conn = session if failed else await autocommit(session)
@@ -529,6 +608,8 @@ class OutboxRelay:
                         session, token, error=error, retry_in=delay, row_id=row.id
                     )
                     retried += written
+                    if written:
+                        retried_rows.append(row)
                 else:
                     fallback = policy is not None and policy.on_dead is not None
                     written = await self.outbox.mark_given_up(
@@ -542,7 +623,9 @@ class OutboxRelay:
                     abandoned += written if gave_up == ABANDONED else 0
                     dead += written if gave_up != ABANDONED else 0
                     fallbacks += written if fallback else 0
-                self._log_failure(row, err, give_up=gave_up, written=bool(written))
+                    if written:
+                        dead_rows.append(row)
+                self._log_failure(row, err, token, give_up=gave_up, written=bool(written))
             await session.commit()
         if fallbacks:
             await self._run_fallbacks()
@@ -552,13 +635,21 @@ class OutboxRelay:
         self.stats.retried += retried
         self.stats.dead += dead
         self.stats.lost_leases += lost
-        for o in outcomes:
-            if o.error is None:
+        self.monitor.recorded(ok_rows, delivered, retried_rows, dead_rows, lost)
+        if logger.isEnabledFor(logging.DEBUG):
+            for row in ok_rows:
                 logger.debug(
                     "delivered event %s (%s) to %s",
-                    o.row.event.id,
-                    o.row.event.name,
-                    o.row.destination,
+                    row.event.id,
+                    row.event.name,
+                    row.destination,
+                    extra=log_fields(
+                        row.event,
+                        row.destination,
+                        attempt=row.attempts,
+                        claim=token,
+                        relay_id=self.relay_id,
+                    ),
                 )
         if lost:
             logger.warning(
@@ -567,6 +658,7 @@ class OutboxRelay:
                 self.relay_id,
                 lost,
                 token,
+                extra={"claim_token": str(token), "relay_id": self.relay_id},
             )
         return delivered
 
@@ -591,11 +683,20 @@ class OutboxRelay:
         )
 
     def _log_failure(
-        self, row: DeliveryRow, err: BaseException | None, *, give_up: str | None, written: bool
+        self,
+        row: DeliveryRow,
+        err: BaseException | None,
+        token: uuid.UUID,
+        *,
+        give_up: str | None,
+        written: bool,
     ) -> None:
         event = row.event
         if not written:
             return  # counted as a lost lease
+        fields = log_fields(
+            event, row.destination, attempt=row.attempts, claim=token, relay_id=self.relay_id
+        )
         if give_up:
             logger.error(
                 "event %s (%s) is %s for %s after %d attempt(s): %r",
@@ -605,6 +706,7 @@ class OutboxRelay:
                 row.destination,
                 row.attempts,
                 err,
+                extra=fields,
             )
         else:
             logger.warning(
@@ -615,6 +717,7 @@ class OutboxRelay:
                 row.attempts,
                 self.max_attempts,
                 err,
+                extra=fields,
             )
 
     async def _housekeeping(self, *, idle: bool) -> None:
@@ -638,6 +741,7 @@ class OutboxRelay:
             overdue = await self.outbox.overdue(
                 session, older_than=self.stranded_after, exclude=served
             )
+            self.monitor.clock(await self.outbox.database_clock(session))
         now = time.monotonic()
         for found in overdue:
             last = self._stranded_warned.get(found.destination)
@@ -703,6 +807,7 @@ class OutboxRelay:
                 await conn.add_listener(self.outbox.channel, lambda *_args: self._wake.set())
                 attempt = 0
                 self._listening.set()
+                self.monitor.listen(True)
                 self._wake.set()  # anything committed while we were not listening
                 logger.info("relay %s listening on channel %r", self.relay_id, self.outbox.channel)
                 while not lost.is_set():
@@ -713,6 +818,7 @@ class OutboxRelay:
                 raise ConnectionError("LISTEN connection closed")
             except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 self._listening.clear()
+                self.monitor.listen(False)
                 attempt += 1
                 delay = min(_RECONNECT_MAX, 0.5 * 2 ** min(attempt - 1, 6))
                 logger.warning(
@@ -726,6 +832,7 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
             finally:
                 self._listening.clear()
+                self.monitor.listen(False)
                 if conn is not None:
                     try:
                         # asyncpg aborts the socket itself if closing fails or is interrupted.

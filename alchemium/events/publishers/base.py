@@ -21,6 +21,11 @@ class Publisher(Protocol):
     called with no database transaction open and may be called more than once for
     the same event (delivery is at least once: consumers deduplicate on
     ``event.id``).
+
+    A publisher that writes to a broker puts :func:`alchemium.telemetry.trace_headers`
+    ``(event)`` into its message headers, so consumers can continue the trace, and
+    may name its broker in a ``messaging_system`` attribute (``"kafka"``,
+    ``"nats"``, ...) for the relay's publish span.
     """
 
     @property

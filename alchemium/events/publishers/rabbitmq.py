@@ -8,6 +8,7 @@ from typing import Any
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.telemetry import trace_headers
 
 __all__ = ["RabbitMQPublisher"]
 
@@ -32,11 +33,15 @@ class RabbitMQPublisher:
     (``mandatory``: no queue is bound for it) or the connection failed. Messages
     are persistent, ``message_id`` is the event id (the consumer's deduplication
     key), ``type`` the event name, the body :meth:`DomainEvent.to_json`; headers
-    ``aggregate_type``, ``aggregate_id``, ``schema_version`` and, for a delivery made
-    by a replay, ``replay: true``. The
+    ``aggregate_type``, ``aggregate_id``, ``schema_version``, for a delivery made
+    by a replay ``replay: true``, and the trace context (``traceparent``,
+    ``tracestate``: :func:`alchemium.telemetry.trace_headers`) for a consumer to
+    continue the trace. The
     exchange is declared (durable) on first use. After a connection failure the
     next publish reconnects; the failed row stays pending and is retried.
     """
+
+    messaging_system = "rabbitmq"  # the publish span's messaging.system
 
     def __init__(
         self,
@@ -87,6 +92,7 @@ class RabbitMQPublisher:
                 "aggregate_id": event.aggregate_id,
                 "schema_version": event.schema_version,
                 **({"replay": True} if event.metadata.get("replay") else {}),
+                **trace_headers(event),
             },
         )
         try:

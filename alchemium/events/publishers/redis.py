@@ -6,6 +6,7 @@ from typing import Any
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.telemetry import trace_headers
 
 __all__ = ["RedisStreamPublisher"]
 
@@ -25,13 +26,17 @@ class RedisStreamPublisher:
 
     Entry fields: ``event_id`` (the consumer's deduplication key: delivery is at
     least once), ``name``, ``aggregate_type``, ``aggregate_id``, ``event`` (the
-    whole event as JSON, see :meth:`DomainEvent.to_json`), ``schema_version`` and, for
-    a delivery made by a replay, ``replay`` (``"1"``). The entry id is Redis's
+    whole event as JSON, see :meth:`DomainEvent.to_json`), ``schema_version``, for
+    a delivery made by a replay ``replay`` (``"1"``), and the trace context
+    (``traceparent``, ``tracestate``: :func:`alchemium.telemetry.trace_headers`) for a
+    consumer to continue the trace. The entry id is Redis's
     own (``*``). ``XADD`` returns only after Redis accepted the entry; with Redis
     persistence off, an accepted entry can still be lost if Redis itself restarts.
     The client connects on first use and reconnects by itself after an outage; a
     publish during an outage raises, so the row stays pending and is retried.
     """
+
+    messaging_system = "redis"  # the publish span's messaging.system
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class RedisStreamPublisher:
             "aggregate_id": event.aggregate_id,
             "event": event.to_json(),
             "schema_version": str(event.schema_version),
+            **trace_headers(event),
         }
         if event.metadata.get("replay"):
             fields["replay"] = "1"
