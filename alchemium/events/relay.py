@@ -53,7 +53,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from alchemium.errors import OutboxError
 from alchemium.events.dispatch import retry_delay
 from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox
-from alchemium.events.publishers.base import Publisher, destinations_of
+from alchemium.events.publishers.base import (
+    PermanentPublishError,
+    Publisher,
+    RetryLater,
+    destinations_of,
+    start_publisher,
+)
 from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
 from alchemium.uow import check_session_factory
 
@@ -238,6 +244,7 @@ class OutboxRelay:
         self._listening = asyncio.Event()
         self._lag_checked = -float("inf")
         self._purged = -float("inf")
+        self._started = False
 
     # -- public API --------------------------------------------------------------------------
 
@@ -253,6 +260,20 @@ class OutboxRelay:
         except asyncio.TimeoutError:
             return False
         return True
+
+    async def start(self) -> None:
+        """Await each publisher's optional ``start()`` (connect, check), once per relay.
+
+        :meth:`run`, :meth:`drain` and :meth:`run_once` call it before their first claim,
+        so a bad URL, missing credentials or a missing stream fail at start with the
+        publisher's one-line error (``PublisherConfigurationError`` /
+        ``PublisherUnavailableError``), not at the first event.
+        """
+        if self._started:
+            return
+        for publisher in self.publishers:
+            await start_publisher(publisher)
+        self._started = True
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the batch in flight (safe from signal handlers)."""
@@ -270,6 +291,7 @@ class OutboxRelay:
         its own short transaction. Database errors propagate; :meth:`run` logs them
         and tries again.
         """
+        await self.start()
         _, delivered = await self._round()
         return delivered
 
@@ -283,6 +305,7 @@ class OutboxRelay:
         keep it going forever), or until :meth:`stop` is called. Purges if
         ``retention`` is set. No LISTEN; database errors propagate.
         """
+        await self.start()
         destinations = self._destinations()
         async with self.session_factory() as session:
             bound = await self.outbox.undelivered(session, destinations)
@@ -304,6 +327,7 @@ class OutboxRelay:
         Database errors (a restart, a dropped connection) are logged and retried with
         a backoff; the relay never gives up by itself.
         """
+        await self.start()
         self._stopping.clear()
         listener: asyncio.Task[None] | None = None
         if self.listen:
@@ -489,10 +513,15 @@ class OutboxRelay:
             delivered = await self.outbox.mark_delivered(conn, token, ok)
             for outcome in failed:
                 row, err = outcome.row, outcome.error
-                give_up = row.attempts >= self.max_attempts
+                # A permanent failure is dead now; a broker's "retry later" sets the delay.
+                give_up = row.attempts >= self.max_attempts or isinstance(
+                    err, PermanentPublishError
+                )
                 delay = (
                     None
                     if give_up
+                    else err.seconds
+                    if isinstance(err, RetryLater)
                     else retry_delay(row.attempts, base=self.backoff_base, cap=self.backoff_cap)
                 )
                 written = await self.outbox.mark_failed(

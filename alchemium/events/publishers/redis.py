@@ -6,6 +6,7 @@ from typing import Any
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.events.publishers.cloudevents import CloudEventsEnvelope
 
 __all__ = ["RedisStreamPublisher"]
 
@@ -30,6 +31,10 @@ class RedisStreamPublisher:
     persistence off, an accepted entry can still be lost if Redis itself restarts.
     The client connects on first use and reconnects by itself after an outage; a
     publish during an outage raises, so the row stays pending and is retried.
+
+    With ``envelope=CloudEventsEnvelope(...)`` the ``event`` field holds the
+    CloudEvents structured document instead (Redis has no CloudEvents binding, so
+    the mode is always structured); the other fields stay.
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class RedisStreamPublisher:
         maxlen: int | None = None,
         timeout: float = 5.0,
         client: Any = None,
+        envelope: CloudEventsEnvelope | None = None,
     ) -> None:
         self.url = url
         self.stream = stream
@@ -49,6 +55,7 @@ class RedisStreamPublisher:
         self.timeout = timeout
         self._client = client
         self._owns_client = client is None
+        self.envelope = envelope
         if client is None:
             _redis_asyncio()  # fail now, not at the first event, if redis-py is missing
 
@@ -66,7 +73,9 @@ class RedisStreamPublisher:
             "name": event.name,
             "aggregate_type": event.aggregate_type,
             "aggregate_id": event.aggregate_id,
-            "event": event.to_json(),
+            "event": event.to_json()
+            if self.envelope is None
+            else self.envelope.encode(event, "http", destination, mode="structured").body.decode(),
         }
         await self._connect().xadd(
             self.stream, fields, maxlen=self.maxlen, approximate=self.maxlen is not None
