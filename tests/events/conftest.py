@@ -65,6 +65,13 @@ async def count(engine: AsyncEngine, table: Any) -> int:
 
 
 # Fixtures of the relay / publisher / CLI tests live with their helpers.
+from tests.events.brokers import (  # noqa: E402, F401
+    kafka_server,
+    moto_server,
+    nats_server,
+    pubsub_emulator,
+    webhook_receiver,
+)
 from tests.events.relay_support import (  # noqa: E402, F401
     new_engine,
     rabbitmq_server,

@@ -32,7 +32,9 @@ class KafkaPublisher:
       one aggregate go to one partition and stay in order there.
     - ``acks="all"``: the leader answers once every in-sync replica stored the record.
     - The idempotent producer (``enable_idempotence``) is on where the broker
-      supports it (Kafka 0.11+, which :meth:`start` checks): a retry inside the
+      supports it (Kafka 0.11+; a broker that refuses ``InitProducerId`` at start
+      gets a plain producer and a warning, ``idempotent_in_use`` says which): a retry
+      inside the
       producer after a lost ack is not written twice. It does not span producer
       restarts: a relay that dies before recording its outcome publishes the
       record again (consumers deduplicate on the ``ce_id`` header / event id).
@@ -67,6 +69,7 @@ class KafkaPublisher:
         self.idempotent = idempotent
         self.timeout = timeout
         self.client_options = client_options
+        self.idempotent_in_use: bool | None = None  # known once started
         self._producer: Any = None
         self._lock = asyncio.Lock()
 
@@ -82,31 +85,38 @@ class KafkaPublisher:
     async def _ready(self) -> Any:
         async with self._lock:
             if self._producer is None:
-                producer = self._new_producer(self.idempotent is not False)
-                await self._start(producer)
-                version = tuple(producer.client.api_version)
-                if self.idempotent is None and version < (0, 11):
-                    logger.warning(
-                        "KafkaPublisher(%r): the broker speaks Kafka %s, too old for the "
-                        "idempotent producer; publishing without it",
-                        self.name,
-                        ".".join(map(str, version)),
-                    )
-                    await producer.stop()
-                    producer = self._new_producer(False)
-                    await self._start(producer)
-                self._producer = producer
+                self._producer = await self._started(self.idempotent is not False)
             return self._producer
 
-    async def _start(self, producer: Any) -> None:
+    async def _started(self, idempotent: bool) -> Any:
+        """A started producer; without idempotence if ``idempotent`` is auto and refused."""
+        errors = self._aiokafka.errors
+        producer = self._new_producer(idempotent)
         try:
             await producer.start()
         except Exception as err:
             await producer.stop()
-            raise PublisherUnavailableError(
-                f"KafkaPublisher({self.name!r}): cannot connect to {self.bootstrap_servers}: "
-                f"{type(err).__name__}: {err}"
+            refused = isinstance(err, errors.KafkaError) and not isinstance(
+                err, errors.KafkaConnectionError
+            )
+            if idempotent and refused and self.idempotent is None:
+                # InitProducerId refused: the broker has no idempotent producer.
+                logger.warning(
+                    "KafkaPublisher(%r): %s refused the idempotent producer (%s: %s); "
+                    "publishing without it",
+                    self.name,
+                    self.bootstrap_servers,
+                    type(err).__name__,
+                    err,
+                )
+                return await self._started(False)
+            error = PublisherConfigurationError if refused else PublisherUnavailableError
+            raise error(
+                f"KafkaPublisher({self.name!r}): cannot start a producer on "
+                f"{self.bootstrap_servers}: {type(err).__name__}: {err}"
             ) from err
+        self.idempotent_in_use = idempotent
+        return producer
 
     async def start(self) -> None:
         """Connect (credentials checked), and check that a fixed topic exists."""

@@ -69,20 +69,31 @@ class NatsPublisher:
         async with self._lock:
             if self._connection is None or self._connection.is_closed:
                 try:
-                    self._connection = await self._nats.connect(
-                        self.url.split(","),
-                        connect_timeout=self.timeout,
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,  # an outage is waited out, not fatal
-                        reconnect_time_wait=0.5,
+                    # Bounded: with reconnection on, the client would retry the first
+                    # connection forever.
+                    self._connection = await asyncio.wait_for(
+                        self._nats.connect(
+                            self.url.split(","),
+                            connect_timeout=self.timeout,
+                            allow_reconnect=True,
+                            max_reconnect_attempts=-1,  # an outage is waited out, not fatal
+                            reconnect_time_wait=0.5,
+                            error_cb=self._connection_error,
+                        ),
+                        self.timeout * 2,
                     )
                 except Exception as err:
+                    why = str(err) or f"no connection within {self.timeout * 2:g}s"
                     raise PublisherUnavailableError(
                         f"NatsPublisher({self.name!r}): cannot connect to {redact(self.url)}: "
-                        f"{type(err).__name__}: {err}"
+                        f"{type(err).__name__}: {why}"
                     ) from err
                 self._jetstream = self._connection.jetstream(timeout=self.timeout)
             return self._jetstream
+
+    async def _connection_error(self, err: Exception) -> None:
+        # Publishes during an outage raise and are retried; this is only the client's news.
+        logger.debug("NatsPublisher(%r): %s: %s", self.name, type(err).__name__, err)
 
     async def start(self) -> None:
         """Connect, check that JetStream is enabled and that :attr:`stream` exists."""

@@ -78,19 +78,25 @@ class PubSubPublisher:
 
     def _ready(self) -> Any:
         if self._client is None:
+            from google.api_core import retry
+
             pubsub = self._pubsub
             options = dict(self.client_options)
             if self.emulator_host is not None:
+                # An insecure channel to the emulator, for this client only (the client's
+                # own emulator support reads $PUBSUB_EMULATOR_HOST, process-wide).
                 import grpc
-                from google.auth.credentials import AnonymousCredentials
                 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
                 channel = grpc.insecure_channel(self.emulator_host)
-                options.setdefault("transport", PublisherGrpcTransport(channel=channel))
-                options.setdefault("credentials", AnonymousCredentials())  # type: ignore[no-untyped-call]
+                options["transport"] = PublisherGrpcTransport(channel=channel)
             self._client = pubsub.PublisherClient(
                 publisher_options=pubsub.types.PublisherOptions(
-                    enable_message_ordering=True, timeout=self.timeout
+                    enable_message_ordering=True,
+                    # Transient errors are retried by the client for at most `timeout`,
+                    # then the publish fails and the relay takes over.
+                    retry=retry.Retry(timeout=self.timeout),
+                    timeout=self.timeout,
                 ),
                 **options,
             )
@@ -101,7 +107,10 @@ class PubSubPublisher:
         client = self._ready()
         try:
             await asyncio.to_thread(
-                client.get_topic, request={"topic": self.topic_path}, timeout=self.timeout
+                client.get_topic,
+                request={"topic": self.topic_path},
+                retry=None,  # an unreachable emulator or endpoint fails now, not in minutes
+                timeout=self.timeout,
             )
         except Exception as err:
             kind = type(err).__name__
