@@ -8,6 +8,7 @@ when the test ends.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -84,6 +85,36 @@ def outbox() -> Iterator[Outbox]:
     box = enable_outbox(Base.metadata)
     yield box
     disable_outbox()
+
+
+def _forget_outbox_tables(box: Outbox) -> None:
+    for table in (box.deliveries, box.events):
+        Base.metadata.remove(table)
+
+
+@contextlib.contextmanager
+def outbox_of_shape(shape: str) -> Iterator[Outbox]:
+    """The test models' outbox with its events table in ``shape`` (``debezium``), enabled.
+
+    The tables of the default shape are taken out of ``Base.metadata`` meanwhile and put
+    back afterwards, so the other tests see alchemium's shape.
+    """
+    _forget_outbox_tables(enable_outbox(Base.metadata))
+    box = enable_outbox(Base.metadata, shape=shape)
+    try:
+        yield box
+    finally:
+        disable_outbox()
+        _forget_outbox_tables(box)
+        enable_outbox(Base.metadata)
+        disable_outbox()
+
+
+@pytest.fixture(params=["alchemium", "debezium"])
+def shaped_outbox(request: pytest.FixtureRequest) -> Iterator[Outbox]:
+    """The outbox in both shapes: alchemium's columns and Debezium's outbox event router's."""
+    with outbox_of_shape(str(request.param)) as box:
+        yield box
 
 
 @pytest.fixture(params=["outbox", "no_outbox"])

@@ -111,6 +111,11 @@ class Outbox(OutboxAdministration):
         mark_window: seconds within which the "delivered" marks of many commits are
             written by one UPDATE in the background (see ``alchemium.events.marks``);
             0 writes each commit's mark at once, in the committing task.
+        shape: ``"alchemium"`` (default) or ``"debezium"``: the events table named like
+            Debezium's outbox event router reads it (``id``, ``aggregatetype``,
+            ``aggregateid``, ``type``, ``payload``, ``tracingspancontext``,
+            ``schemaversion``), so change data capture can take over from the relay
+            (docs/outbox-cdc.md). The delivery table and the relay are the same.
     """
 
     def __init__(
@@ -122,8 +127,9 @@ class Outbox(OutboxAdministration):
         schema: str | None = None,
         dispatch_lease: float = DISPATCH_LEASE,
         mark_window: float = 0.05,
+        shape: str = "alchemium",
     ) -> None:
-        super().__init__(metadata, table_name=table_name, schema=schema)
+        super().__init__(metadata, table_name=table_name, schema=schema, shape=shape)
         if dispatch_lease <= 0 or mark_window < 0:
             raise OutboxError(
                 f"Outbox(dispatch_lease={dispatch_lease!r}, mark_window={mark_window!r}): the "
@@ -168,6 +174,7 @@ class Outbox(OutboxAdministration):
                 "payload": plain_json(e.payload),
                 "metadata": plain_json(e.metadata),
                 "occurred_at": e.occurred_at,
+                **self.shape_values(e),
             }
             for e in events
         ]
@@ -276,13 +283,14 @@ class Outbox(OutboxAdministration):
         returned = (d.c.id, d.c.event_id, d.c.destination, d.c.attempts)
         e = self.events
         stmt = update(d).where(d.c.id.in_(due.scalar_subquery())).values(**values)
+        keyed = select(*(c.label(c.key) for c in e.c))  # alchemium's names in both shapes
         claimed = (await conn.execute(stmt.returning(*returned))).all()
         if not claimed:
             return []
         events = {
             row.id: row
             for row in (
-                await conn.execute(select(e).where(e.c.id.in_({c.event_id for c in claimed})))
+                await conn.execute(keyed.where(e.c.id.in_({c.event_id for c in claimed})))
             ).all()
         }
         return [

@@ -70,6 +70,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
 
 from alchemium.domain_event import DomainEvent
+from alchemium.events.event_fields import schema_version_of, trace_context_of
 from alchemium.events.tables import BigId, JsonDocument, existing_table
 
 __all__ = [
@@ -77,6 +78,7 @@ __all__ = [
     "DEAD",
     "DELIVERED",
     "PENDING",
+    "SHAPES",
     "DeliveryRow",
     "Executor",
     "OutboxTables",
@@ -88,6 +90,19 @@ __all__ = [
 ]
 
 PENDING, CLAIMED, DELIVERED, DEAD = "pending", "claimed", "delivered", "dead"
+
+# The events table's column names per shape (keys stay alchemium's). "debezium" is the
+# table Debezium's outbox event router reads: id, aggregatetype, aggregateid, type,
+# payload (+ tracingspancontext and schemaversion); change data capture can then
+# replace the relay without touching the code that writes events (docs/outbox-cdc.md).
+SHAPES: dict[str, dict[str, str]] = {
+    "alchemium": {
+        "name": "name",
+        "aggregate_type": "aggregate_type",
+        "aggregate_id": "aggregate_id",
+    },
+    "debezium": {"name": "type", "aggregate_type": "aggregatetype", "aggregate_id": "aggregateid"},
+}
 
 Executor = AsyncSession | AsyncConnection
 
@@ -208,24 +223,39 @@ class OutboxTables:
         *,
         table_name: str = "alchemium_outbox",
         schema: str | None = None,
+        shape: str = "alchemium",
     ) -> None:
+        if shape not in SHAPES:
+            raise ValueError(f"outbox shape {shape!r}: use one of {', '.join(SHAPES)}")
         self.metadata = metadata
+        self.shape = shape
         events = existing_table(metadata, table_name, schema)
         deliveries = existing_table(metadata, f"{table_name}_delivery", schema)
         if events is not None and deliveries is not None:
             self.events, self.deliveries = events, deliveries
             return
+        # Column *keys* are alchemium's names in both shapes, so every statement reads
+        # the same; the Debezium shape only changes the names in the database.
+        names = SHAPES[shape]
         self.events = Table(
             table_name,
             metadata,
             Column("sequence", BigId, primary_key=True, autoincrement=True),
             Column("id", Uuid(), nullable=False, unique=True),
-            Column("name", String(200), nullable=False),
-            Column("aggregate_type", String(100), nullable=False),
-            Column("aggregate_id", String(200), nullable=False),
+            Column(names["name"], String(200), nullable=False, key="name"),
+            Column(names["aggregate_type"], String(100), nullable=False, key="aggregate_type"),
+            Column(names["aggregate_id"], String(200), nullable=False, key="aggregate_id"),
             Column("payload", JsonDocument, nullable=False),
             Column("metadata", JsonDocument, nullable=False),
             Column("occurred_at", DateTime(timezone=True), nullable=False),
+            *(
+                [
+                    Column("tracingspancontext", Text, nullable=True, key="tracing"),
+                    Column("schemaversion", String(50), nullable=False, key="schema_version"),
+                ]
+                if shape == "debezium"
+                else []
+            ),
             schema=schema,
         )
         self.deliveries = Table(
@@ -272,6 +302,21 @@ class OutboxTables:
         )
         Index(f"ix_{table_name}_delivery_token", self.deliveries.c.claim_token)
         Index(f"ix_{table_name}_occurred", self.events.c.occurred_at)
+
+    def shape_values(self, event: DomainEvent) -> dict[str, Any]:
+        """The values of the shape's own event columns (none for alchemium's shape).
+
+        Debezium shape: ``tracingspancontext`` holds the W3C trace context as Java
+        properties (``traceparent=...``, what Debezium's outbox event router reads),
+        ``schemaversion`` the payload's schema version.
+        """
+        if self.shape != "debezium":
+            return {}
+        trace = trace_context_of(event)
+        return {
+            "tracing": "\n".join(f"{k}={v}" for k, v in trace.items()) or None,
+            "schema_version": schema_version_of(event),
+        }
 
     def tables_exist(self, bind: Engine | Connection) -> bool:
         """Whether both outbox tables exist (asked on a connection of its own).
@@ -360,7 +405,7 @@ class OutboxTables:
                 claimed.c.id,
                 claimed.c.destination,
                 claimed.c.attempts,
-                *(c.label(f"event_{c.name}") for c in e.c),
+                *(c.label(f"event_{c.key}") for c in e.c),
             )
             .join(e, e.c.id == claimed.c.event_id)
             .order_by(claimed.c.id)

@@ -44,7 +44,8 @@ async def outbox_events(engine: AsyncEngine, outbox: Outbox) -> list[dict[str, A
     """The rows of the outbox event table in sequence order."""
     await flush_delivery_marks()
     async with engine.connect() as conn:
-        rows = await conn.execute(select(outbox.events).order_by(outbox.events.c.sequence))
+        keyed = select(*(c.label(c.key) for c in outbox.events.c))  # the same in both shapes
+        rows = await conn.execute(keyed.order_by(outbox.events.c.sequence))
         return [dict(r._mapping) for r in rows]
 
 

@@ -6,7 +6,6 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.events import (
@@ -16,9 +15,9 @@ from alchemium.events import (
     PublisherConfigurationError,
     RetryLater,
 )
-from alchemium.events.outbox import Outbox, database_now
+from alchemium.events.outbox import Outbox
 from alchemium.events.outbox_schema import aware
-from tests.events.relay_support import Sink, delivery_rows, insert_events
+from tests.events.relay_support import Sink, database_time, delivery_rows, insert_events
 
 Factory = async_sessionmaker[AsyncSession]
 
@@ -31,13 +30,6 @@ class Raising(Sink):
 
     async def publish(self, event: DomainEvent, destination: str) -> None:
         raise self.error
-
-
-async def _database_now(engine: AsyncEngine) -> dt.datetime:
-    async with engine.connect() as conn:
-        now = aware((await conn.execute(select(database_now()))).scalar_one())
-    assert now is not None
-    return now
 
 
 async def test_permanent_failure_is_dead_at_the_first_attempt(
@@ -61,7 +53,7 @@ async def test_retry_later_sets_the_next_attempt_from_the_database_clock(
     relay = OutboxRelay(
         session_factory, publisher, backoff_base=0.01, backoff_cap=1.0, listen=False
     )
-    before = await _database_now(engine)
+    before = await database_time(engine)
     assert await relay.run_once() == 0
     (row,) = await delivery_rows(engine, outbox)
     assert (row["status"], row["attempts"]) == ("pending", 1)

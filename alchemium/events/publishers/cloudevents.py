@@ -42,6 +42,7 @@ from urllib.parse import quote
 
 from alchemium.domain_event import DomainEvent
 from alchemium.encoding import plain_json
+from alchemium.events.event_fields import schema_version_of, trace_context_of
 from alchemium.events.publishers.base import PermanentPublishError, PublisherConfigurationError
 
 __all__ = [
@@ -91,18 +92,6 @@ _RESERVED = frozenset(
         "data_base64",
     }
 )
-
-
-def schema_version_of(event: DomainEvent) -> str:
-    """The payload's schema version: ``event.schema_version`` if the event has one, else 1.
-
-    Also read from ``metadata["schema_version"]`` (events written before the field
-    existed). Always a string: it goes into headers and templates.
-    """
-    version = getattr(event, "schema_version", None)
-    if version is None:
-        version = event.metadata.get("schema_version")
-    return "1" if version is None else str(version)
 
 
 def _rfc3339(event: DomainEvent) -> str:
@@ -197,11 +186,6 @@ class Template:
         return f"Template({self.text!r})"
 
 
-def _default_trace_context(event: DomainEvent) -> Mapping[str, str]:
-    """W3C trace context recorded in the event's metadata (``traceparent``/``tracestate``)."""
-    return {k: str(event.metadata[k]) for k in ("traceparent", "tracestate") if k in event.metadata}
-
-
 @dataclass(frozen=True, slots=True)
 class EncodedEvent:
     """One event as a message: its body, headers, content type and partition key."""
@@ -246,7 +230,7 @@ class CloudEventsEnvelope:
         }
     )
     partition_key: str = "{aggregate_id}"
-    trace_context: Callable[[DomainEvent], Mapping[str, str]] = _default_trace_context
+    trace_context: Callable[[DomainEvent], Mapping[str, str]] = trace_context_of
     _templates: dict[str, Template] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -40,7 +40,8 @@ class PubSubPublisher:
         envelope: CloudEvents binary mode (``ce-`` attributes) by default.
         emulator_host: ``host:port`` of the Pub/Sub emulator (else
             ``$PUBSUB_EMULATOR_HOST``, else Google Cloud with default credentials).
-        timeout: seconds the client keeps retrying one publish before it fails.
+        timeout: seconds one publish may take; the client itself does not retry (the
+            relay does, with its backoff).
         client_options: passed to ``pubsub_v1.PublisherClient``.
     """
 
@@ -78,8 +79,6 @@ class PubSubPublisher:
 
     def _ready(self) -> Any:
         if self._client is None:
-            from google.api_core import retry
-
             pubsub = self._pubsub
             options = dict(self.client_options)
             if self.emulator_host is not None:
@@ -91,13 +90,7 @@ class PubSubPublisher:
                 channel = grpc.insecure_channel(self.emulator_host)
                 options["transport"] = PublisherGrpcTransport(channel=channel)
             self._client = pubsub.PublisherClient(
-                publisher_options=pubsub.types.PublisherOptions(
-                    enable_message_ordering=True,
-                    # Transient errors are retried by the client for at most `timeout`,
-                    # then the publish fails and the relay takes over.
-                    retry=retry.Retry(timeout=self.timeout),
-                    timeout=self.timeout,
-                ),
+                publisher_options=pubsub.types.PublisherOptions(enable_message_ordering=True),
                 **options,
             )
         return self._client
@@ -126,19 +119,37 @@ class PubSubPublisher:
         client = self._ready()
         key = message.partition_key
         try:
+            # No client-side retries: with ordering on, the client would retry forever
+            # (it lifts the deadline); the relay retries instead, with its backoff.
             future = client.publish(
-                self.topic_path, message.body, ordering_key=key, **message.headers
+                self.topic_path,
+                message.body,
+                ordering_key=key,
+                retry=None,
+                timeout=self.timeout,
+                **message.headers,
             )
             await asyncio.wrap_future(future)
         except BaseException as err:
-            # The client paused this key: unpause it, or every later publish on it fails.
-            client.resume_publish(self.topic_path, key)
+            self._resume(key)
             if type(err).__name__ in _PERMANENT:
                 raise PermanentPublishError(
                     f"event {event.id} ({event.name}): Pub/Sub refused it for {self.topic_path}: "
                     f"{type(err).__name__}: {err}"
                 ) from err
             raise
+
+    def _resume(self, key: str) -> None:
+        """Unpause ``key`` after a failure, or every later publish on it fails at once.
+
+        A publish cancelled (the relay's timeout) before it failed has not paused the
+        key yet; it pauses it when it fails, and the next publish on the key fails,
+        resumes it here, and is retried.
+        """
+        try:
+            self._ready().resume_publish(self.topic_path, key)
+        except RuntimeError as err:  # "Ordering key is not paused": nothing to undo
+            logger.debug("PubSubPublisher(%r): key %r: %s", self.name, key, err)
 
     async def close(self) -> None:
         """Stop the client's batching threads (sending what they hold first)."""
