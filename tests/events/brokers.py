@@ -360,6 +360,14 @@ class MotoServer(_Process):
         ) as client:
             yield client
 
+    def sync_client(self, service: str) -> Any:
+        """A blocking botocore client (for set-up that must not let other tasks run)."""
+        import botocore.session
+
+        return botocore.session.get_session().create_client(
+            service, region_name="us-east-1", endpoint_url=self.endpoint
+        )
+
     async def create_queue(self, name: str) -> str:
         attributes = {"FifoQueue": "true"} if name.endswith(".fifo") else {}
         async with self.client("sqs") as sqs:
@@ -437,6 +445,7 @@ class WebhookReceiver:
     answers: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     requests: int = 0
     _server: asyncio.AbstractServer | None = None
+    _open: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -448,6 +457,8 @@ class WebhookReceiver:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            for writer in list(self._open):  # kept-alive connections go down too
+                writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
             self._server = None
@@ -455,6 +466,7 @@ class WebhookReceiver:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from standardwebhooks import Webhook, WebhookVerificationError
 
+        self._open.add(writer)
         try:
             while True:
                 request_line = await reader.readline()
@@ -485,6 +497,7 @@ class WebhookReceiver:
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
+            self._open.discard(writer)
             writer.close()
 
     async def consumed(self, _where: str = "") -> list[Consumed]:

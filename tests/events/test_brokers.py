@@ -219,27 +219,33 @@ async def _sqs(server: MotoServer) -> BrokerCase:
 
 async def _sns(server: MotoServer) -> BrokerCase:
     arn: list[str] = []
+    queue_url: list[str] = []
 
-    async def topology() -> str:
-        queue = await server.create_queue("orders-sub.fifo")
-        async with server.client("sns") as sns, server.client("sqs") as sqs:
-            topic = await sns.create_topic(
-                Name="orders.fifo",
-                Attributes={"FifoTopic": "true", "ContentBasedDeduplication": "false"},
-            )
-            queue_arn = (
-                await sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])
-            )["Attributes"]["QueueArn"]
-            await sns.subscribe(
-                TopicArn=topic["TopicArn"],
-                Protocol="sqs",
-                Endpoint=queue_arn,
-                Attributes={"RawMessageDelivery": "true"},
-            )
+    def topology() -> None:
+        # Synchronous on purpose: after a restart no publish may reach the topic before
+        # its subscription exists (SNS accepts and drops what no one subscribes to).
+        queue_url[:] = [
+            server.sync_client("sqs").create_queue(
+                QueueName="orders-sub.fifo", Attributes={"FifoQueue": "true"}
+            )["QueueUrl"]
+        ]
+        sns, sqs = server.sync_client("sns"), server.sync_client("sqs")
+        topic = sns.create_topic(
+            Name="orders.fifo",
+            Attributes={"FifoTopic": "true", "ContentBasedDeduplication": "false"},
+        )
+        queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url[0], AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        sns.subscribe(
+            TopicArn=topic["TopicArn"],
+            Protocol="sqs",
+            Endpoint=queue_arn,
+            Attributes={"RawMessageDelivery": "true"},
+        )
         arn[:] = [topic["TopicArn"]]
-        return queue
 
-    queue_url = [await topology()]
+    topology()
 
     async def read() -> list[Consumed]:
         return await server.consumed(queue_url[0])
@@ -249,7 +255,7 @@ async def _sns(server: MotoServer) -> BrokerCase:
 
     async def up() -> None:
         server.start()
-        queue_url[0] = await topology()
+        topology()
 
     return BrokerCase(
         "sns",
