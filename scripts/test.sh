@@ -4,7 +4,7 @@
 # Extra arguments go to pytest. Long soak runs: scripts/soak.sh.
 source "$(dirname "$0")/_env.sh"
 bash scripts/system-deps.sh
-ensure_venv "dev,postgres,redis,rabbitmq,bench"
+ensure_venv "dev,postgres,redis,rabbitmq,nats,kafka,pubsub,aws,webhook,brokers-test,bench"
 echo "== ruff check";        .venv/bin/ruff check alchemium tests examples bench
 echo "== ruff format";       .venv/bin/ruff format --check alchemium tests examples bench
 echo "== mypy --strict";     .venv/bin/mypy --strict alchemium

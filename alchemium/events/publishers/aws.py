@@ -138,8 +138,9 @@ class SqsPublisher(_AwsPublisher):
         queue_url: the queue's URL.
         envelope: CloudEvents structured mode by default (binary mode's message
             attributes exceed SQS's 10 for most events).
-        region, endpoint_url: where SQS is (``endpoint_url`` for moto, LocalStack,
-            a VPC endpoint); credentials come from the usual AWS chain.
+        region: the AWS region (else the usual AWS configuration chain).
+        endpoint_url: where SQS is, for moto, LocalStack or a VPC endpoint;
+            credentials come from the usual AWS chain.
     """
 
     service = "sqs"
