@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.errors import OutboxError
 from alchemium.events import (
+    CloudEventsEnvelope,
     DomainEvent,
     OutboxRelay,
     Publisher,
@@ -142,3 +143,50 @@ async def test_rabbitmq_unroutable_or_unreachable_leaves_events_pending(
         await unroutable.close()
     rows = await delivery_rows(engine, outbox)
     assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 2)}
+
+
+@sqlite_only
+async def test_redis_and_rabbitmq_speak_cloudevents_when_asked(
+    session_factory: Factory,
+    outbox: Outbox,
+    redis_server: RedisServer,
+    rabbitmq_server: RabbitServer,
+) -> None:
+    import aio_pika
+    from cloudevents.core.bindings import amqp
+
+    envelope = CloudEventsEnvelope(source="/shop")
+    (event,) = await insert_events(session_factory, outbox, 1, destinations=["redis", "rabbitmq"])
+    connection = await aio_pika.connect(rabbitmq_server.url)
+    redis = RedisStreamPublisher(redis_server.url, stream="ce", envelope=envelope)
+    rabbit = RabbitMQPublisher(rabbitmq_server.url, exchange="ce.events", envelope=envelope)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            "ce.events", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(exchange, routing_key="#")
+        assert await OutboxRelay(session_factory, [redis, rabbit], listen=False).run_once() == 2
+        message = await queue.get(timeout=5)
+        await message.ack()
+    finally:
+        await redis.close()
+        await rabbit.close()
+        await connection.close()
+    ((_id, fields),) = await redis_server.entries("ce")
+    document = json.loads(fields["event"])  # structured mode: one CloudEvents document
+    assert (document["specversion"], document["id"], document["source"]) == (
+        "1.0",
+        str(event.id),
+        "/shop",
+    )
+    parsed = amqp.from_amqp_event(  # binary mode: cloudEvents_* application properties
+        amqp.AMQPMessage(
+            properties={"content-type": message.content_type},
+            application_properties=dict(message.headers),
+            application_data=message.body,
+        )
+    )
+    assert (parsed.get_id(), parsed.get_subject()) == (str(event.id), event.aggregate_id)
+    assert parsed.get_data() == dict(event.payload)
