@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
         type=parse_duration,
         default=None,
         metavar="DURATION",
-        help=f"purge delivered rows older than this while idle; {_DURATION} (keep all)",
+        help=f"purge events older than this once all delivered, while idle; {_DURATION} (keep all)",
     )
     relay.add_argument(
         "--stranded-after",
@@ -269,7 +269,9 @@ def _parser() -> argparse.ArgumentParser:
     requeue.add_argument(
         "--destination", default=None, metavar="NAME", help="only rows of this destination"
     )
-    purge = actions.add_parser("purge", help="delete delivered rows older than an age")
+    purge = actions.add_parser(
+        "purge", help="delete events older than an age whose deliveries are all delivered"
+    )
     common(purge)
     purge.add_argument(
         "--older-than",
@@ -511,7 +513,7 @@ async def _outbox_command(args: argparse.Namespace, engine: AsyncEngine, outbox:
             total += removed
             if removed == 0:
                 break
-        print(f"purged {total} delivered row(s) older than {args.older_than:g}s")
+        print(f"purged {total} delivered row(s) of events older than {args.older_than:g}s")
     return EXIT_OK
 
 

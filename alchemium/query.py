@@ -18,12 +18,14 @@ from sqlalchemy import (
     ColumnElement,
     Integer,
     and_,
+    any_,
     bindparam,
     false,
     or_,
     select,
     tuple_,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.operators import asc_op, desc_op
@@ -349,10 +351,23 @@ def pk_first(info: ModelInfo, rows: Sequence[Any]) -> list[tuple[Any, ...]]:
     return [tuple(row[i] for i in idx) for row in rows]
 
 
-def pk_in(pk_cols: list[Any], keys: list[tuple[Any, ...]]) -> ColumnElement[bool]:
-    """``pk IN (keys)`` for a single or a composite primary key."""
+def pk_in(
+    pk_cols: list[Any], keys: list[tuple[Any, ...]], dialect: str = ""
+) -> ColumnElement[bool]:
+    """``pk IN (keys)`` for a single or a composite primary key.
+
+    On PostgreSQL a single key is ``pk = ANY(:array)``: one parameter however many
+    keys, where ``IN`` sends (and the server parses) one parameter per key.
+    """
     if len(pk_cols) == 1:
-        clause: ColumnElement[bool] = pk_cols[0].in_([k[0] for k in keys])
+        column = pk_cols[0]
+        values = [k[0] for k in keys]
+        if dialect == "postgresql":
+            array: ColumnElement[bool] = column == any_(
+                bindparam("alchemium_keys", values, type_=ARRAY(column.type))
+            )
+            return array
+        clause: ColumnElement[bool] = column.in_(values)
         return clause
     return tuple_(*pk_cols).in_(keys)
 

@@ -612,14 +612,15 @@ class CrudRepository(Generic[ModelT]):
         pk_cols = [info.columns[k] for k in info.primary_key]
         with session_operation(asession, "update_where()"):
             old_rows = None
-            if recording.wants_events(asession, info):
+            if recording.wants_events(asession, info, "updated"):
                 cols = [info.columns[k] for k in info.columns]
                 old_rows = (
                     await asession.execute(select(*cols).where(*where).with_for_update())
                 ).all()
                 if not old_rows:
                     return 0
-                where = [pk_in(pk_cols, pk_first(info, old_rows))]
+                dialect = asession.get_bind().dialect.name
+                where = [pk_in(pk_cols, pk_first(info, old_rows), dialect)]
             stmt = update(info.model).where(*where).values(dict(data))
             result = await asession.execute(
                 stmt, execution_options={"synchronize_session": "fetch"}
@@ -727,7 +728,7 @@ class CrudRepository(Generic[ModelT]):
             else delete(info.model).where(*where)
         )
         with session_operation(asession, "delete_where()"):
-            if recording.wants_events(asession, info):
+            if recording.wants_events(asession, info, "deleted"):
                 cols = [info.columns[k] for k in info.columns]
                 rows = (
                     await asession.execute(

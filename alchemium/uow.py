@@ -184,6 +184,15 @@ class UnitOfWorkHooks:
     def after_rollback(self, uow: UnitOfWork, session: Session, *, savepoint: bool) -> None:
         """Called after a rollback of the transaction or (``savepoint=True``) of a savepoint."""
 
+    def wants_event(self, uow: UnitOfWork, name: str) -> bool:
+        """Whether an event called ``name`` recorded in ``uow`` would reach this hook.
+
+        Bulk operations ask (:meth:`UnitOfWork.wants_event`) before they read or
+        return every row they change only to record its event: when no hook wants it,
+        they skip that work.
+        """
+        return False
+
 
 _METHODS = (
     "before_flush",
@@ -192,6 +201,7 @@ _METHODS = (
     "before_commit",
     "after_commit",
     "after_rollback",
+    "wants_event",
 )
 
 
@@ -214,6 +224,7 @@ class _HookTable:
         before_commit: tuple[UnitOfWorkHooks, ...]
         after_commit: tuple[UnitOfWorkHooks, ...]
         after_rollback: tuple[UnitOfWorkHooks, ...]
+        wants_event: tuple[UnitOfWorkHooks, ...]
 
 
 _hooks = _HookTable(())
@@ -548,6 +559,18 @@ class UnitOfWork:
         raise EventSerializationError for a column value JSON cannot hold.
         """
         return tuple(_build_all(self._events))
+
+    def wants_event(self, name: str) -> bool:
+        """Whether an event called ``name`` recorded now would be seen by anything.
+
+        True when a lifecycle hook wants it (an outbox, a subscriber or destination of
+        that name, an audit log, a capture), and whenever an asynchronous
+        before-commit hook is set (it may read :attr:`pending_events`). Bulk
+        operations record their per-row change events only then.
+        """
+        if self._before_commit or _before_commit_hooks:
+            return True
+        return any(hook.wants_event(self, name) for hook in _hooks.wants_event)
 
     def add_event(self, event: DomainEvent | PendingEvent) -> None:
         """Append an event, or one to build later (used by the recording machinery)."""

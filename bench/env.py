@@ -1,20 +1,24 @@
-"""The databases a run measures: a throwaway PostgreSQL and a SQLite file, set up alike.
+"""The servers a run measures: a throwaway PostgreSQL and a SQLite file set up alike, Redis.
 
 An :class:`Env` holds everything the implementations share for one backend: the
 SQLAlchemy engine (pool of 10, no overflow) and session factory, and the raw
-driver handle (an asyncpg pool of 10, or one aiosqlite connection).
+driver handle (an asyncpg pool of 10, or one aiosqlite connection). L2 also
+needs a Redis server: :func:`redis_url` starts a throwaway one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, insert, text
+from sqlalchemy import event, insert, make_url, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -24,7 +28,7 @@ from sqlalchemy.ext.asyncio import (
 
 from bench.schema import Base, Item, item_row
 
-__all__ = ["POOL_SIZE", "Env", "open_env", "postgres_url", "sqlite_path"]
+__all__ = ["POOL_SIZE", "Env", "open_env", "postgres_url", "redis_url", "sqlite_path"]
 
 POOL_SIZE = 10
 
@@ -74,6 +78,38 @@ def postgres_url() -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def redis_url() -> Iterator[str | None]:
+    """A throwaway ``redis-server`` without persistence; yields its URL, None if not installed.
+
+    ``ALCHEMIUM_BENCH_REDIS_URL`` points at an existing server instead.
+    """
+    external = os.environ.get("ALCHEMIUM_BENCH_REDIS_URL")
+    if external:
+        yield external
+        return
+    binary = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if binary is None:
+        yield None
+        return
+    from tests.rig import free_port, wait_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, 10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
 def sqlite_path() -> Iterator[str]:
     """A SQLite file in a temporary directory; yields its aiosqlite SQLAlchemy URL."""
     with tempfile.TemporaryDirectory(prefix="alchemium-bench-") as tmp:
@@ -99,11 +135,24 @@ async def _reset_schema(engine: AsyncEngine) -> None:
         await conn.run_sync(Base.metadata.create_all)
 
 
+def asyncpg_dsn(url: str) -> str:
+    """``url`` (SQLAlchemy's asyncpg form) as a DSN asyncpg accepts.
+
+    The asyncpg dialect takes ``ssl=<mode>`` in the URL; a DSN spells it ``sslmode``
+    (asyncpg would send an unknown ``ssl`` key to the server as a setting and fail).
+    """
+    parsed = make_url(url)
+    query = dict(parsed.query)
+    if "ssl" in query:
+        query.setdefault("sslmode", query.pop("ssl"))
+    return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+
+
 async def _open_raw(backend: str, url: str) -> Any:
     if backend == "postgresql":
         import asyncpg
 
-        dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        dsn = asyncpg_dsn(url)
         return await asyncpg.create_pool(dsn, min_size=POOL_SIZE, max_size=POOL_SIZE)
     import aiosqlite
 

@@ -1,4 +1,4 @@
-"""The four implementations of the CRUD workloads (W1-W6) and of O1.
+"""The implementations of the CRUD and bulk workloads (W1-W8) and of O1.
 
 Each class does exactly the same logical work per call, written the way its
 users are told to write it:
@@ -6,12 +6,21 @@ users are told to write it:
 - ``raw``: asyncpg / aiosqlite and hand-written SQL (the floor of this stack).
   A lone INSERT runs in autocommit (one round trip); multi-statement work uses
   an explicit transaction.
-- ``orm``: idiomatic SQLAlchemy 2.x, ``async with session.begin()`` per transaction.
+- ``core``: SQLAlchemy Core on the engine, no ORM (bulk workloads only):
+  ``conn.execute(insert(table), rows)`` (executemany), one ``UPDATE``/``DELETE``.
+  The floor a repository built on SQLAlchemy can reach: the bulk targets' baseline.
+- ``orm``: idiomatic SQLAlchemy 2.x, ``async with session.begin()`` per transaction;
+  bulk: ``add_all``, ORM-enabled ``update()`` / ``delete()``.
 - ``advanced_alchemy``: ``SQLAlchemyAsyncRepository`` built per session, writes with
   ``auto_commit=True``, everything else at its defaults (as its docs show).
-- ``alchemium``: ``async with UnitOfWork(...)`` and the class-level repositories.
+- ``alchemium``: ``async with UnitOfWork(...)`` and the class-level repositories,
+  no subscriber and no outbox (change events are still recorded, as in production).
+- ``alchemium_outbox`` (bulk workloads only): the same calls in a unit of work with
+  the outbox and one destination, so every row changed writes an event row and a
+  delivery row in the same transaction.
 
-A method that is missing means "not applicable" (advanced-alchemy has no outbox).
+A method that is missing means "not applicable" (advanced-alchemy has no outbox
+and no update by filter).
 """
 
 from __future__ import annotations
@@ -20,21 +29,31 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from advanced_alchemy.filters import LimitOffset, OrderBy
 from advanced_alchemy.repository import SQLAlchemyAsyncRepository
-from sqlalchemy import select, update
+from sqlalchemy import Table, delete, insert, select, update
 
 from alchemium import UnitOfWork
-from alchemium.events import SubscriberRegistry
+from alchemium.events import SubscriberRegistry, flush_delivery_marks
 from bench.env import Env
-from bench.schema import HandOutbox, Item, ItemRepository, Write, WriteRepository, outbox
+from bench.schema import (
+    BULK_VALUES,
+    HandOutbox,
+    Item,
+    ItemRepository,
+    Write,
+    WriteRepository,
+    outbox,
+)
 
-__all__ = ["IMPLEMENTATIONS", "Implementation", "handle_event"]
+__all__ = ["DESTINATION", "IMPLEMENTATIONS", "Implementation", "handle_event"]
 
 Row = dict[str, Any]
 EVENT = "write_created"
+DESTINATION = "bench.relay"  # the relay destination of alchemium_outbox, O2, D1 and L1
+WRITES = cast(Table, Write.__table__)
 
 
 def handle_event(_event: object) -> None:
@@ -55,6 +74,9 @@ class Implementation:
 
     async def close(self) -> None:
         """Release what the implementation holds (nothing by default)."""
+
+    async def settle(self) -> None:
+        """Finish work deferred past the last call (timed: it is part of the cost)."""
 
 
 # -- raw --------------------------------------------------------------------------------------
@@ -100,6 +122,19 @@ class RawPostgres(Implementation):
                 "INSERT INTO bench_writes (name, category, score, note) VALUES ($1, $2, $3, $4)",
                 [(r["name"], r["category"], r["score"], r["note"]) for r in rows],
             )
+
+    async def w7(self, category: str) -> None:
+        async with self.env.raw.acquire() as conn:
+            await conn.execute(
+                "UPDATE bench_writes SET note = $1, score = $2 WHERE category = $3",
+                BULK_VALUES["note"],
+                BULK_VALUES["score"],
+                category,
+            )
+
+    async def w8(self, category: str) -> None:
+        async with self.env.raw.acquire() as conn:
+            await conn.execute("DELETE FROM bench_writes WHERE category = $1", category)
 
     async def o1(self, row: Row) -> None:
         async with self.env.raw.acquire() as conn:
@@ -165,6 +200,19 @@ class RawSqlite(Implementation):
         )
         await db.commit()
 
+    async def w7(self, category: str) -> None:
+        db = self.env.raw
+        await db.execute(
+            "UPDATE bench_writes SET note = ?, score = ? WHERE category = ?",
+            (BULK_VALUES["note"], BULK_VALUES["score"], category),
+        )
+        await db.commit()
+
+    async def w8(self, category: str) -> None:
+        db = self.env.raw
+        await db.execute("DELETE FROM bench_writes WHERE category = ?", (category,))
+        await db.commit()
+
     async def o1(self, row: Row) -> None:
         db = self.env.raw
         cursor = await db.execute(
@@ -182,6 +230,27 @@ class RawSqlite(Implementation):
         handle_event(payload)
         await db.execute("UPDATE bench_outbox SET status = 'delivered' WHERE id = ?", (box,))
         await db.commit()
+
+
+# -- SQLAlchemy Core ------------------------------------------------------------------------
+
+
+class Core(Implementation):
+    name = "core"
+
+    async def w5(self, rows: Sequence[Row]) -> None:
+        async with self.env.engine.begin() as conn:
+            await conn.execute(insert(WRITES), list(rows))
+
+    async def w7(self, category: str) -> None:
+        async with self.env.engine.begin() as conn:
+            await conn.execute(
+                update(WRITES).where(WRITES.c.category == category).values(BULK_VALUES)
+            )
+
+    async def w8(self, category: str) -> None:
+        async with self.env.engine.begin() as conn:
+            await conn.execute(delete(WRITES).where(WRITES.c.category == category))
 
 
 # -- hand-written SQLAlchemy ORM --------------------------------------------------------------
@@ -217,6 +286,16 @@ class Orm(Implementation):
     async def w5(self, rows: Sequence[Row]) -> None:
         async with self.env.sessions() as session, session.begin():
             session.add_all([Write(**r) for r in rows])
+
+    async def w7(self, category: str) -> None:
+        async with self.env.sessions() as session, session.begin():
+            await session.execute(
+                update(Write).where(Write.category == category).values(BULK_VALUES)
+            )
+
+    async def w8(self, category: str) -> None:
+        async with self.env.sessions() as session, session.begin():
+            await session.execute(delete(Write).where(Write.category == category))
 
     async def o1(self, row: Row) -> None:
         async with self.env.sessions() as session:
@@ -284,16 +363,41 @@ class AdvancedAlchemy(Implementation):
                 [Write(**r) for r in rows], auto_commit=True
             )
 
+    async def w8(self, category: str) -> None:
+        async with self.env.sessions() as session:
+            await WriteAARepository(session=session).delete_where(
+                category=category, auto_commit=True
+            )
+
 
 # -- alchemium --------------------------------------------------------------------------------
 
 
-class Alchemium(Implementation):
+class AlchemiumBulk(Implementation):
+    """alchemium's bulk calls (W5, W7, W8) in the unit of work :meth:`uow` opens."""
+
+    def uow(self) -> UnitOfWork:
+        raise NotImplementedError
+
+    async def w5(self, rows: Sequence[Row]) -> None:
+        async with self.uow() as uow:
+            await WriteRepository.create_many(uow.session, rows)
+
+    async def w7(self, category: str) -> None:
+        async with self.uow() as uow:
+            await WriteRepository.update_where(uow.session, {"category": category}, BULK_VALUES)
+
+    async def w8(self, category: str) -> None:
+        async with self.uow() as uow:
+            await WriteRepository.delete_where(uow.session, {"category": category})
+
+
+class Alchemium(AlchemiumBulk):
     name = "alchemium"
 
     def __init__(self, env: Env) -> None:
         super().__init__(env)
-        # A registry of its own: W1-W6 dispatch to nobody, O1 to one subscriber.
+        # A registry of its own: W1-W8 dispatch to nobody, O1 to one subscriber.
         self.quiet = SubscriberRegistry("bench-quiet")
         self.o1_registry = SubscriberRegistry("bench-o1")
         self.o1_registry.subscribe(EVENT, handle_event, name="bench.handle_event")
@@ -321,27 +425,41 @@ class Alchemium(Implementation):
             assert item is not None
             ItemRepository.update(item, {"score": item.score + 1})
 
-    async def w5(self, rows: Sequence[Row]) -> None:
-        async with self.uow() as uow:
-            await WriteRepository.create_many(uow.session, rows)
-
     async def o1(self, row: Row) -> None:
         # WriteRepository records "write_created" itself; the outbox makes it durable.
         async with UnitOfWork(self.env.sessions, registry=self.o1_registry, outbox=outbox) as uow:
             await WriteRepository.create(uow.session, row)
 
+    async def settle(self) -> None:
+        # O1's delivery marks are batched in the background: the run pays for them too.
+        await flush_delivery_marks()
 
+
+class AlchemiumOutbox(AlchemiumBulk):
+    """alchemium's bulk calls with the outbox on: one event + one delivery row per row.
+
+    Only the bulk workloads: the single-row outbox cost is O1's.
+    """
+
+    name = "alchemium_outbox"
+
+    def __init__(self, env: Env) -> None:
+        super().__init__(env)
+        self.routed = SubscriberRegistry("bench-bulk-outbox")
+        self.routed.add_destination(DESTINATION, "write_*")
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.env.sessions, registry=self.routed, outbox=outbox)
+
+
+_COMMON: dict[str, type[Implementation]] = {
+    "core": Core,
+    "orm": Orm,
+    "advanced_alchemy": AdvancedAlchemy,
+    "alchemium": Alchemium,
+    "alchemium_outbox": AlchemiumOutbox,
+}
 IMPLEMENTATIONS: dict[str, dict[str, type[Implementation]]] = {
-    "postgresql": {
-        "raw": RawPostgres,
-        "orm": Orm,
-        "advanced_alchemy": AdvancedAlchemy,
-        "alchemium": Alchemium,
-    },
-    "sqlite": {
-        "raw": RawSqlite,
-        "orm": Orm,
-        "advanced_alchemy": AdvancedAlchemy,
-        "alchemium": Alchemium,
-    },
+    "postgresql": {"raw": RawPostgres, **_COMMON},
+    "sqlite": {"raw": RawSqlite, **_COMMON},
 }

@@ -1,9 +1,10 @@
 """The tables every implementation reads and writes, and the data the reads find.
 
 ``bench_items`` is seeded once per backend (W2-W4 read and update it);
-``bench_writes`` receives W1/W5/W6/O1 inserts; ``bench_outbox`` is the
-hand-written outbox of the ``raw`` and ``orm`` O1 implementations. alchemium's
-own outbox tables are added to the same metadata (O1, O2, L1).
+``bench_writes`` receives W1/W5/W6/O1 inserts and holds the rows W7 updates and
+W8 deletes; ``bench_outbox`` is the hand-written outbox of the ``raw`` and ``orm``
+O1/L1 implementations. alchemium's own outbox tables are added to the same
+metadata (O1, the bulk workloads with the outbox, O2, D1, L1, L2).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from alchemium import CrudRepository
 from alchemium.events.outbox import Outbox
 
 __all__ = [
+    "BULK_CATEGORY",
+    "BULK_VALUES",
     "CATEGORIES",
     "Base",
     "HandOutbox",
@@ -24,12 +27,15 @@ __all__ = [
     "ItemRepository",
     "Write",
     "WriteRepository",
+    "bulk_row",
     "item_row",
     "outbox",
     "write_row",
 ]
 
 CATEGORIES = 20
+BULK_CATEGORY = "bulk"  # every row W7 updates and W8 deletes
+BULK_VALUES: dict[str, object] = {"note": "updated", "score": 7}  # what W7 sets
 
 
 class Base(DeclarativeBase):
@@ -87,6 +93,11 @@ def item_row(i: int) -> dict[str, object]:
         "score": (i * 7919) % 1000,
         "note": "seeded",
     }
+
+
+def bulk_row(i: int) -> dict[str, object]:
+    """Row ``i`` of the rows W7 updates and W8 deletes (inserted untimed)."""
+    return {"name": f"bulk-{i}", "category": BULK_CATEGORY, "score": i % 1000, "note": "seeded"}
 
 
 def write_row(tag: str, i: int) -> dict[str, object]:

@@ -20,7 +20,14 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from alchemium import CrudRepository, UnitOfWork, use_actor
-from alchemium.events import DomainEvent, audit_history, enable_audit, enable_outbox, on
+from alchemium.events import (
+    DomainEvent,
+    audit_history,
+    enable_audit,
+    enable_outbox,
+    flush_delivery_marks,
+    on,
+)
 
 
 class Base(DeclarativeBase):
@@ -87,6 +94,9 @@ async def main() -> None:
     except RuntimeError as err:
         print(f"  [app] {err}; Bob was not created")
 
+    # After-commit deliveries are marked delivered in batches, within 50 ms of their
+    # commit; write the queued marks now to show the final state.
+    await flush_delivery_marks()
     async with sessions() as session:
         print("4. the outbox: one row per event, one delivery row per (event, subscriber)")
         e, d = outbox.events, outbox.deliveries

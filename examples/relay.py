@@ -7,15 +7,19 @@ first two calls, so after-commit dispatch leaves its delivery pending and the
 relay, running next to the app, retries it with backoff until it goes through.
 A third event, for a "poison" user, never succeeds and ends up dead; it is then
 requeued by hand (what ``alchemium outbox requeue`` does) and delivered.
+
+It exits with status 1 if, in the end, any of the six deliveries (two subscribers,
+three users) was not made.
 """
 
 import asyncio
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
 from sqlalchemy import String
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from alchemium import CrudRepository, UnitOfWork
@@ -26,6 +30,7 @@ from alchemium.events import (
     SubscriberRegistry,
     enable_outbox,
 )
+from alchemium.events.outbox import OutboxStatus
 
 
 class Base(DeclarativeBase):
@@ -62,6 +67,23 @@ async def crm(event: DomainEvent) -> None:
     print(f"  [crm] {name} pushed to the CRM on call {crm_calls[name]}")
 
 
+EXPECTED = 6  # welcome and crm, for each of the three users
+
+
+async def settled(
+    sessions: async_sessionmaker[AsyncSession], seconds: float = 20.0
+) -> OutboxStatus:
+    """The outbox status once nothing is pending or claimed (or ``seconds`` have passed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        async with sessions() as session:
+            status = await outbox.status(session)
+        if status.pending == status.claimed == 0 or loop.time() > deadline:
+            return status
+        await asyncio.sleep(0.1)
+
+
 async def main() -> None:
     global fixed
     logging.basicConfig(level=logging.ERROR, format="  [log] %(message)s")
@@ -91,12 +113,7 @@ async def main() -> None:
         print(f"app: {name} committed")
 
     print("app: waiting for the relay ...")
-    for _ in range(100):
-        async with sessions() as session:
-            status = await outbox.status(session)
-        if status.pending == status.claimed == 0:
-            break
-        await asyncio.sleep(0.1)
+    status = await settled(sessions)
     print(
         f"outbox: delivered={status.delivered} dead={status.dead} pending={status.pending}; "
         f"relay stats: {relay.stats}"
@@ -112,13 +129,14 @@ async def main() -> None:
         await outbox.requeue(session)
         await session.commit()
     relay.wake()
-    await asyncio.sleep(0.5)
+    status = await settled(sessions)
     relay.stop()
     await relay_task
-    async with sessions() as session:
-        status = await outbox.status(session)
     print(f"outbox: delivered={status.delivered} dead={status.dead} pending={status.pending}")
     await engine.dispose()
+    if status.delivered < EXPECTED or status.dead or status.pending or status.claimed:
+        print(f"FAILED: {status.delivered} of {EXPECTED} deliveries made")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

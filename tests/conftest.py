@@ -4,15 +4,24 @@ Every database test takes ``engine`` (or ``session_factory``) and so runs twice,
 once per backend. Each test gets a clean schema with the tables of
 ``tests.models`` and the outbox; the pool must have no checked-out connection
 when the test ends.
+
+Two checks on the whole run:
+
+* A test that cannot run because a server the rig starts (PostgreSQL, Redis,
+  RabbitMQ, PgBouncer) is missing skips with the reason (:func:`skip_without_server`);
+  with ``CI`` set (as ``.ci/run`` runs) that skip is a failure instead.
+* An asyncio "Future/Task exception was never retrieved" logged during the run fails it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from sqlalchemy import event, text
@@ -27,13 +36,79 @@ from alchemium import register_encoder, unregister_encoder
 from alchemium.events import SubscriberRegistry, disable_outbox, enable_outbox, flush_delivery_marks
 from alchemium.events.outbox import Outbox
 from tests.models import Base, Money, money_text, parse_money
-from tests.rig import PostgresServer, postgres_server
+from tests.rig import PostgresServer, postgres_bindir, postgres_server
 
 BACKENDS = ["sqlite", "postgresql"]
 
 
+SERVER_MISSING = "needs a server the test rig starts, "
+
+
+def skip_without_server(server: str, why: str) -> NoReturn:
+    """Skip the test: ``server``, which the rig should start, is not available (why).
+
+    Under CI (``CI`` set) the skip is turned into a failure: there the rig must run
+    every test.
+    """
+    pytest.skip(f"{SERVER_MISSING}{server}: {why}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome: Any = yield
+    report: pytest.TestReport = outcome.get_result()
+    reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else ""
+    if SERVER_MISSING in reason and os.environ.get("CI"):
+        report.outcome = "failed"
+        why = reason.removeprefix("Skipped: ")
+        report.longrepr = f"CI is set, so the rig must provide every server; this test {why}"
+
+
+class _UnretrievedExceptions(logging.Handler):
+    """Collects asyncio's "Future/Task exception was never retrieved" reports."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "exception was never retrieved" in message:
+            self.reports.append(message)
+
+
+_unretrieved = _UnretrievedExceptions()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("asyncio").addHandler(_unretrieved)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    gc.collect()  # futures dropped by the last tests report when they are collected
+    if not _unretrieved.reports:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.section("asyncio exceptions never retrieved", red=True)
+        for message in _unretrieved.reports:
+            reporter.write_line(message)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # Reports after the session (at interpreter exit) reach stderr again: scripts/test.sh
+    # looks for them in the output.
+    logging.getLogger("asyncio").removeHandler(_unretrieved)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
+    if not os.environ.get("ALCHEMIUM_TEST_POSTGRES_URL"):
+        try:
+            postgres_bindir()
+        except RuntimeError as err:
+            skip_without_server("PostgreSQL", str(err))
     with postgres_server() as server:
         yield server
 
@@ -50,6 +125,24 @@ def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
     server: PostgresServer = request.getfixturevalue("pg_server")
     return server.url("postgres")
+
+
+@contextlib.contextmanager
+def statements(engine: AsyncEngine) -> Iterator[list[str]]:
+    """Collect the SQL statements sent through ``engine`` inside the block, in order.
+
+    Counted at SQLAlchemy's ``before_cursor_execute``: what reached the driver.
+    """
+    seen: list[str] = []
+
+    def listener(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", listener)
+    try:
+        yield seen
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", listener)
 
 
 def sqlite_pragmas(engine: AsyncEngine) -> None:
@@ -74,6 +167,8 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
 async def reset_schema(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
+            # A transaction an earlier test leaked would hold its locks forever: fail, not hang.
+            await conn.execute(text("SET LOCAL lock_timeout = '20s'"))
             await conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
             await conn.execute(text("CREATE SCHEMA public"))
         await conn.run_sync(Base.metadata.create_all)

@@ -4,6 +4,11 @@ Runs the machine's PostgreSQL binaries (``pg_config --bindir`` or
 ``/usr/lib/postgresql/*/bin``) on a free loopback port with a temporary data
 directory, as the ``postgres`` user when we are root (initdb refuses root).
 ``ALCHEMIUM_TEST_POSTGRES_URL`` points everything at an existing server instead.
+
+The throwaway server has no TLS, so its URLs say ``ssl=disable``: with asyncpg's default
+(``prefer``) every connection first asks for TLS, and a socket closed before the server
+answers (a restart, a killed backend) leaves a "Future exception was never retrieved"
+behind (MagicStack/asyncpg#1211).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def _bindir() -> Path:
+def postgres_bindir() -> Path:
+    """Where the PostgreSQL server binaries are; RuntimeError saying what to install if nowhere."""
     pg_config = shutil.which("pg_config")
     candidates = []
     if pg_config:
@@ -59,7 +65,7 @@ class PostgresServer:
         if self.external_url:
             base = self.external_url.rsplit("/", 1)[0]
             return f"{base}/{database}".replace("postgresql://", f"{driver}://", 1)
-        return f"{driver}://postgres@127.0.0.1:{self.port}/{database}"
+        return f"{driver}://postgres@127.0.0.1:{self.port}/{database}?ssl=disable"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = list(args)
@@ -100,13 +106,23 @@ class PostgresServer:
         self.start()
 
 
+def libpq_dsn(url: str) -> str:
+    """``url`` (SQLAlchemy's asyncpg form) as a DSN for ``asyncpg.connect`` or ``psql``.
+
+    SQLAlchemy hands ``ssl=<mode>`` to ``asyncpg.connect(ssl=...)``; a DSN spells it
+    ``sslmode`` (asyncpg would send an unknown ``ssl`` key to the server as a setting).
+    """
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    return dsn.replace("?ssl=", "?sslmode=").replace("&ssl=", "&sslmode=")
+
+
 @contextlib.contextmanager
 def postgres_server(settings: tuple[str, ...] = ()) -> Iterator[PostgresServer]:
     external = os.environ.get("ALCHEMIUM_TEST_POSTGRES_URL")
     if external and not settings:
         yield PostgresServer(port=0, external_url=external)
         return
-    bindir = _bindir()
+    bindir = postgres_bindir()
     tmp = Path(tempfile.mkdtemp(prefix="alchemium-pg-"))
     user = None
     if os.geteuid() == 0:

@@ -8,11 +8,13 @@ also checked with ``mypy --strict``, as the note after the README's quick start 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,14 +31,10 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def test_there_are_examples() -> None:
-    assert any(p.name == "quickstart.py" for p in EXAMPLES)
-
-
-@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_runs(script: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(script.relative_to(ROOT))],
+def run_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` from the repository root, as on a fresh clone."""
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=ROOT,
         env=clean_env(),
         capture_output=True,
@@ -44,10 +42,42 @@ def test_example_runs(script: Path) -> None:
         timeout=180,
         check=False,
     )
+
+
+def test_there_are_examples() -> None:
+    assert any(p.name == "quickstart.py" for p in EXAMPLES)
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(script: Path) -> None:
+    result = run_python(str(script.relative_to(ROOT)))
     assert result.returncode == 0, (
         f"{script.name} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
         f"\n--- stderr\n{result.stderr[-4000:]}"
     )
+
+
+REFUSING_PUBLISHER = """
+import runpy
+
+from alchemium.events import InProcessPublisher
+
+
+async def refuse(self, event, destination):
+    raise ConnectionError("the relay's publisher is down")
+
+
+InProcessPublisher.publish = refuse
+runpy.run_path("examples/relay.py", run_name="__main__")
+"""
+
+
+def test_relay_example_fails_when_it_delivers_less_than_it_should() -> None:
+    """With the relay's publisher refusing everything, examples/relay.py exits 1."""
+    result = run_python("-c", REFUSING_PUBLISHER)
+    assert result.returncode == 1, result.stdout + result.stderr
+    # Only the after-commit dispatch delivered: the three welcome mails.
+    assert "FAILED: 3 of 6 deliveries made" in result.stdout, result.stdout
 
 
 def free_port() -> int:
@@ -92,7 +122,7 @@ ANNOTATED_LOOKUP = "found_user: User = await UserRepository.get_one("
 
 
 @pytest.fixture(scope="module")
-def mypy_on_the_typed_quickstart(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def mypy_on_the_typed_quickstart() -> dict[str, str]:
     """mypy --strict on the example and on a copy annotated as the quick start suggests.
 
     Returns each file's error lines (one mypy run for both, from the repository root so
@@ -100,10 +130,20 @@ def mypy_on_the_typed_quickstart(tmp_path_factory: pytest.TempPathFactory) -> di
     """
     source = TYPED_QUICKSTART.read_text(encoding="utf-8")
     assert source.count(HONEST_LOOKUP) == 1
-    annotated = (tmp_path_factory.mktemp("mypy") / "annotated_quickstart.py").resolve()
+    # A stable path and a cache of its own: mypy's incremental cache, finding this content
+    # cached under another path (an earlier run's temporary one), reports that old path.
+    checkout = hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]
+    annotated = (
+        Path(tempfile.gettempdir()) / f"alchemium-mypy-{checkout}" / "annotated_quickstart.py"
+    )
+    annotated.parent.mkdir(exist_ok=True)
     annotated.write_text(source.replace(HONEST_LOOKUP, ANNOTATED_LOOKUP), encoding="utf-8")
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", str(TYPED_QUICKSTART), str(annotated)],
+        [
+            *(sys.executable, "-m", "mypy", "--strict"),
+            *("--cache-dir", str(annotated.parent / ".mypy_cache")),
+            *(str(TYPED_QUICKSTART), str(annotated)),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -7,12 +7,8 @@ Every test runs on SQLite and PostgreSQL. Statement counts are measured with a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import pytest
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -22,6 +18,7 @@ from alchemium import (
     NotFoundError,
     UnitOfWork,
 )
+from tests.conftest import statements
 from tests.models import (
     Author,
     AuthorRepository,
@@ -31,21 +28,6 @@ from tests.models import (
 )
 
 Factory = async_sessionmaker[AsyncSession]
-
-
-@contextmanager
-def statements(engine: AsyncEngine) -> Iterator[list[str]]:
-    """Collect the SQL statements sent through ``engine`` inside the block."""
-    seen: list[str] = []
-
-    def listener(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(statement)
-
-    event.listen(engine.sync_engine, "before_cursor_execute", listener)
-    try:
-        yield seen
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", listener)
 
 
 async def make_document(factory: Factory, title: str = "draft") -> int:

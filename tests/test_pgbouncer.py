@@ -4,6 +4,8 @@ Transaction pooling hands each transaction to whichever server connection is
 free, so server-side prepared statements cannot be reused by name. The engine
 settings documented in docs/pgbouncer.md (no asyncpg statement cache, unique
 prepared statement names) make repositories and units of work work unchanged.
+Server connections are counted on PgBouncer's admin console (``SHOW SERVERS``,
+``SHOW CLIENTS``, through ``psql``: the console speaks only the simple protocol).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,18 +30,18 @@ from sqlalchemy.ext.asyncio import (
 
 from alchemium import UniqueViolation, UnitOfWork
 from alchemium.events import flush_delivery_marks
-from tests.conftest import reset_schema
+from tests.conftest import reset_schema, skip_without_server
 from tests.models import User, UserRepository
 from tests.rig import PostgresServer, free_port, wait_port
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
 
-def pgbouncer_engine(url: str) -> AsyncEngine:
+def pgbouncer_engine(url: str, pool_size: int = 5) -> AsyncEngine:
     """The documented engine settings for asyncpg behind transaction pooling."""
     return create_async_engine(
-        url + "?prepared_statement_cache_size=0",
-        pool_size=5,
+        url + "&prepared_statement_cache_size=0",
+        pool_size=pool_size,
         max_overflow=0,
         connect_args={
             "statement_cache_size": 0,
@@ -47,10 +50,51 @@ def pgbouncer_engine(url: str) -> AsyncEngine:
     )
 
 
+POOL_SIZE = 4  # PgBouncer's default_pool_size: server connections per database and user
+
+
+@dataclass
+class PgBouncer:
+    """A running PgBouncer in transaction pooling mode in front of the rig's server."""
+
+    port: int
+    psql: Path
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres?ssl=disable"
+
+    def show(self, what: str) -> list[dict[str, str]]:
+        """The rows of ``SHOW <what>`` on the admin console."""
+        out = subprocess.run(
+            [
+                *(str(self.psql), "-X", "-A", "-F", "\t", "-P", "footer=off"),
+                *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "pgbouncer"),
+                *("-c", f"SHOW {what}"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.splitlines()
+        header = out[0].split("\t")
+        return [dict(zip(header, line.split("\t"), strict=True)) for line in out[1:]]
+
+    def connections(self, what: str) -> int:
+        """How many ``SERVERS`` or ``CLIENTS`` belong to the ``postgres`` database's pool."""
+        return sum(row["database"] == "postgres" for row in self.show(what))
+
+
 @pytest.fixture(scope="module")
-def pgbouncer(pg_server: PostgresServer) -> Iterator[str]:
-    if pg_server.external_url or not os.path.exists(PGBOUNCER):
-        pytest.skip("needs the rig's own PostgreSQL and the pgbouncer package")
+def pgbouncer(pg_server: PostgresServer) -> Iterator[PgBouncer]:
+    if pg_server.external_url:
+        skip_without_server(
+            "PgBouncer",
+            "it fronts the rig's own PostgreSQL (its port, trust authentication), and "
+            "ALCHEMIUM_TEST_POSTGRES_URL points the suite at another server",
+        )
+    if not os.path.exists(PGBOUNCER):
+        skip_without_server("PgBouncer", "pgbouncer is not installed (apt-get install pgbouncer)")
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="alchemium-pgb-"))
     (tmp / "userlist.txt").write_text('"postgres" ""\n')
@@ -63,8 +107,9 @@ listen_port = {port}
 unix_socket_dir =
 auth_type = trust
 auth_file = {tmp}/userlist.txt
+admin_users = postgres
 pool_mode = transaction
-default_pool_size = 4
+default_pool_size = {POOL_SIZE}
 max_client_conn = 100
 ignore_startup_parameters = extra_float_digits
 logfile = {tmp}/pgbouncer.log
@@ -79,7 +124,8 @@ logfile = {tmp}/pgbouncer.log
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+        assert pg_server.bindir is not None
+        yield PgBouncer(port, pg_server.bindir / "psql")
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -87,8 +133,8 @@ logfile = {tmp}/pgbouncer.log
 
 
 @pytest.fixture
-async def bouncer_factory(pgbouncer: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = pgbouncer_engine(pgbouncer)
+async def bouncer_factory(pgbouncer: PgBouncer) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = pgbouncer_engine(pgbouncer.url)
     await reset_schema(engine)
     yield async_sessionmaker(engine, expire_on_commit=False)
     await flush_delivery_marks()  # marks in flight hold a connection
@@ -117,19 +163,41 @@ async def test_repository_operations_through_transaction_pooling(
 
 
 async def test_concurrent_units_of_work_share_few_server_connections(
-    bouncer_factory: async_sessionmaker[AsyncSession],
+    pgbouncer: PgBouncer, bouncer_factory: async_sessionmaker[AsyncSession]
 ) -> None:
+    """Ten tasks, each with its own client connection, share at most four server ones."""
+    engine = pgbouncer_engine(pgbouncer.url, pool_size=10)
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    servers: list[int] = []
+    working = True
+
+    async def count_servers() -> None:
+        while working:
+            servers.append(await asyncio.to_thread(pgbouncer.connections, "SERVERS"))
+            await asyncio.sleep(0.02)
+
     async def work(i: int) -> None:
-        for j in range(5):
-            async with UnitOfWork(bouncer_factory) as uow:
+        for j in range(10):
+            async with UnitOfWork(factory) as uow:
                 await UserRepository.create(uow.session, {"name": f"t{i}-{j}"})
                 await uow.flush()
                 found = await UserRepository.get_one(uow.session, {"name": f"t{i}-{j}"})
                 assert isinstance(found, User)
 
-    await asyncio.gather(*(work(i) for i in range(10)))
+    sampler = asyncio.create_task(count_servers())
+    try:
+        await asyncio.gather(*(work(i) for i in range(10)))
+        clients = await asyncio.to_thread(pgbouncer.connections, "CLIENTS")
+    finally:
+        working = False
+        await sampler
+        await engine.dispose()
     async with UnitOfWork(bouncer_factory) as uow:
-        assert await UserRepository.count(uow.session) == 50
+        assert await UserRepository.count(uow.session) == 100
+    servers.append(await asyncio.to_thread(pgbouncer.connections, "SERVERS"))
+    print(f"\n{clients} client connections, server connections sampled: {sorted(set(servers))}")
+    assert clients >= 10  # one per task (and the fixture's engine may hold one more)
+    assert 0 < max(servers) <= POOL_SIZE
 
 
 async def test_errors_map_the_same_behind_pgbouncer(

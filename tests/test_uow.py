@@ -20,6 +20,7 @@ from alchemium import (
 )
 from alchemium.events import flush_delivery_marks
 from tests.conftest import make_engine
+from tests.events.relay_support import eventually
 from tests.models import User, UserRepository
 
 Factory = async_sessionmaker[AsyncSession]
@@ -219,7 +220,8 @@ async def test_cancellation_at_random_points_leaves_only_whole_units(
         for j in range(100):
             async with UnitOfWork(factory) as uow:
                 await UserRepository.create(uow.session, {"name": f"a{i}-{j}"})
-                await asyncio.sleep(0)
+                await uow.flush()
+                await asyncio.sleep(0.005)  # the first row is in the transaction, not the second
                 await UserRepository.create(uow.session, {"name": f"b{i}-{j}"})
 
     tasks = [asyncio.create_task(worker(i)) for i in range(20)]
@@ -233,6 +235,70 @@ async def test_cancellation_at_random_points_leaves_only_whole_units(
     firsts = {n[1:] for n in names if n.startswith("a")}
     seconds = {n[1:] for n in names if n.startswith("b")}
     assert firsts == seconds
+
+
+async def test_cancellation_between_two_flushed_writes_commits_neither(
+    session_factory: Factory,
+) -> None:
+    """A unit of work cancelled between its two flushed writes leaves neither behind."""
+    between = asyncio.Event()
+
+    async def unit() -> None:
+        async with UnitOfWork(session_factory) as uow:
+            await UserRepository.create(uow.session, {"name": "first"})
+            await uow.flush()
+            between.set()
+            await asyncio.Event().wait()  # the cancellation lands here, between the writes
+            await UserRepository.create(uow.session, {"name": "second"})  # pragma: no cover
+
+    task = asyncio.create_task(unit())
+    await asyncio.wait_for(between.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await user_names(session_factory) == []
+
+
+# A deferred constraint trigger runs at COMMIT: this one makes every COMMIT that inserted
+# a user take a second, on the server, so a cancellation can land while COMMIT runs.
+SLOW_COMMIT = [
+    "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+    "$$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$",
+    "CREATE CONSTRAINT TRIGGER users_slow_commit AFTER INSERT ON users "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+]
+COMMIT_RUNNING = text(
+    "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+    "AND query ILIKE 'commit%' AND state = 'active' AND wait_event = 'PgSleep'"
+)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_commit_in_progress_finishes_although_the_task_is_cancelled(
+    engine: AsyncEngine, pooled: AsyncEngine
+) -> None:
+    """COMMIT is shielded: cancelled while the server runs it, it completes, then the task
+    ends cancelled and its connection is back in the pool."""
+    async with engine.begin() as conn:
+        for statement in SLOW_COMMIT:
+            await conn.execute(text(statement))
+    factory = async_sessionmaker(pooled, expire_on_commit=False)
+
+    async def unit() -> None:
+        async with UnitOfWork(factory) as uow:
+            await UserRepository.create(uow.session, {"name": "slow"})
+
+    async def commit_running() -> bool:
+        async with engine.connect() as conn:
+            return bool(await conn.scalar(COMMIT_RUNNING))
+
+    task = asyncio.create_task(unit())
+    await eventually(commit_running, timeout=10, interval=0.02)
+    task.cancel()  # the server is inside COMMIT, for about a second more
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await user_names(factory) == ["slow"]
+    assert pooled.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_final_flush_blocked_on_a_lock_stays_cancellable(

@@ -192,6 +192,10 @@ _default: list[AuditLog] = []
 class AuditWriter(UnitOfWorkHooks):
     """The unit of work hook that writes the default audit log's rows before COMMIT."""
 
+    def wants_event(self, uow: UnitOfWork, name: str) -> bool:
+        """Entity change events are audited while an audit log is enabled."""
+        return bool(_default)
+
     def before_commit(self, uow: UnitOfWork, session: Session, commit: Commit) -> None:
         """Insert one audit row per change event of the committing transaction."""
         if _default:

@@ -175,9 +175,8 @@ def write_events(
             rows.append((event, destination, False))
             external = True
     try:
-        outbox.write(
-            session, events, rows, claim_token=token, lease=outbox.dispatch_lease, notify=external
-        )
+        lease = outbox.dispatch_lease
+        outbox.write(session, events, rows, claim_token=token, lease=lease, notify=external)
     except sa_exc.DBAPIError as err:
         if not outbox.tables_exist(session.get_bind()):
             raise OutboxError(
@@ -267,6 +266,13 @@ class EventDelivery(UnitOfWorkHooks):
         events = events_to_commit(uow, commit)
         commit.events = events
         commit.info[self] = write_events(uow, session, events)
+
+    def wants_event(self, uow: UnitOfWork, name: str) -> bool:
+        """An outbox writes every event; else a watcher, subscriber or destination wants it."""
+        if outbox_of(uow) is not None or _watchers.get():
+            return True
+        registry = registry_of(uow)
+        return bool(registry.subscribers_for(name) or registry.destinations_for(name))
 
     async def after_commit(self, uow: UnitOfWork, commit: Commit) -> None:
         """Tell ``watch_commits`` watchers, call the subscribers, record the outcomes."""

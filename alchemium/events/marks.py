@@ -26,17 +26,31 @@ import contextlib
 import logging
 import uuid
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from alchemium.shielding import uncancellable
 
-if TYPE_CHECKING:
-    from alchemium.events.outbox import Outbox
+__all__ = ["flush_delivery_marks", "flush_marks_before_reading", "queue_delivery_mark"]
 
-__all__ = ["flush_delivery_marks", "queue_delivery_mark"]
+
+class MarkedOutbox(Protocol):
+    """What marking needs of an outbox (:class:`alchemium.events.Outbox` provides it).
+
+    A protocol rather than the class: the outbox's reads flush queued marks first
+    (:func:`flush_marks_before_reading`), so the outbox modules import this one.
+    """
+
+    @property
+    def mark_window(self) -> float: ...
+
+    async def mark_delivered_tokens(
+        self, conn: AsyncConnection, tokens: Sequence[uuid.UUID]
+    ) -> int: ...
+
 
 logger = logging.getLogger("alchemium.events")
 
@@ -47,7 +61,7 @@ _MAX_BATCH = 1000  # tokens per UPDATE; more are marked by the next one at once
 class _Batch:
     """The queued tokens of one outbox and engine on one event loop, and the task writing them."""
 
-    outbox: Outbox
+    outbox: MarkedOutbox
     engine: AsyncEngine
     tokens: list[uuid.UUID] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
@@ -94,7 +108,7 @@ _batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, i
 )
 
 
-def queue_delivery_mark(outbox: Outbox, engine: AsyncEngine, token: uuid.UUID) -> None:
+def queue_delivery_mark(outbox: MarkedOutbox, engine: AsyncEngine, token: uuid.UUID) -> None:
     """Queue "delivered" for the rows claimed under ``token``; written within the window."""
     loop = asyncio.get_running_loop()
     batches = _batches.setdefault(loop, {})
@@ -109,17 +123,42 @@ def queue_delivery_mark(outbox: Outbox, engine: AsyncEngine, token: uuid.UUID) -
         batch.task = loop.create_task(batch.run(), name="alchemium delivery marks")
 
 
-async def flush_delivery_marks() -> None:
-    """Write every delivery mark queued on this event loop now, and wait until it is written.
+async def flush_delivery_marks(outbox: object | None = None) -> None:
+    """Write the delivery marks queued on this event loop now, and wait until they are written.
 
-    Call it before disposing of an engine whose units of work dispatched events (an
-    app's shutdown, a test's teardown): afterwards no mark is waiting for it.
+    All of them, or those of ``outbox``. Call it before disposing of an engine whose
+    units of work dispatched events (an app's shutdown, a test's teardown):
+    afterwards no mark is waiting for it.
     """
     batches = _batches.get(asyncio.get_running_loop(), {})
     for batch in list(batches.values()):
+        if outbox is not None and batch.outbox is not outbox:
+            continue
         while batch.tokens:
             await batch.write()
         task = batch.task
         if task is not None and not task.done():
             batch.full.set()
             await asyncio.wait([task])
+
+
+def _queued(outbox: object) -> bool:
+    try:
+        batches = _batches.get(asyncio.get_running_loop(), {})
+    except RuntimeError:  # no running loop: nothing can be queued
+        return False
+    return any(batch.outbox is outbox and batch.tokens for batch in batches.values())
+
+
+async def flush_marks_before_reading(outbox: object, in_transaction: bool, dialect: str) -> None:
+    """Write ``outbox``'s queued marks before a read of its state, in this process.
+
+    So a status read right after a commit shows its after-commit deliveries
+    delivered, as it would without batching. Skipped when the reader already holds
+    a SQLite transaction: the marks' UPDATE would wait for the reader's lock, so the
+    read shows the rows claimed (other processes may see them claimed for up to
+    ``mark_window`` seconds in any case).
+    """
+    if not _queued(outbox) or (in_transaction and dialect == "sqlite"):
+        return
+    await flush_delivery_marks(outbox)

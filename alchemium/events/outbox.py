@@ -46,7 +46,6 @@ from alchemium.events.outbox_admin import (
 from alchemium.events.outbox_schema import (
     CLAIMED,
     DEAD,
-    DELIVERED,
     PENDING,
     DeliveryRow,
     Executor,
@@ -116,6 +115,9 @@ class Outbox(OutboxAdministration):
             ``aggregateid``, ``type``, ``payload``, ``tracingspancontext``,
             ``schemaversion``), so change data capture can take over from the relay
             (docs/outbox-cdc.md). The delivery table and the relay are the same.
+        completion: what a delivered row becomes: ``"keep"`` (status ``delivered``,
+            until the retention purge), ``"delete"`` (deleted at once; its event goes
+            with the purge), ``"archive"`` (moved to ``<table_name>_delivery_archive``).
     """
 
     def __init__(
@@ -128,8 +130,11 @@ class Outbox(OutboxAdministration):
         dispatch_lease: float = DISPATCH_LEASE,
         mark_window: float = 0.05,
         shape: str = "alchemium",
+        completion: str = "keep",
     ) -> None:
-        super().__init__(metadata, table_name=table_name, schema=schema, shape=shape)
+        super().__init__(
+            metadata, table_name=table_name, schema=schema, shape=shape, completion=completion
+        )
         if dispatch_lease <= 0 or mark_window < 0:
             raise OutboxError(
                 f"Outbox(dispatch_lease={dispatch_lease!r}, mark_window={mark_window!r}): the "
@@ -317,35 +322,27 @@ class Outbox(OutboxAdministration):
         ``delivered_at`` is the database's now.
         """
         d = self.deliveries
-        stmt = update(d).where(d.c.claim_token == token, d.c.status == CLAIMED)
+        where = [d.c.claim_token == token, d.c.status == CLAIMED]
         if ids is not None:
             if not ids:
                 return 0
             if dialect_of(conn) == "postgresql":  # one array parameter, not one per id
-                stmt = stmt.where(d.c.id == any_(bindparam("ids", list(ids), ARRAY(BigInteger))))
+                where.append(d.c.id == any_(bindparam("ids", list(ids), ARRAY(BigInteger))))
             else:
-                stmt = stmt.where(d.c.id.in_(ids))
-        stmt = stmt.values(
-            status=DELIVERED, delivered_at=database_now(), claim_token=None, claimed_until=None
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+                where.append(d.c.id.in_(ids))
+        return await self.complete(conn, *where)
 
     async def mark_delivered_tokens(self, conn: Executor, tokens: Sequence[uuid.UUID]) -> int:
         """Mark every row still claimed under one of ``tokens`` delivered; returns how many."""
         if not tokens:
             return 0
         d = self.deliveries
-        stmt = update(d).where(d.c.status == CLAIMED)
         if dialect_of(conn) == "postgresql":  # one array parameter, not one per token
-            stmt = stmt.where(
-                d.c.claim_token == any_(bindparam("tokens", list(tokens), ARRAY(Uuid())))
-            )
+            tokens_param = bindparam("tokens", list(tokens), ARRAY(Uuid()))
+            by_token = d.c.claim_token == any_(tokens_param)
         else:
-            stmt = stmt.where(d.c.claim_token.in_(tokens))
-        stmt = stmt.values(
-            status=DELIVERED, delivered_at=database_now(), claim_token=None, claimed_until=None
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+            by_token = d.c.claim_token.in_(tokens)
+        return await self.complete(conn, d.c.status == CLAIMED, by_token)
 
     async def mark_delivered_by_destination(
         self, conn: Executor, token: uuid.UUID, pairs: Sequence[tuple[uuid.UUID, str]]
@@ -354,18 +351,12 @@ class Outbox(OutboxAdministration):
         if not pairs:
             return 0
         d = self.deliveries
-        stmt = (
-            update(d)
-            .where(
-                d.c.claim_token == token,
-                d.c.status == CLAIMED,
-                tuple_(d.c.event_id, d.c.destination).in_(list(pairs)),
-            )
-            .values(
-                status=DELIVERED, delivered_at=database_now(), claim_token=None, claimed_until=None
-            )
+        return await self.complete(
+            conn,
+            d.c.claim_token == token,
+            d.c.status == CLAIMED,
+            tuple_(d.c.event_id, d.c.destination).in_(list(pairs)),
         )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
     async def mark_failed(
         self,
@@ -432,4 +423,7 @@ async def create_outbox_tables(engine: AsyncEngine, outbox: Outbox | None = None
     outbox = outbox or default_outbox()
     if outbox is None:
         raise OutboxError("no outbox enabled; call enable_outbox(metadata) first")
-    await create_tables(engine, outbox.metadata, [outbox.events, outbox.deliveries])
+    tables = [outbox.events, outbox.deliveries]
+    if outbox.archive is not None:
+        tables.append(outbox.archive)
+    await create_tables(engine, outbox.metadata, tables)

@@ -26,6 +26,7 @@ from sqlalchemy import (
     update,
 )
 
+from alchemium.events.marks import flush_marks_before_reading
 from alchemium.events.outbox_schema import (
     CLAIMED,
     DEAD,
@@ -35,6 +36,7 @@ from alchemium.events.outbox_schema import (
     OutboxTables,
     age_of,
     database_now,
+    dialect_of,
 )
 
 __all__ = ["DestinationStatus", "OutboxAdministration", "OutboxStatus", "OverdueDestination"]
@@ -106,6 +108,15 @@ class OverdueDestination:
 class OutboxAdministration(OutboxTables):
     """Status, lag and maintenance of the outbox tables; :class:`Outbox` inherits them."""
 
+    async def settle_marks(self, conn: Executor) -> None:
+        """Write this process's queued "delivered" marks of after-commit dispatches first.
+
+        The reads of the delivery states call it, so a status read right after a
+        commit in the same process shows what the commit's subscribers did (see
+        :mod:`alchemium.events.marks`).
+        """
+        await flush_marks_before_reading(self, conn.in_transaction(), dialect_of(conn))
+
     async def status(
         self, conn: Executor, destinations: Sequence[str] | None = None
     ) -> OutboxStatus:
@@ -124,7 +135,8 @@ class OutboxAdministration(OutboxTables):
         delivered ones kept for retention included), then the lag and the overdue
         time of the undelivered rows, on the database's clock.
         """
-        d, e = self.deliveries, self.events
+        await self.settle_marks(conn)
+        d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         counts: dict[str, dict[str, int]] = {}
         for destination, state, n in await conn.execute(
@@ -140,11 +152,10 @@ class OutboxAdministration(OutboxTables):
                 await conn.execute(
                     select(
                         d.c.destination,
-                        func.min(e.c.occurred_at),
+                        func.min(self.occurred_at_of_row()),
                         func.min(self.due_since(now)),
                         now,
                     )
-                    .select_from(d.join(e, e.c.id == d.c.event_id))
                     .where(d.c.status.in_((PENDING, CLAIMED)), *where)
                     .group_by(d.c.destination)
                 )
@@ -170,13 +181,14 @@ class OutboxAdministration(OutboxTables):
         One statement over the undelivered rows only. See :class:`OutboxStatus` for
         what the writer's clock does to it.
         """
-        d, e = self.deliveries, self.events
+        await self.settle_marks(conn)
+        d = self.deliveries
         where = [d.c.destination.in_(destinations)] if destinations else []
         oldest, now = (
             await conn.execute(
-                select(func.min(e.c.occurred_at), database_now())
-                .select_from(d.join(e, e.c.id == d.c.event_id))
-                .where(d.c.status.in_((PENDING, CLAIMED)), *where)
+                select(func.min(self.occurred_at_of_row()), database_now()).where(
+                    d.c.status.in_((PENDING, CLAIMED)), *where
+                )
             )
         ).one()
         return age_of(now, oldest)
@@ -216,6 +228,7 @@ class OutboxAdministration(OutboxTables):
         """How many rows of ``destinations`` are pending or claimed (none if no destination)."""
         if not destinations:
             return 0
+        await self.settle_marks(conn)
         d = self.deliveries
         stmt = select(func.count()).where(
             d.c.destination.in_(destinations), d.c.status.in_((PENDING, CLAIMED))
@@ -259,14 +272,43 @@ class OutboxAdministration(OutboxTables):
         return int(getattr(await conn.execute(stmt), "rowcount", 0))
 
     async def discard(self, conn: Executor, ids: Sequence[int]) -> int:
-        """Give up on dead deliveries (marked delivered with their error kept)."""
+        """Give up on dead deliveries: completed like delivered rows, their error kept."""
         d = self.deliveries
-        stmt = (
-            update(d)
-            .where(d.c.status == DEAD, d.c.id.in_(ids))
-            .values(status=DELIVERED, delivered_at=database_now())
-        )
-        return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        return await self.complete(conn, d.c.status == DEAD, d.c.id.in_(ids), keep_claim=True)
+
+    async def complete(self, conn: Executor, *where: Any, keep_claim: bool = False) -> int:
+        """Complete the rows matching ``where`` as delivered, by the outbox's ``completion``.
+
+        ``keep``: status ``delivered`` and ``delivered_at`` the database's now (the claim
+        cleared unless ``keep_claim``). ``delete``: the rows are deleted. ``archive``:
+        moved to the archive table, delivered (one statement on PostgreSQL; an INSERT
+        and a DELETE in the caller's transaction on SQLite). Returns how many rows.
+        """
+        d = self.deliveries
+        if self.completion == "keep":
+            values: dict[str, Any] = {"status": DELIVERED, "delivered_at": database_now()}
+            if not keep_claim:
+                values |= {"claim_token": None, "claimed_until": None}
+            stmt = update(d).where(*where).values(**values)
+            return int(getattr(await conn.execute(stmt), "rowcount", 0))
+        if self.completion == "delete":
+            return int(getattr(await conn.execute(delete(d).where(*where)), "rowcount", 0))
+        archive = self.archive
+        assert archive is not None
+        names = [c.name for c in d.c]
+        if dialect_of(conn) == "postgresql":
+            moved = delete(d).where(*where).returning(*d.c).cte("moved")
+            source: Any = moved
+        else:
+            source = d
+        done = {"status": literal(DELIVERED, String), "delivered_at": database_now()}
+        rows = select(*(done.get(n, source.c[n]) for n in names))
+        if source is d:
+            rows = rows.where(*where)
+        inserted = await conn.execute(insert(archive).from_select(names, rows))
+        if source is d:
+            await conn.execute(delete(d).where(*where))
+        return int(getattr(inserted, "rowcount", 0))
 
     async def blocked_aggregates(self, conn: Executor) -> list[tuple[str, str, str]]:
         """(destination, aggregate type, aggregate id) held up by a dead delivery (ordered mode)."""
@@ -280,34 +322,37 @@ class OutboxAdministration(OutboxTables):
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def purge(self, conn: Executor, *, older_than: float, batch_size: int = 1000) -> int:
-        """Delete up to ``batch_size`` delivered rows older than ``older_than`` seconds.
+        """Delete up to ``batch_size`` events older than ``older_than`` seconds, and their rows.
 
-        Then deletes events older than that which have no delivery row left. Rows being
-        delivered (claimed) or pending are never touched. Returns the number of delivery
-        rows deleted; call again until it returns 0. The cutoff is the database's now
-        minus ``older_than``; an event's age is read from its ``occurred_at`` (the
-        writer's clock), which only shifts when an event with nothing left to deliver
-        is deleted.
+        Only events every delivery row of which is delivered (or that have none) go:
+        pending, claimed and dead rows, and their events, are never touched. Returns
+        the number of delivery rows deleted; call again until it returns 0. An event's
+        age is read from its ``occurred_at`` (the writer's clock) against the
+        database's now: retention, not a comparison anything is decided by.
+
+        The events are chosen by the ``occurred_at`` index, oldest first, each checked
+        for undelivered rows by the (event, destination) unique index, and locked
+        ``SKIP LOCKED``: a purge costs the same with millions of rows kept as with
+        none, whether or not anything is left to purge, and never waits for a relay.
         """
         d, e = self.deliveries, self.events
-        cutoff = database_now(-older_than)
         picked = (
-            select(d.c.id)
-            .where(d.c.status == DELIVERED, d.c.delivered_at < cutoff)
+            select(e.c.id)
+            .where(
+                e.c.occurred_at < database_now(-older_than),
+                ~exists().where(d.c.event_id == e.c.id, d.c.status != DELIVERED),
+            )
+            .order_by(e.c.occurred_at)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
+        ids = list((await conn.execute(picked)).scalars())
+        if not ids:
+            return 0
         removed = int(
-            getattr(await conn.execute(delete(d).where(d.c.id.in_(picked))), "rowcount", 0)
+            getattr(await conn.execute(delete(d).where(d.c.event_id.in_(ids))), "rowcount", 0)
         )
-        stale = (
-            select(e.c.sequence)
-            .where(e.c.occurred_at < cutoff, ~exists().where(d.c.event_id == e.c.id))
-            .limit(batch_size)
-            .scalar_subquery()
-        )
-        await conn.execute(delete(e).where(e.c.sequence.in_(stale)))
+        await conn.execute(delete(e).where(e.c.id.in_(ids)))
         return removed
 
     async def backfill(self, conn: Executor, destination: str, *, since: dt.datetime) -> int:

@@ -70,11 +70,13 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
 
 from alchemium.domain_event import DomainEvent
+from alchemium.errors import OutboxError
 from alchemium.events.event_fields import schema_version_of, trace_context_of
 from alchemium.events.tables import BigId, JsonDocument, existing_table
 
 __all__ = [
     "CLAIMED",
+    "COMPLETIONS",
     "DEAD",
     "DELIVERED",
     "PENDING",
@@ -210,11 +212,19 @@ class DeliveryRow:
     event: DomainEvent
 
 
+COMPLETIONS = ("keep", "delete", "archive")
+
+
 class OutboxTables:
-    """The two outbox tables in ``metadata`` (declared, or reused if already there).
+    """The outbox tables in ``metadata`` (declared, or reused if already there).
 
     Also builds the statements the operations share: the INSERT of delivery rows,
     the condition that makes a row due, PostgreSQL's one-statement claim.
+
+    ``completion`` says what becomes of a delivery row once delivered: ``"keep"`` it
+    (status ``delivered``, until the retention purge), ``"delete"`` it at once, or
+    ``"archive"`` it: move it to ``<table_name>_delivery_archive`` (declared here too),
+    where nothing reads or locks it.
     """
 
     def __init__(
@@ -224,15 +234,23 @@ class OutboxTables:
         table_name: str = "alchemium_outbox",
         schema: str | None = None,
         shape: str = "alchemium",
+        completion: str = "keep",
     ) -> None:
         if shape not in SHAPES:
-            raise ValueError(f"outbox shape {shape!r}: use one of {', '.join(SHAPES)}")
+            raise OutboxError(f"Outbox(shape={shape!r}): expected one of {', '.join(SHAPES)}")
+        if completion not in COMPLETIONS:
+            raise OutboxError(
+                f"Outbox(completion={completion!r}): expected one of {', '.join(COMPLETIONS)}"
+            )
         self.metadata = metadata
         self.shape = shape
+        self.completion = completion
+        self.archive: Table | None = None
         events = existing_table(metadata, table_name, schema)
         deliveries = existing_table(metadata, f"{table_name}_delivery", schema)
         if events is not None and deliveries is not None:
             self.events, self.deliveries = events, deliveries
+            self._declare_archive(table_name, schema)
             return
         # Column *keys* are alchemium's names in both shapes, so every statement reads
         # the same; the Debezium shape only changes the names in the database.
@@ -302,6 +320,23 @@ class OutboxTables:
         )
         Index(f"ix_{table_name}_delivery_token", self.deliveries.c.claim_token)
         Index(f"ix_{table_name}_occurred", self.events.c.occurred_at)
+        self._declare_archive(table_name, schema)
+
+    def _declare_archive(self, table_name: str, schema: str | None) -> None:
+        """With ``completion="archive"``: the table delivered rows move to (its columns)."""
+        if self.completion != "archive":
+            return
+        name = f"{table_name}_delivery_archive"
+        archive = existing_table(self.metadata, name, schema)
+        if archive is None:
+            archive = Table(
+                name,
+                self.metadata,
+                *(Column(c.name, c.type, nullable=c.nullable) for c in self.deliveries.c),
+                schema=schema,
+            )
+            Index(f"ix_{name}_event", archive.c.event_id)
+        self.archive = archive
 
     def shape_values(self, event: DomainEvent) -> dict[str, Any]:
         """The values of the shape's own event columns (none for alchemium's shape).
@@ -410,6 +445,16 @@ class OutboxTables:
             .join(e, e.c.id == claimed.c.event_id)
             .order_by(claimed.c.id)
         )
+
+    def occurred_at_of_row(self) -> Any:
+        """The ``occurred_at`` of a delivery row's event, as a correlated subquery.
+
+        One unique-index lookup per undelivered row: the lag costs the same with
+        millions of delivered rows (and their events) kept as with none, where a join
+        may make the planner hash the whole events table.
+        """
+        d, e = self.deliveries, self.events
+        return select(e.c.occurred_at).where(e.c.id == d.c.event_id).scalar_subquery()
 
     def due_since(self, now: Any) -> Any:
         """When an undelivered row became due (NULL if it is not due at ``now``)."""

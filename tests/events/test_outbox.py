@@ -14,9 +14,17 @@ from sqlalchemy import MetaData, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import OutboxError, UnitOfWork
-from alchemium.events import DomainEvent, SubscriberRegistry, create_outbox_tables
+from alchemium.events import (
+    DomainEvent,
+    InProcessPublisher,
+    OutboxRelay,
+    SubscriberRegistry,
+    create_outbox_tables,
+    flush_delivery_marks,
+)
 from alchemium.events.outbox import Outbox, database_now
 from tests.events.conftest import Received, count, deliveries, outbox_events
+from tests.events.relay_support import LONG_AGO
 from tests.models import OrderLineRepository, Status, User, UserRepository
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -288,3 +296,47 @@ async def test_missing_outbox_tables_give_a_clear_error_and_commit_nothing(
     assert info.value.__cause__ is not None
     async with UnitOfWork(session_factory) as uow:
         assert await UserRepository.count(uow.session) == 0
+
+
+@pytest.mark.parametrize("completion", ["keep", "delete", "archive"])
+async def test_what_a_delivered_row_becomes_by_completion_mode(
+    engine: AsyncEngine, registry: SubscriberRegistry, completion: str
+) -> None:
+    """Delivered by the after-commit dispatch and by the relay; a failed row stays either way."""
+    metadata = MetaData()
+    box = Outbox(metadata, table_name="completion_outbox", completion=completion)
+    await create_outbox_tables(engine, box)
+    failing = {"n": 0}
+
+    def flaky(_event: DomainEvent) -> None:
+        failing["n"] += 1
+        if failing["n"] == 1:
+            raise RuntimeError("first attempt fails")
+
+    registry.subscribe("probe", flaky, name="flaky")
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    for i in range(3):
+        async with UnitOfWork(sessions, registry=registry, outbox=box) as uow:
+            uow.record("probe", aggregate_type="probe", aggregate_id=i)
+    await flush_delivery_marks()
+    relay = OutboxRelay(sessions, InProcessPublisher(registry), outbox=box, listen=False)
+    async with engine.begin() as conn:  # the failed row: due now
+        await conn.execute(update(box.deliveries).values(next_attempt_at=LONG_AGO))
+    assert await relay.run_once() == 1
+    async with engine.connect() as conn:
+        left = (await conn.execute(select(box.deliveries.c.status))).scalars().all()
+        archived = (
+            (await conn.execute(select(box.archive.c.status))).scalars().all()
+            if box.archive is not None
+            else []
+        )
+    if completion == "keep":
+        assert sorted(left) == ["delivered"] * 3
+    else:
+        assert left == []
+    assert archived == (["delivered"] * 3 if completion == "archive" else [])
+
+
+def test_an_unknown_completion_mode_is_refused() -> None:
+    with pytest.raises(OutboxError, match="completion='archived'"):
+        Outbox(MetaData(), completion="archived")

@@ -6,7 +6,8 @@ import datetime as dt
 import decimal
 import uuid
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import UnitOfWork, use_actor, use_tenant
 from alchemium.events import DomainEvent, SubscriberRegistry
@@ -365,3 +366,36 @@ async def test_changes_outside_a_unit_of_work_record_nothing(
         assert uow.pending_events == ()
     assert received.events == []
     assert User.__tablename__ == "users"
+
+
+async def test_bulk_writes_skip_reading_rows_for_events_nobody_would_see(
+    engine: AsyncEngine, registry: SubscriberRegistry
+) -> None:
+    """No outbox, audit, capture or subscriber of the event: one statement, no events."""
+    from alchemium.events import disable_outbox
+
+    disable_outbox()
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    async with UnitOfWork(sessions, registry=registry) as uow:
+        await UserRepository.create_many(uow.session, [{"name": f"u{i}"} for i in range(3)])
+    sent: list[str] = []
+
+    def seen(_c: object, _cur: object, statement: str, *_a: object) -> None:
+        sent.append(statement.split()[0].upper())
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        async with UnitOfWork(sessions, registry=registry) as uow:
+            assert await UserRepository.update_where(uow.session, None, {"age": 1}) == 3
+            assert await UserRepository.delete_where(uow.session, {"name": "u0"}) == 1
+            assert uow.pending_events == ()
+        assert sent == ["UPDATE", "DELETE"]
+        sent.clear()
+        changes: list[str] = []
+        registry.subscribe("user_updated", lambda e: changes.append(e.aggregate_id), name="upd")
+        async with UnitOfWork(sessions, registry=registry) as uow:
+            assert await UserRepository.update_where(uow.session, None, {"age": 2}) == 2
+        assert sent == ["SELECT", "UPDATE"]  # the rows read (locked) for their old values
+        assert len(changes) == 2
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", seen)

@@ -25,6 +25,7 @@ from alchemium.events import OutboxRelay, SubscriberRegistry
 from alchemium.events.outbox import Outbox
 from tests.events.relay_support import Sink, eventually
 from tests.models import UserRepository
+from tests.rig import libpq_dsn
 
 # The LISTEN connection is the only one whose last statement is the LISTEN itself or
 # the relay's health check (SQLAlchemy's pooled connections never send either).
@@ -104,7 +105,7 @@ async def test_one_notify_without_payload_per_committing_unit_of_work(
 
     registry.add_destination("sink")
     received: list[str] = []
-    conn = await asyncpg.connect(db_url.replace("postgresql+asyncpg://", "postgresql://"))
+    conn = await asyncpg.connect(libpq_dsn(db_url))
     try:
         await conn.add_listener(outbox.channel, lambda *args: received.append(args[3]))
         async with UnitOfWork(session_factory, registry=registry) as uow:

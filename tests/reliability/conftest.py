@@ -34,5 +34,5 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"{key.replace('_', ' '):<22} {STATS.get(key, 0)}")
 
 
-# Extra engines (one per relay), shared with the relay tests.
-from tests.events.relay_support import new_engine  # noqa: E402, F401
+# Extra engines (one per relay) and a Redis server, shared with the relay tests.
+from tests.events.relay_support import new_engine, redis_server  # noqa: E402, F401

@@ -4,19 +4,22 @@ A writer subprocess (``tests/reliability/crash_writer.py``) commits units of wor
 (a user, its ``user_created`` event and a custom ``probe`` event) three at a time,
 with an in-process subscriber ``sink`` and an external destination ``broker``. It is
 SIGKILLed at a random moment, several times, each time with some units of work
-mid-commit. Afterwards a relay drains the outbox. Then:
+mid-commit; the last time while its after-commit handler runs (it blocks on purpose),
+so deliveries it claimed for in-process dispatch are held by a dead process. Afterwards
+a relay drains the outbox, publishing ``broker`` rows to a real Redis stream
+(``RedisStreamPublisher`` against the ``redis-server`` the rig starts). Then:
 
 * every event in the outbox belongs to a change that exists (no event without its
   row, no row without its events), and every commit the writer saw acknowledged is
   there;
-* every committed event reached both destinations at least once (lost = 0);
-  duplicates (the subscriber ran, the process died before recording it) are counted.
+* every committed event reached both destinations at least once (lost = 0), the
+  events of the handler that hung included; duplicates (the subscriber ran, the
+  process died before recording it) are counted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import subprocess
 import sys
@@ -26,9 +29,21 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from alchemium.events import DomainEvent, InProcessPublisher, OutboxRelay, SubscriberRegistry
+from alchemium.events import (
+    DomainEvent,
+    InProcessPublisher,
+    OutboxRelay,
+    RedisStreamPublisher,
+    SubscriberRegistry,
+)
 from alchemium.events.outbox import Outbox
-from tests.events.relay_support import REPO, Sink, by_status, eventually
+from tests.events.relay_support import (
+    REPO,
+    RedisServer,
+    by_status,
+    eventually,
+    subprocess_env,
+)
 from tests.models import User
 
 KILLS = 5
@@ -45,35 +60,45 @@ def _journal(journal: Path) -> list[tuple[str, str]]:
     return lines
 
 
-def _writer(url: str, journal: Path, tag: str) -> subprocess.Popen[bytes]:
+def _writer(url: str, journal: Path, tag: str, *hang_at: int) -> subprocess.Popen[bytes]:
+    args = [url, str(journal), tag, *map(str, hang_at)]
     with (journal.parent / f"writer-{tag}.log").open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "tests.reliability.crash_writer", url, str(journal), tag],
+            [sys.executable, "-m", "tests.reliability.crash_writer", *args],
             cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env=subprocess_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
 
 
 async def _kill_writers(url: str, journal: Path, rng: random.Random) -> int:
-    """Start and SIGKILL a writer ``KILLS`` times; returns the units caught mid-commit."""
+    """Start and SIGKILL a writer ``KILLS`` times; returns the units caught mid-commit.
+
+    The last writer is killed while its after-commit handler hangs (an ``H`` line).
+    """
     in_flight = 0
     for run in range(KILLS):
-        proc = _writer(url, journal, f"w{run}")
-        acked_before = sum(kind == "A" for kind, _ in _journal(journal))
-        target = acked_before + rng.randint(5, 60)
-
+        last = run == KILLS - 1
+        units = rng.randint(5, 60)
+        proc = _writer(url, journal, f"w{run}", *([units] if last else []))
+        # Wait for that many more acknowledged units, or for the hung handler's line.
+        awaited = "H" if last else "A"
+        target = sum(kind == awaited for kind, _ in _journal(journal)) + (1 if last else units)
         log = journal.parent / f"writer-w{run}.log"
 
         def enough(
-            proc: subprocess.Popen[bytes] = proc, target: int = target, log: Path = log
+            proc: subprocess.Popen[bytes] = proc,
+            awaited: str = awaited,
+            target: int = target,
+            log: Path = log,
         ) -> bool:
             assert proc.poll() is None, log.read_text()
-            return sum(kind == "A" for kind, _ in _journal(journal)) >= target
+            return sum(kind == awaited for kind, _ in _journal(journal)) >= target
 
         await eventually(enough, timeout=30, interval=0.01)
-        await asyncio.sleep(rng.uniform(0, 0.03))
+        if not last:
+            await asyncio.sleep(rng.uniform(0, 0.03))
         proc.kill()
         await asyncio.to_thread(proc.wait, 10)
         begun = {v for k, v in _journal(journal) if k == "B" and v.startswith(f"w{run}-")}
@@ -82,12 +107,24 @@ async def _kill_writers(url: str, journal: Path, rng: random.Random) -> int:
     return in_flight
 
 
+async def _stream_event_ids(url: str, stream: str) -> list[str]:
+    """The ``event_id`` of every entry of the Redis ``stream``, in order."""
+    import redis.asyncio as redis_asyncio
+
+    consumer = redis_asyncio.from_url(url, decode_responses=True)
+    try:
+        return [fields["event_id"] for _id, fields in await consumer.xrange(stream)]
+    finally:
+        await consumer.aclose()
+
+
 async def test_sigkilled_writer_loses_no_committed_event(
     engine: AsyncEngine,
     session_factory: async_sessionmaker[AsyncSession],
     outbox: Outbox,
     db_url: str,
     tmp_path: Path,
+    redis_server: RedisServer,
     stats: Counter[str],
 ) -> None:
     journal = tmp_path / "journal"
@@ -96,7 +133,7 @@ async def test_sigkilled_writer_loses_no_committed_event(
     relayed: list[DomainEvent] = []
     registry = SubscriberRegistry("crash-relay")
     registry.subscribe("*", relayed.append, name="sink")  # the same subscriber name
-    broker = Sink(name="broker")
+    broker = RedisStreamPublisher(redis_server.url, stream="crash-test", name="broker")
     relay = OutboxRelay(
         session_factory,
         [InProcessPublisher(registry), broker],
@@ -115,6 +152,7 @@ async def test_sigkilled_writer_loses_no_committed_event(
     finally:
         relay.stop()
         await asyncio.wait_for(task, 15)
+        await broker.close()
 
     async with session_factory() as session:
         users = {u.name: u.id for u in (await session.scalars(select(User))).all()}
@@ -135,7 +173,8 @@ async def test_sigkilled_writer_loses_no_committed_event(
 
     committed = {str(r.id) for r in rows}
     sink = [v for k, v in lines if k == "S"] + [str(e.id) for e in relayed]
-    broker_ids = [str(e.id) for e in broker.received]
+    broker_ids = await _stream_event_ids(redis_server.url, "crash-test")
+    hung = {v for k, v in lines if k == "H"}  # the handler blocked: the relay's to deliver
     lost = len(committed - set(sink)) + len(committed - set(broker_ids))
     duplicates = len(sink) - len(set(sink)) + len(broker_ids) - len(set(broker_ids))
     stats["units_of_work"] += len({v for k, v in lines if k == "B"})
@@ -152,6 +191,8 @@ async def test_sigkilled_writer_loses_no_committed_event(
         f"relay {relay.stats}"
     )
     assert in_flight > 0  # the kills did land while units of work were committing
+    assert hung, "the last writer was not killed inside its after-commit handler"
+    assert hung <= {str(e.id) for e in relayed}, "the hung handler's event was not redelivered"
     assert lost == 0
     assert set(sink) == committed
     assert set(broker_ids) == committed

@@ -6,24 +6,33 @@ Two properties, on SQLite and PostgreSQL, driven by hypothesis:
   operators) return exactly the rows a Python evaluation of the same filter
   selects from a known data set.
 * Arbitrary junk (unknown fields and operators, SQL fragments in keys and
-  values, odd types, bad order_by and pagination values) either returns a list
-  or raises an AlchemiumError subclass; a canary table survives, proving nothing
-  was interpolated into SQL.
+  values, odd types, bad order_by and pagination values) either returns a list,
+  or is rejected before any SQL is sent: the call raises a ``QueryError``,
+  ``DataValidationError`` or ``RepositoryUsageError`` and no statement reached the
+  driver (counted with SQLAlchemy's ``before_cursor_execute`` event), so it cannot
+  be the database refusing it. A canary table survives, proving nothing was
+  interpolated into SQL.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from alchemium import AlchemiumError, UnitOfWork
+from alchemium import (
+    AlchemiumError,
+    DataValidationError,
+    QueryError,
+    RepositoryUsageError,
+    UnitOfWork,
+)
+from tests.conftest import statements
 from tests.models import UserRepository
 
 ROWS: list[dict[str, Any]] = [
@@ -190,20 +199,48 @@ junk_page = st.one_of(
 )
 
 
+# What rejects input before any SQL is sent; a database refusing it would have sent SQL.
+REJECTED_BEFORE_SQL = (QueryError, DataValidationError, RepositoryUsageError)
+
+
+async def answered_or_rejected_before_sql(engine: AsyncEngine, call: Awaitable[Any]) -> Any:
+    """``await call``: its result, or None if it was rejected before sending any SQL."""
+    with statements(engine) as sent:
+        try:
+            return await call
+        except AlchemiumError as err:
+            rejected = err
+    what = f"{type(rejected).__name__}: {rejected}"
+    assert isinstance(rejected, REJECTED_BEFORE_SQL), what
+    assert sent == [], f"rejected after sending SQL ({what}): {sent}"
+    return None
+
+
 @_settings
 @given(filters=junk_filters, order_by=junk_order, skip=junk_page, limit=junk_page)
-async def test_junk_input_raises_alchemium_errors_only(
-    seeded: async_sessionmaker[AsyncSession], filters: Any, order_by: Any, skip: Any, limit: Any
+# Always tried, then hypothesis explores: values of the wrong type for their column
+# (a database would refuse them too, but only after receiving them), bad paging.
+@example(filters={"age": "thirty"}, order_by=None, skip=None, limit=None)
+@example(filters={"name__in": [1, 2]}, order_by=None, skip=None, limit=None)
+@example(filters={"age__between": ["a", "z"]}, order_by="-age", skip=None, limit=None)
+@example(filters={"position__gt": 3.5}, order_by=None, skip=None, limit=None)
+@example(filters={}, order_by="nope; DROP TABLE canary", skip=-1, limit="10")
+async def test_junk_input_is_rejected_before_any_sql_or_answered(
+    engine: AsyncEngine,
+    seeded: async_sessionmaker[AsyncSession],
+    filters: Any,
+    order_by: Any,
+    skip: Any,
+    limit: Any,
 ) -> None:
     async with UnitOfWork(seeded) as uow:
-        try:
-            found = await UserRepository.list(uow.session, filters, order_by, skip, limit)
-        except AlchemiumError:
-            pass
-        else:
-            assert isinstance(found, list)
-        with contextlib.suppress(AlchemiumError):
-            assert await UserRepository.count(uow.session, filters) >= 0
+        listed = UserRepository.list(uow.session, filters, order_by, skip, limit)
+        found = await answered_or_rejected_before_sql(engine, listed)
+        assert found is None or isinstance(found, list)
+        counted = await answered_or_rejected_before_sql(
+            engine, UserRepository.count(uow.session, filters)
+        )
+        assert counted is None or counted >= 0
     async with seeded() as session:
         canary = (await session.execute(text("SELECT id FROM canary"))).scalar_one()
         users = (await session.execute(text("SELECT count(*) FROM users"))).scalar_one()

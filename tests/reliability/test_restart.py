@@ -2,10 +2,21 @@
 
 Eight tasks commit units of work (a user, its ``user_created`` event and a ``probe``
 event, routed to the external destination ``sink``) while a relay delivers them.
-The server is crash-stopped and started again (``pg_ctl stop -m immediate``). Then:
+The server is crash-stopped (``pg_ctl stop -m immediate``) and started again. Three
+units of work are placed so that each kind of failure happens for certain:
 
-* every unit of work that failed, failed with a mapped :class:`TransactionError`,
-  never with a raw driver or socket error;
+* *in flight*: flushed, waiting inside its block when the server dies; it goes on
+  while the server is down;
+* *connecting while down*: started on a fresh engine while the server is down;
+* *dead pooled connection*: started after the restart on an engine whose one pooled
+  connection was opened before it (no pre-ping); the next unit on it succeeds.
+
+Then:
+
+* each of the three, and every unit of work of the writers that failed, failed with
+  a mapped, transient :class:`TransactionError` with the driver error as ``__cause__``
+  (a refused connection for the one connecting while down, a lost one for the
+  others), never with a raw driver or socket error;
 * once the pool has replaced its dead connections, units of work succeed again;
 * the relay reconnects (LISTEN included) and every committed event is delivered
   at least once (duplicates counted, lost = 0); an event exists iff its change does.
@@ -20,13 +31,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import AlchemiumError, TransactionError, UnitOfWork
+from alchemium.errors import is_disconnect
 from alchemium.events import OutboxRelay, SubscriberRegistry
 from alchemium.events.outbox import Outbox
 from tests.conftest import make_engine
@@ -37,14 +50,46 @@ from tests.rig import PostgresServer
 WRITERS = 8
 
 
-def _durable_engine(url: str) -> AsyncEngine:
+def _durable_engine(url: str, pool_size: int = WRITERS) -> AsyncEngine:
     return make_engine(
         url,
-        pool_size=WRITERS,
+        pool_size=pool_size,
         max_overflow=0,
         pool_timeout=30,
         connect_args={"server_settings": {"synchronous_commit": "on"}},
     )
+
+
+async def _one_unit(
+    factory: async_sessionmaker[AsyncSession], name: str, registry: SubscriberRegistry
+) -> None:
+    """What each writer commits: a user and its ``probe`` event."""
+    async with UnitOfWork(factory, registry=registry) as uow:
+        await UserRepository.create(uow.session, {"name": name})
+        uow.record("probe", aggregate_type="probe", aggregate_id=name)
+
+
+async def _unit_held_open(
+    url: str, engines: list[AsyncEngine], inside: asyncio.Event, resume: asyncio.Event
+) -> None:
+    """A unit of work that flushes, then waits for ``resume`` before its last write."""
+    engine = _durable_engine(url, pool_size=1)
+    engines.append(engine)
+    async with UnitOfWork(async_sessionmaker(engine, expire_on_commit=False)) as uow:
+        await UserRepository.create(uow.session, {"name": "probe-in-flight"})
+        await uow.flush()
+        inside.set()
+        await resume.wait()
+        await UserRepository.create(uow.session, {"name": "probe-in-flight-2"})
+
+
+async def _failure(work: Awaitable[None]) -> BaseException:
+    """The exception ``work`` raises (AssertionError if it succeeds)."""
+    try:
+        await work
+    except Exception as err:
+        return err
+    raise AssertionError("expected this unit of work to fail")
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])
@@ -81,9 +126,7 @@ async def test_restart_under_load_fails_in_flight_work_cleanly_and_loses_nothing
             name = f"r-{next(numbers)}"
             started_after = restarted.is_set()
             try:
-                async with UnitOfWork(factory, registry=registry) as uow:
-                    await UserRepository.create(uow.session, {"name": name})
-                    uow.record("probe", aggregate_type="probe", aggregate_id=name)
+                await _one_unit(factory, name, registry)
             except Exception as err:
                 errors.append(err)
                 if started_after:
@@ -97,16 +140,36 @@ async def test_restart_under_load_fails_in_flight_work_cleanly_and_loses_nothing
 
     relay_task = asyncio.create_task(relay.run())
     writers: list[asyncio.Task[None]] = []
+    engines: list[AsyncEngine] = []
+    kinds: dict[str, BaseException] = {}
     try:
         assert await relay.wait_listening(10)
         writers = [asyncio.create_task(writer()) for _ in range(WRITERS)]
         await eventually(lambda: len(acked) >= 200 and len(sink.received) >= 100, timeout=30)
 
+        idle_engine = _durable_engine(db_url, pool_size=1)
+        engines.append(idle_engine)
+        idle = async_sessionmaker(idle_engine, expire_on_commit=False)
+        await _one_unit(idle, "probe-idle", registry)  # its connection waits in the pool
+        inside, resume = asyncio.Event(), asyncio.Event()
+        in_flight = asyncio.create_task(_unit_held_open(db_url, engines, inside, resume))
+        await asyncio.wait_for(inside.wait(), 10)
+
         await engine.dispose()  # the fixture's engine holds no connection across the crash
         started = time.monotonic()
-        await asyncio.to_thread(pg_server.restart)
+        await asyncio.to_thread(pg_server.stop, "immediate")
+        down_engine = _durable_engine(db_url)
+        engines.append(down_engine)
+        kinds["connecting while down"] = await _failure(
+            _one_unit(async_sessionmaker(down_engine), "probe-down", registry)
+        )
+        resume.set()
+        kinds["in flight"] = await _failure(in_flight)
+        await asyncio.to_thread(pg_server.start)
         downtime = time.monotonic() - started
         restarted.set()
+        kinds["dead pooled connection"] = await _failure(_one_unit(idle, "probe-pooled", registry))
+        await _one_unit(idle, "probe-pooled-again", registry)  # a new connection now
         await eventually(lambda: len(after_restart) >= 200, timeout=30, interval=0.1)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*writers), 30)
@@ -120,9 +183,16 @@ async def test_restart_under_load_fails_in_flight_work_cleanly_and_loses_nothing
         stop.set()
         relay.stop()
         await asyncio.wait_for(asyncio.gather(relay_task, *writers, return_exceptions=True), 30)
-        await writer_engine.dispose()
-        await relay_engine.dispose()
+        for extra in (writer_engine, relay_engine, *engines):
+            await extra.dispose()
 
+    for what, err in kinds.items():
+        assert isinstance(err, TransactionError), f"{what}: {err!r}"
+        assert err.__cause__ is not None, f"{what}: {err!r}"
+        assert err.transient, f"{what}: {err!r}"
+        assert is_disconnect(err), f"{what}: not a lost or refused connection: {err!r}"
+    assert isinstance(kinds["connecting while down"].__cause__, OSError)  # refused
+    assert not isinstance(kinds["in flight"].__cause__, OSError)  # lost, mid-transaction
     raw = [e for e in errors if not isinstance(e, TransactionError)]
     assert not raw, f"unmapped errors: {[repr(e) for e in raw[:5]]}"
     assert errors, "the restart did not interrupt any unit of work"
@@ -145,7 +215,7 @@ async def test_restart_under_load_fails_in_flight_work_cleanly_and_loses_nothing
     delivered = sink.ids()
     lost = len(committed - set(delivered))
     duplicates = len(delivered) - len(set(delivered))
-    kinds: Counter[str] = Counter(_kind(e) for e in errors)
+    writer_kinds: Counter[str] = Counter(_kind(e) for e in errors)
     stats["units_of_work"] += len(acked) + len(errors)
     stats["faults_injected"] += 1
     stats["events_committed"] += len(committed)
@@ -156,7 +226,8 @@ async def test_restart_under_load_fails_in_flight_work_cleanly_and_loses_nothing
         f"\nrestart ({downtime:.1f}s down) under {WRITERS} writers: {len(acked)} units "
         f"acknowledged ({len(after_restart)} after the restart), {len(errors)} failed "
         f"({failed_after} of them started once the server was back, on dead pooled "
-        f"connections) {dict(kinds)}; {len(committed)} events, {len(delivered)} deliveries, "
+        f"connections) {dict(writer_kinds)}; probes { ({k: _kind(e) for k, e in kinds.items()}) }; "
+        f"{len(committed)} events, {len(delivered)} deliveries, "
         f"{duplicates} duplicate(s), {lost} lost; relay {relay.stats}"
     )
     assert lost == 0

@@ -1,0 +1,114 @@
+"""An outbox that keeps many delivered rows: the relay's statements use indexes, never scans.
+
+The relay claims, checks its lag and stranded destinations, counts what is left and
+purges retention many times a minute. With delivered rows kept for retention, a
+statement that scans the delivery or event table costs more as they grow; each must
+reach the undelivered rows (or the oldest events) through an index. PostgreSQL's
+plans are checked with EXPLAIN on a table large enough for the planner to care.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from alchemium.events.outbox import Outbox
+
+DELIVERED = 200_000
+PENDING = 1_000
+
+
+@pytest.fixture
+async def big_outbox(engine: AsyncEngine, outbox: Outbox, backend: str) -> Outbox:
+    if backend != "postgresql":
+        pytest.skip("query plans (EXPLAIN) are PostgreSQL's; SQLite's planner is not checked")
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                f"INSERT INTO {outbox.events.name} (id, name, aggregate_type, aggregate_id, "
+                "payload, metadata, occurred_at) SELECT gen_random_uuid(), 'user_created', "
+                "'user', g::text, '{}'::jsonb, '{}'::jsonb, "
+                "now() - interval '30 days' + g * interval '10 ms' "
+                "FROM generate_series(1, :n) g"
+            ),
+            {"n": DELIVERED + PENDING},
+        )
+        await conn.execute(
+            text(
+                f"INSERT INTO {outbox.deliveries.name} (event_id, destination, aggregate_type, "
+                "aggregate_id, status, attempts, next_attempt_at, delivered_at) "
+                "SELECT id, 'sink', aggregate_type, aggregate_id, "
+                "CASE WHEN sequence > :delivered THEN 'pending' ELSE 'delivered' END, 0, now(), "
+                "CASE WHEN sequence > :delivered THEN NULL ELSE occurred_at END "
+                f"FROM {outbox.events.name}"
+            ),
+            {"delivered": DELIVERED},
+        )
+        await conn.execute(text(f"ANALYZE {outbox.events.name}"))
+        await conn.execute(text(f"ANALYZE {outbox.deliveries.name}"))
+    return outbox
+
+
+async def plans(engine: AsyncEngine, run: Callable[[AsyncConnection], Awaitable[Any]]) -> list[str]:
+    """The EXPLAIN of every statement ``run`` sends, with its parameters (then rolled back)."""
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+
+    def capture(_c: object, _cur: object, statement: str, params: Any, *_a: object) -> None:
+        sent.append((statement, tuple(params or ())))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        async with engine.connect() as conn:
+            await run(conn)
+            await conn.rollback()
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    explained = []
+    async with engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        for statement, params in sent:
+            rows = await driver.fetch("EXPLAIN " + statement, *params)
+            explained.append("\n".join(r[0] for r in rows))
+    return explained
+
+
+def assert_no_scan(plan: str, outbox: Outbox) -> None:
+    for table in (outbox.events.name, outbox.deliveries.name):
+        assert f"Seq Scan on {table}" not in plan, plan
+
+
+async def test_the_claim_and_the_relays_checks_read_undelivered_rows_only(
+    engine: AsyncEngine, big_outbox: Outbox
+) -> None:
+    async def relay_statements(conn: AsyncConnection) -> None:
+        await big_outbox.claim(
+            conn, ["sink"], limit=100, lease=30, token=uuid.uuid4(), claimed_by="relay"
+        )
+        await big_outbox.lag(conn, ["sink"])
+        await big_outbox.overdue(conn, older_than=60)
+        await big_outbox.undelivered(conn, ["sink"])
+
+    claim, *checks = await plans(engine, relay_statements)
+    assert f"ix_{big_outbox.events.name}_delivery_due" in claim
+    assert len(checks) == 3
+    for plan in (claim, *checks):
+        assert_no_scan(plan, big_outbox)
+
+
+async def test_the_purge_finds_old_events_by_index_whether_or_not_any_is_left(
+    engine: AsyncEngine, big_outbox: Outbox
+) -> None:
+    """Nothing older than a year: the purge must not scan 200,000 rows to find that out."""
+    [select_plan] = await plans(engine, lambda conn: big_outbox.purge(conn, older_than=365 * 86400))
+    assert f"ix_{big_outbox.events.name}_occurred" in select_plan
+    assert_no_scan(select_plan, big_outbox)
+    async with engine.begin() as conn:
+        assert await big_outbox.purge(conn, older_than=365 * 86400) == 0
+        removed = await big_outbox.purge(conn, older_than=86400, batch_size=1000)
+    assert removed == 1000
