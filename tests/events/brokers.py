@@ -445,6 +445,7 @@ class WebhookReceiver:
     requests: int = 0
     _server: asyncio.AbstractServer | None = None
     _open: set[asyncio.StreamWriter] = field(default_factory=set)
+    _handlers: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -454,18 +455,27 @@ class WebhookReceiver:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._open):  # kept-alive connections go down too
-                writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-            self._server = None
+        """Close the port and every kept-alive connection; return once their handlers ended.
+
+        Waiting for the handlers matters: a connection still open when the test's event
+        loop closes is reported as an unclosed transport in whichever test runs next.
+        """
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._open):  # kept-alive connections go down too
+            writer.close()
+        await self._server.wait_closed()
+        await asyncio.gather(*self._handlers)
+        self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         from standardwebhooks import Webhook, WebhookVerificationError
 
         self._open.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
             while True:
                 request_line = await reader.readline()
@@ -498,6 +508,10 @@ class WebhookReceiver:
         finally:
             self._open.discard(writer)
             writer.close()
+            with contextlib.suppress(ConnectionError):  # the client reset it: closed already
+                await writer.wait_closed()
+            if handler is not None:
+                self._handlers.discard(handler)
 
     async def consumed(self, _where: str = "") -> list[Consumed]:
         return list(self.received)

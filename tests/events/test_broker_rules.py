@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -256,10 +258,20 @@ async def test_webhook_answers_decide_the_outcome(
 async def test_webhook_timeout_is_retried(
     engine: AsyncEngine, session_factory: Factory, outbox: Outbox
 ) -> None:
-    # A receiver that accepts the connection and never answers.
+    # A receiver that accepts the connection and never answers (until the test ends: a
+    # connection left open past the event loop is reported in the next test).
+    released = asyncio.Event()
+    handlers: list[asyncio.Task[Any]] = []
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
         await reader.read(65536)
-        await asyncio.sleep(30)
+        await released.wait()
+        writer.close()
+        with contextlib.suppress(ConnectionError):  # the client gave up and reset it
+            await writer.wait_closed()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -269,7 +281,10 @@ async def test_webhook_timeout_is_retried(
         assert await OutboxRelay(session_factory, publisher, listen=False).run_once() == 0
     finally:
         await publisher.close()
+        released.set()
         server.close()
+        await server.wait_closed()
+        await asyncio.gather(*handlers)
     (row,) = await delivery_rows(engine, outbox)
     assert (row["status"], row["attempts"]) == ("pending", 1)
     assert "Timeout" in row["last_error"]
