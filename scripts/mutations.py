@@ -600,7 +600,7 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="the Debezium shape has the outbox event router's columns",
         where="alchemium/events/outbox_schema.py",
         find='"aggregate_id": "aggregateid"',
-        replace='"aggregate_id": "aggregate_id"  # mutation: not the router\'s column name',
+        replace='"aggregate_id": "aggregate_id"',  # mutation: not the router's column name
         tests=(
             "tests/events/test_debezium_outbox.py::"
             "test_events_table_has_the_router_columns_and_values[sqlite]",
