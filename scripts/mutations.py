@@ -329,10 +329,10 @@ CATALOG: tuple[Mutation, ...] = (
         name="record_before_publish",
         guarantee="a SIGKILLed relay loses no event",
         where="alchemium/events/**/*.py",
-        find="outcomes = [await self._publish(routes, row) for row in rows]",
+        find="outcomes = await self._publish_all(routes, rows)",
         replace=(
             "await self._record(token, [_Outcome(row, None) for row in rows])  # mutation\n"
-            "            outcomes = [await self._publish(routes, row) for row in rows]"
+            "            outcomes = await self._publish_all(routes, rows)"
         ),
         tests=(
             "tests/events/test_relay.py::"
@@ -532,11 +532,11 @@ CATALOG: tuple[Mutation, ...] = (
         where="alchemium/events/**/*.py",
         find="""
             except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
-                return _Outcome(row, err)
+                return [_Outcome(row, err) for row in rows]
             """,
         replace="""
             except Exception:  # mutation: a failed publish is recorded as delivered
-                return _Outcome(row, None)
+                return [_Outcome(row, None) for row in rows]
             """,
         tests=(
             "tests/events/test_publishers.py::"

@@ -25,6 +25,7 @@ from alchemium.events.outbox import (
 )
 from alchemium.events.payloads import decode_payload
 from alchemium.events.publishers import (
+    BatchPublisher,
     CloudEventsEnvelope,
     InProcessPublisher,
     KafkaPublisher,
@@ -60,6 +61,7 @@ from alchemium.events.testing import capture_events, capture_on_commit
 __all__ = [
     "AuditEntry",
     "AuditLog",
+    "BatchPublisher",
     "CloudEventsEnvelope",
     "DestinationStatus",
     "DomainEvent",

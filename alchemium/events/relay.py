@@ -44,7 +44,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
@@ -54,6 +54,7 @@ from alchemium.errors import OutboxError
 from alchemium.events.dispatch import retry_delay
 from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox
 from alchemium.events.publishers.base import (
+    BatchPublisher,
     PermanentPublishError,
     Publisher,
     RetryLater,
@@ -123,6 +124,17 @@ async def _within(seconds: float | None, publishing: Awaitable[None]) -> None:
             await rest
     else:  # pragma: no cover - Python 3.10
         await asyncio.wait_for(_await(rest), seconds)
+
+
+def _batch_publisher(publisher: Publisher | None) -> BatchPublisher | None:
+    """``publisher`` if it has ``publish_many`` (see :class:`BatchPublisher`), else None."""
+    if publisher is None or not callable(getattr(publisher, "publish_many", None)):
+        return None
+    return cast(BatchPublisher, publisher)
+
+
+async def _refuse(message: str) -> None:
+    raise OutboxError(message)
 
 
 async def _await(awaitable: Awaitable[None]) -> None:
@@ -450,22 +462,75 @@ class OutboxRelay:
         """Publish the claimed ``rows`` (the lease renewed meanwhile), record the outcomes."""
         heartbeat = asyncio.create_task(self._heartbeat(token))
         try:
-            outcomes = [await self._publish(routes, row) for row in rows]
+            outcomes = await self._publish_all(routes, rows)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
         return await self._record(token, outcomes)
 
+    async def _publish_all(
+        self, routes: dict[str, Publisher], rows: list[DeliveryRow]
+    ) -> list[_Outcome]:
+        """Publish ``rows``: one ``publish_many`` per batch publisher, ``publish`` per row
+        for the others (in claim order); one outcome per row, in the order of ``rows``."""
+        batches: dict[int, tuple[BatchPublisher, list[DeliveryRow]]] = {}
+        outcomes: dict[int, _Outcome] = {}
+        for row in rows:
+            batcher = _batch_publisher(routes.get(row.destination))
+            if batcher is not None:
+                batches.setdefault(id(batcher), (batcher, []))[1].append(row)
+            else:
+                outcomes[row.id] = await self._publish(routes, row)
+        for batcher, batch in batches.values():
+            for outcome in await self._publish_batch(batcher, batch):
+                outcomes[outcome.row.id] = outcome
+        return [outcomes[row.id] for row in rows]
+
+    async def _publish_batch(
+        self, publisher: BatchPublisher, rows: list[DeliveryRow]
+    ) -> list[_Outcome]:
+        results: list[BaseException | None] = []
+
+        async def publish_many() -> None:
+            answered = await publisher.publish_many([(r.event, r.destination) for r in rows])
+            if len(answered) != len(rows):
+                raise OutboxError(
+                    f"{publisher!r}.publish_many returned {len(answered)} outcome(s) for "
+                    f"{len(rows)} event(s)"
+                )
+            results.extend(answered)
+
+        return await self._settle(rows, publish_many(), results)
+
     async def _publish(self, routes: dict[str, Publisher], row: DeliveryRow) -> _Outcome:
         publisher = routes.get(row.destination)
+        if publisher is None:  # the publisher's names changed since the claim
+            publishing = _refuse(f"no publisher for destination {row.destination!r}")
+        else:
+            publishing = publisher.publish(row.event, row.destination)
+        (outcome,) = await self._settle([row], publishing)
+        return outcome
+
+    async def _settle(
+        self,
+        rows: list[DeliveryRow],
+        publishing: Awaitable[None],
+        results: list[BaseException | None] | None = None,
+    ) -> list[_Outcome]:
+        """Await ``publishing`` within ``publish_timeout``: each row's outcome.
+
+        The one place a publish failure becomes an outcome: raising fails every row
+        with that exception; otherwise each row has its entry of ``results`` (filled by
+        a batch publisher) or, without ``results``, succeeded.
+        """
         try:
-            if publisher is None:  # the publisher's names changed since the claim
-                raise OutboxError(f"no publisher for destination {row.destination!r}")
-            await _within(self.publish_timeout, publisher.publish(row.event, row.destination))
+            await _within(self.publish_timeout, publishing)
         except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
-            return _Outcome(row, err)
-        return _Outcome(row, None)
+            return [_Outcome(row, err) for row in rows]
+        if results is None:
+            return [_Outcome(row, None) for row in rows]
+        return [_Outcome(row, result) for row, result in zip(rows, results, strict=True)]
 
     async def _heartbeat(self, token: uuid.UUID) -> None:
         while True:

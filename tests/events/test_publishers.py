@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.errors import OutboxError
 from alchemium.events import (
+    BatchPublisher,
     CloudEventsEnvelope,
     DomainEvent,
     OutboxRelay,
@@ -70,6 +71,22 @@ async def test_redis_publisher_delivers_to_a_stream_consumer(
     assert [fields["event_id"] for _id, fields in entries] == [str(e.id) for e in events]
     received = DomainEvent.from_dict(json.loads(entries[0][1]["event"]))
     assert received == events[0]
+
+
+@sqlite_only
+async def test_redis_publisher_pipelines_each_claimed_batch(
+    session_factory: Factory, outbox: Outbox, redis_server: RedisServer
+) -> None:
+    events = await insert_events(session_factory, outbox, 250, destinations=["redis"])
+    publisher = RedisStreamPublisher(redis_server.url, stream="batched")
+    assert isinstance(publisher, BatchPublisher)  # the relay calls publish_many
+    try:
+        relay = OutboxRelay(session_factory, publisher, batch_size=100, listen=False)
+        assert await relay.drain() == 250
+    finally:
+        await publisher.close()
+    entries = await redis_server.entries("batched")
+    assert [fields["event_id"] for _id, fields in entries] == [str(e.id) for e in events]
 
 
 @sqlite_only

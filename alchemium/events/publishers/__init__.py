@@ -2,7 +2,8 @@
 
 A publisher drains one or more *destinations* (the ``destination`` column of the
 outbox delivery rows). The relay claims rows for ``publisher.name`` and calls
-``publish(event, destination)`` once per row; raising means "not delivered, retry"
+``publish(event, destination)`` once per row (or ``publish_many`` once per batch, if the
+publisher has it: :class:`BatchPublisher`); raising means "not delivered, retry"
 (:class:`PermanentPublishError`: dead now; :class:`RetryLater`: retry after the
 broker's delay). The broker adapters import their client library when they are
 created, so ``alchemium`` itself never needs a broker's client; each is an extra
@@ -12,6 +13,7 @@ created, so ``alchemium`` itself never needs a broker's client; each is an extra
 
 from alchemium.events.publishers.aws import SnsPublisher, SqsPublisher
 from alchemium.events.publishers.base import (
+    BatchPublisher,
     PermanentPublishError,
     Publisher,
     PublisherConfigurationError,
@@ -31,6 +33,7 @@ from alchemium.events.publishers.redis import RedisStreamPublisher
 from alchemium.events.publishers.webhook import WebhookPublisher, WebhookRefused
 
 __all__ = [
+    "BatchPublisher",
     "CloudEventsEnvelope",
     "EncodedEvent",
     "InProcessPublisher",

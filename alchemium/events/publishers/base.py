@@ -9,6 +9,7 @@ from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
 
 __all__ = [
+    "BatchPublisher",
     "PermanentPublishError",
     "Publisher",
     "PublisherConfigurationError",
@@ -38,7 +39,9 @@ class Publisher(Protocol):
     ``max_attempts``).
 
     A publisher may also have ``async start()`` (see :class:`StartablePublisher`): the
-    relay awaits it once, before its first claim, so bad configuration fails there.
+    relay awaits it once, before its first claim, so bad configuration fails there;
+    and ``async publish_many(items)`` (see :class:`BatchPublisher`): the relay then
+    hands it the rows of a claimed batch at once instead of calling ``publish`` per row.
     """
 
     @property
@@ -63,6 +66,26 @@ class StartablePublisher(Protocol):
 
     async def start(self) -> None:
         """Connect and check; raise with one clear line if publishing cannot work."""
+        ...
+
+
+@runtime_checkable
+class BatchPublisher(Protocol):
+    """A publisher that sends many events at once (a pipeline: one round trip).
+
+    ``publish_many`` gets ``(event, destination)`` pairs in claim order and returns
+    one outcome per pair, in the same order: ``None`` once the broker accepted that
+    event, or the exception that failed it (read as :meth:`Publisher.publish`'s, so
+    :class:`PermanentPublishError` and :class:`RetryLater` keep their meaning). Raising
+    fails every pair with that exception. The relay's ``publish_timeout`` bounds the
+    whole call. A batch is all the relay's rows for this publisher in one claim; an
+    empty one is never passed.
+    """
+
+    async def publish_many(
+        self, items: Sequence[tuple[DomainEvent, str]]
+    ) -> Sequence[BaseException | None]:
+        """Deliver each pair; one outcome per pair (``None`` = accepted), in order."""
         ...
 
 
