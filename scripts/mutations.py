@@ -329,10 +329,10 @@ CATALOG: tuple[Mutation, ...] = (
         name="record_before_publish",
         guarantee="a SIGKILLed relay loses no event",
         where="alchemium/events/**/*.py",
-        find="outcomes = await self._publish_all(routes, rows)",
+        find="outcomes = await self._publish_all(batch.routes, batch.rows)",
         replace=(
-            "await self._record(token, [_Outcome(row, None) for row in rows])  # mutation\n"
-            "            outcomes = await self._publish_all(routes, rows)"
+            "await self._record(batch.token, [_Outcome(r, None) for r in batch.rows])  # mutation\n"
+            "            outcomes = await self._publish_all(batch.routes, batch.rows)"
         ),
         tests=(
             "tests/events/test_relay.py::"

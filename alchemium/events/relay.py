@@ -161,6 +161,25 @@ class RelayStats:
     oldest_pending_age: float | None = None
 
 
+@dataclass(slots=True)
+class _Batch:
+    """A claimed batch: its rows, their token, the routes they were claimed for, and the
+    heartbeat renewing their lease from the claim until their outcomes are recorded."""
+
+    routes: dict[str, Publisher]
+    token: uuid.UUID
+    rows: list[DeliveryRow]
+    heartbeat: asyncio.Task[None] | None = None
+
+    async def release(self) -> None:
+        """Stop renewing the lease (the outcomes are about to be recorded, or abandoned)."""
+        heartbeat, self.heartbeat = self.heartbeat, None
+        if heartbeat is not None:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     row: DeliveryRow
@@ -393,53 +412,54 @@ class OutboxRelay:
 
     async def _round(self) -> tuple[int, int]:
         """Claim, publish and record one batch: ``(rows claimed, rows delivered)``."""
-        routes, token, rows = await self._claim()
-        if not rows:
+        batch = await self._claim()
+        if not batch.rows:
             return 0, 0
-        return len(rows), await self._deliver(routes, token, rows)
+        return len(batch.rows), await self._deliver(batch)
 
     async def _rounds(self, most: int | None = None) -> int:
         """Rounds while full batches come back; returns how many rows were claimed.
 
         The next batch is claimed while this one is published: the claim's round trip
         overlaps the publishing instead of following it. A prefetched batch is claimed
-        like any other (leased, fenced by its own token), so a relay that dies holding
-        it only delays it by a lease. Stops at a batch that is not full, at ``most``
-        rows claimed, or when :meth:`stop` is called.
+        like any other (leased, fenced by its own token, its lease renewed from the claim
+        on, so a slow publish of the batch before it cannot let it expire and be claimed
+        again), and a relay that dies holding it only delays it by a lease. Stops at a
+        batch that is not full, at ``most`` rows claimed, or when :meth:`stop` is called.
         """
         claimed = 0
         upcoming = await self._claim()
         while True:
-            routes, token, rows = upcoming
-            if not rows:
+            batch = upcoming
+            if not batch.rows:
                 return claimed
-            claimed += len(rows)
+            claimed += len(batch.rows)
             more = (
-                len(rows) >= self.batch_size
+                len(batch.rows) >= self.batch_size
                 and not self._stopping.is_set()
                 and (most is None or claimed < most)
             )
             following = asyncio.create_task(self._claim()) if more else None
             try:
-                await self._deliver(routes, token, rows)
+                await self._deliver(batch)
                 await self._housekeeping(idle=False)
             except BaseException:
                 if following is not None:
                     # Its rows, if it claimed any, come back to a relay when its lease ends.
                     following.cancel()
                     with contextlib.suppress(BaseException):
-                        await following
+                        await (await following).release()
                 raise
             if following is None:
                 return claimed
             upcoming = await following
 
-    async def _claim(self) -> tuple[dict[str, Publisher], uuid.UUID, list[DeliveryRow]]:
-        """Claim a batch (its own short transaction); the publishers' routes it was claimed for."""
+    async def _claim(self) -> _Batch:
+        """Claim a batch (its own short transaction); its lease is renewed from now on."""
         routes = self._publisher_for()
         token = uuid.uuid4()
         if not routes:
-            return routes, token, []
+            return _Batch(routes, token, [])
         async with self.session_factory() as session:
             rows = await self.outbox.claim(
                 await autocommit(session),
@@ -452,22 +472,18 @@ class OutboxRelay:
             )
             await session.commit()
         self.stats.rounds += 1
-        if rows:
-            logger.debug("relay %s claimed %d row(s) under %s", self.relay_id, len(rows), token)
-        return routes, token, rows
+        if not rows:
+            return _Batch(routes, token, rows)
+        logger.debug("relay %s claimed %d row(s) under %s", self.relay_id, len(rows), token)
+        return _Batch(routes, token, rows, asyncio.create_task(self._heartbeat(token)))
 
-    async def _deliver(
-        self, routes: dict[str, Publisher], token: uuid.UUID, rows: list[DeliveryRow]
-    ) -> int:
-        """Publish the claimed ``rows`` (the lease renewed meanwhile), record the outcomes."""
-        heartbeat = asyncio.create_task(self._heartbeat(token))
+    async def _deliver(self, batch: _Batch) -> int:
+        """Publish the claimed batch (its lease renewed meanwhile), record the outcomes."""
         try:
-            outcomes = await self._publish_all(routes, rows)
+            outcomes = await self._publish_all(batch.routes, batch.rows)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-        return await self._record(token, outcomes)
+            await batch.release()
+        return await self._record(batch.token, outcomes)
 
     async def _publish_all(
         self, routes: dict[str, Publisher], rows: list[DeliveryRow]
