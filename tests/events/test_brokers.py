@@ -293,8 +293,14 @@ async def _webhook(receiver: WebhookReceiver) -> BrokerCase:
         receiver.stop,
         receiver.start,
         bad=[
-            (lambda: WebhookPublisher("ftp://example.com/x", WEBHOOK_SECRET), Exception),
-            (lambda: WebhookPublisher(receiver.url, "not-a-secret"), Exception),
+            (
+                lambda: WebhookPublisher("ftp://example.com/x", WEBHOOK_SECRET),
+                PublisherConfigurationError,
+            ),
+            (
+                lambda: WebhookPublisher(receiver.url, "not-a-secret"),
+                PublisherConfigurationError,
+            ),
         ],
     )
 
