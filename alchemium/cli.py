@@ -2,7 +2,7 @@
 
 ::
 
-    alchemium relay --url URL --import myapp.handlers [--publisher inprocess|redis://...|amqp://...]
+    alchemium relay --url URL --import myapp.handlers [--publisher inprocess|URL]
     alchemium relay --url URL --import myapp.handlers --once     # drain what is due, then exit
     alchemium relay --url URL --import myapp.handlers --metrics-port 9464   # /metrics, /health
     alchemium relay --health --metrics-port 9464 [--max-lag 5m]  # probe a running relay
@@ -19,10 +19,12 @@
 ``--url`` defaults to ``$ALCHEMIUM_DATABASE_URL``; ``python -m alchemium`` is the
 same program. Exit codes: 0 success, 1 unexpected failure, 2 wrong usage (bad
 arguments, an unknown or synchronous URL scheme, a module that cannot be
-imported, a publisher whose extra is not installed), 3 the database cannot be
+imported, a publisher whose extra is not installed or that its broker says is
+misconfigured: a missing stream, topic or queue), 3 the database cannot be
 reached, does not exist (a SQLite file is never created) or has no outbox
-tables, 4 ``relay --health``: the relay answered unhealthy, 5 ``relay --health``:
-no relay answered, 130 interrupted, 141 the reader of stdout went away (``| head -1``).
+tables, or a broker cannot be reached or refuses the credentials, 4 ``relay --health``:
+the relay answered unhealthy, 5 ``relay --health``: no relay answered, 130
+interrupted, 141 the reader of stdout went away (``| head -1``).
 Usage errors are one line on stderr, never a traceback. The relay stops cleanly
 on SIGTERM and SIGINT, finishing the batch in flight.
 
@@ -56,7 +58,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from alchemium import __version__
 from alchemium.errors import EventConfigurationError, OutboxError
 from alchemium.events.outbox import Outbox, OutboxStatus, default_outbox
-from alchemium.events.publishers import InProcessPublisher, Publisher, destinations_of
+from alchemium.events.publishers import (
+    InProcessPublisher,
+    Publisher,
+    PublisherUnavailableError,
+    destinations_of,
+)
+from alchemium.events.publishers.urls import publisher_from_url
 from alchemium.events.relay import OutboxRelay
 from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
 
@@ -135,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--table", default="alchemium_outbox", help="outbox table name")
         p.add_argument("--schema", default=None, help="schema of the outbox tables")
         p.add_argument(
+            "--shape",
+            choices=("alchemium", "debezium"),
+            default="alchemium",
+            help="column names of the events table, as given to enable_outbox (alchemium)",
+        )
+        p.add_argument(
             "--import",
             dest="imports",
             action="append",
@@ -152,7 +166,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PUBLISHER",
-        help="inprocess (default), redis://..., or amqp://...; repeatable",
+        help="inprocess (default) or a broker URL: redis://, amqp://, nats://, kafka://, "
+        "pubsub://PROJECT/TOPIC, sqs://, sns://ARN, https:// (webhook); options as query "
+        "parameters (docs/relay.md); repeatable",
     )
     relay.add_argument(
         "--destination", default=None, metavar="NAME", help="destination name of a broker publisher"
@@ -610,7 +626,7 @@ def _outbox(args: argparse.Namespace) -> Outbox:
     box = default_outbox()
     if box is not None and box.events.name == args.table and box.events.schema == args.schema:
         return box
-    return Outbox(MetaData(), table_name=args.table, schema=args.schema)
+    return Outbox(MetaData(), table_name=args.table, schema=args.schema, shape=args.shape)
 
 
 async def _check_database(engine: AsyncEngine, outbox: Outbox) -> None:
@@ -640,20 +656,9 @@ def _publishers(args: argparse.Namespace) -> list[Publisher]:
         try:
             if spec == "inprocess":
                 publishers.append(InProcessPublisher())
-            elif spec.startswith(("redis://", "rediss://", "unix://")):
-                from alchemium.events.publishers.redis import RedisStreamPublisher
-
-                publishers.append(RedisStreamPublisher(spec, name=args.destination or "redis"))
-            elif spec.startswith(("amqp://", "amqps://")):
-                from alchemium.events.publishers.rabbitmq import RabbitMQPublisher
-
-                publishers.append(RabbitMQPublisher(spec, name=args.destination or "rabbitmq"))
-            else:
-                raise CommandError(
-                    f"unknown publisher {spec!r} (use inprocess, redis://... or amqp://...)",
-                    EXIT_USAGE,
-                )
-        except OutboxError as err:  # its client library (an extra) is not installed
+            else:  # a broker URL (alchemium/events/publishers/urls.py); checked at start
+                publishers.append(publisher_from_url(spec, name=args.destination))
+        except OutboxError as err:  # unknown scheme or option, missing extra or secret
             raise CommandError(str(err), EXIT_USAGE) from err
     return publishers
 
@@ -686,6 +691,12 @@ async def _relay(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop)
     try:
+        try:  # connect and check each publisher now: bad configuration fails in one line
+            await relay.start()
+        except PublisherUnavailableError as err:
+            raise CommandError(str(err), EXIT_DATABASE) from err
+        except OutboxError as err:
+            raise CommandError(str(err), EXIT_USAGE) from err
         if args.once:
             try:
                 await relay.drain()

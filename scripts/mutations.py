@@ -332,10 +332,10 @@ CATALOG: tuple[Mutation, ...] = (
         name="record_before_publish",
         guarantee="a SIGKILLed relay loses no event",
         where="alchemium/events/**/*.py",
-        find="outcomes = [await self._publish(routes, row, claim) for row in rows]",
+        find="outcomes = await self._publish_all(batch)",
         replace=(
-            "await self._record(token, [_Outcome(row, None) for row in rows])  # mutation\n"
-            "            outcomes = [await self._publish(routes, row, claim) for row in rows]"
+            "await self._record(batch.token, [_Outcome(r, None) for r in batch.rows])  # mutation\n"
+            "            outcomes = await self._publish_all(batch)"
         ),
         tests=(
             "tests/events/test_relay.py::"
@@ -600,9 +600,25 @@ CATALOG: tuple[Mutation, ...] = (
             """,
         tests=(
             "tests/events/test_publishers.py::"
-            "test_redis_outage_leaves_events_pending_until_it_is_back[sqlite]",
-            "tests/events/test_publishers.py::"
             "test_rabbitmq_stopped_while_a_relay_runs_loses_no_event[sqlite]",
+        ),
+        slow=True,
+    ),
+    Mutation(
+        name="batch_failure_counts_as_delivered",
+        guarantee="a broker outage leaves events pending (batch publishers)",
+        where="alchemium/events/relay.py",
+        find="""
+            except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
+                return [_Outcome(row, err) for row in rows]
+            """,
+        replace="""
+            except Exception:  # mutation: a failed batch is recorded as delivered
+                return [_Outcome(row, None) for row in rows]
+            """,
+        tests=(
+            "tests/events/test_publishers.py::"
+            "test_redis_outage_leaves_events_pending_until_it_is_back[sqlite]",
         ),
         slow=True,
     ),
@@ -678,6 +694,66 @@ CATALOG: tuple[Mutation, ...] = (
             "test_bad_requests_get_a_clear_json_error[sqlite-api-events-not-a-uuid]",
             "tests/dashboard/test_api.py::"
             "test_bad_page_requests_get_an_error_page[sqlite-events-xyz]",
+        ),
+    ),
+    # -- broker publishers ---------------------------------------------------------------
+    Mutation(
+        name="publisher_start_skipped",
+        guarantee="bad publisher configuration fails when the relay starts",
+        where="alchemium/events/relay.py",
+        find="await start_publisher(publisher)",
+        replace="pass  # mutation: publishers are not checked before the first claim",
+        tests=(
+            "tests/events/test_publish_outcomes.py::"
+            "test_failing_start_stops_the_relay_before_it_claims_anything[sqlite]",
+            "tests/events/test_publish_outcomes.py::"
+            "test_start_runs_once_before_the_first_claim[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="nats_msg_id_dropped",
+        guarantee="a NATS redelivery in the dedup window is no duplicate",
+        where="alchemium/events/publishers/nats.py",
+        find='headers = {**message.headers, "Nats-Msg-Id": str(event.id)}',
+        replace="headers = dict(message.headers)  # mutation: no Nats-Msg-Id",
+        tests=(
+            "tests/events/test_broker_rules.py::"
+            "test_nats_redelivery_inside_the_dedup_window_counts_as_delivered[sqlite]",
+        ),
+    ),
+    Mutation(
+        name="pubsub_key_not_resumed",
+        guarantee="a Pub/Sub ordering key is resumed after a failure",
+        where="alchemium/events/publishers/pubsub.py",
+        find="self._ready().resume_publish(self.topic_path, key)",
+        replace="pass  # mutation: the paused ordering key stays paused",
+        tests=(
+            "tests/events/test_broker_rules.py::"
+            "test_pubsub_ordering_key_is_resumed_after_a_failed_publish",
+        ),
+    ),
+    Mutation(
+        name="cloudevent_id_not_event_id",
+        guarantee="the CloudEvents envelope carries the event (read by the SDK)",
+        where="alchemium/events/publishers/cloudevents.py",
+        find='"id": str(event.id),',
+        replace='"id": event.name,  # mutation: consumers cannot de-duplicate on the id',
+        tests=(
+            "tests/events/test_cloudevents.py::test_http_binding_is_read_back_by_the_sdk[binary]",
+            "tests/events/test_cloudevents.py::test_kafka_binding_is_read_back_by_the_sdk[binary]",
+            "tests/events/test_cloudevents.py::"
+            "test_amqp_binding_is_read_back_by_the_sdk[structured]",
+        ),
+    ),
+    Mutation(
+        name="debezium_names_dropped",
+        guarantee="the Debezium shape has the outbox event router's columns",
+        where="alchemium/events/outbox_schema.py",
+        find='"aggregate_id": "aggregateid"',
+        replace='"aggregate_id": "aggregate_id"',  # mutation: not the router's column name
+        tests=(
+            "tests/events/test_debezium_outbox.py::"
+            "test_events_table_has_the_router_columns_and_values[sqlite]",
         ),
     ),
     Mutation(

@@ -6,7 +6,7 @@
 # Long soak runs: scripts/soak.sh.
 source "$(dirname "$0")/_env.sh"
 bash scripts/system-deps.sh
-ensure_venv "dev,postgres,redis,rabbitmq,bench,crypto,dashboard,otel"
+ensure_venv "dev,postgres,redis,rabbitmq,nats,kafka,pubsub,aws,webhook,brokers-test,bench,crypto,dashboard,otel"
 echo "== ruff check";        .venv/bin/ruff check alchemium tests examples bench scripts
 echo "== ruff format";       .venv/bin/ruff format --check alchemium tests examples bench scripts
 echo "== mypy --strict";     .venv/bin/mypy --strict alchemium

@@ -191,6 +191,36 @@ def outbox() -> Iterator[Outbox]:
     disable_outbox()
 
 
+def _forget_outbox_tables(box: Outbox) -> None:
+    for table in (box.deliveries, box.events):
+        Base.metadata.remove(table)
+
+
+@contextlib.contextmanager
+def outbox_of_shape(shape: str) -> Iterator[Outbox]:
+    """The test models' outbox with its events table in ``shape`` (``debezium``), enabled.
+
+    The tables of the default shape are taken out of ``Base.metadata`` meanwhile and put
+    back afterwards, so the other tests see alchemium's shape.
+    """
+    _forget_outbox_tables(enable_outbox(Base.metadata))
+    box = enable_outbox(Base.metadata, shape=shape)
+    try:
+        yield box
+    finally:
+        disable_outbox()
+        _forget_outbox_tables(box)
+        enable_outbox(Base.metadata)
+        disable_outbox()
+
+
+@pytest.fixture(params=["alchemium", "debezium"])
+def shaped_outbox(request: pytest.FixtureRequest) -> Iterator[Outbox]:
+    """The outbox in both shapes: alchemium's columns and Debezium's outbox event router's."""
+    with outbox_of_shape(str(request.param)) as box:
+        yield box
+
+
 @pytest.fixture(params=["outbox", "no_outbox"])
 def both_commit_paths(request: pytest.FixtureRequest, outbox: Outbox) -> str:
     """Run a test on both commit paths of UnitOfWork.

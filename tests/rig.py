@@ -58,6 +58,7 @@ class PostgresServer:
     datadir: Path | None = None
     bindir: Path | None = None
     external_url: str | None = None
+    settings: tuple[str, ...] = ()  # extra -c settings, e.g. ("wal_level=logical",)
     _user: str | None = field(default=None, repr=False)
 
     def url(self, database: str = "postgres", driver: str = "postgresql+asyncpg") -> str:
@@ -93,6 +94,7 @@ class PostgresServer:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             "-c max_connections=300 -c shared_buffers=128MB"
         )
+        opts += "".join(f" -c {setting}" for setting in self.settings)
         self.pg_ctl("start", "-o", opts, "-l", str(self.datadir / "server.log"))
 
     def stop(self, mode: str = "fast") -> None:
@@ -115,9 +117,9 @@ def libpq_dsn(url: str) -> str:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
+def postgres_server(settings: tuple[str, ...] = ()) -> Iterator[PostgresServer]:
     external = os.environ.get("ALCHEMIUM_TEST_POSTGRES_URL")
-    if external:
+    if external and not settings:
         yield PostgresServer(port=0, external_url=external)
         return
     bindir = postgres_bindir()
@@ -131,7 +133,9 @@ def postgres_server() -> Iterator[PostgresServer]:
             subprocess.run(["useradd", "--system", "--no-create-home", user], check=True)
         shutil.chown(tmp, user)
         os.chmod(tmp, 0o700)
-    server = PostgresServer(port=free_port(), datadir=tmp, bindir=bindir, _user=user)
+    server = PostgresServer(
+        port=free_port(), datadir=tmp, bindir=bindir, settings=settings, _user=user
+    )
     try:
         server._run(
             str(bindir / "initdb"),

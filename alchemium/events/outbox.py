@@ -110,6 +110,11 @@ class Outbox(OutboxAdministration):
         mark_window: seconds within which the "delivered" marks of many commits are
             written by one UPDATE in the background (see ``alchemium.events.marks``);
             0 writes each commit's mark at once, in the committing task.
+        shape: ``"alchemium"`` (default) or ``"debezium"``: the events table named like
+            Debezium's outbox event router reads it (``id``, ``aggregatetype``,
+            ``aggregateid``, ``type``, ``payload``, ``tracingspancontext``,
+            ``schemaversion``), so change data capture can take over from the relay
+            (docs/outbox-cdc.md). The delivery table and the relay are the same.
         completion: what a delivered row becomes: ``"keep"`` (status ``delivered``,
             until the retention purge), ``"delete"`` (deleted at once; its event goes
             with the purge), ``"archive"`` (moved to ``<table_name>_delivery_archive``).
@@ -124,9 +129,12 @@ class Outbox(OutboxAdministration):
         schema: str | None = None,
         dispatch_lease: float = DISPATCH_LEASE,
         mark_window: float = 0.05,
+        shape: str = "alchemium",
         completion: str = "keep",
     ) -> None:
-        super().__init__(metadata, table_name=table_name, schema=schema, completion=completion)
+        super().__init__(
+            metadata, table_name=table_name, schema=schema, shape=shape, completion=completion
+        )
         if dispatch_lease <= 0 or mark_window < 0:
             raise OutboxError(
                 f"Outbox(dispatch_lease={dispatch_lease!r}, mark_window={mark_window!r}): the "
@@ -172,6 +180,7 @@ class Outbox(OutboxAdministration):
                 "metadata": plain_json(e.metadata),
                 "occurred_at": e.occurred_at,
                 "schema_version": e.schema_version,
+                **self.shape_values(e),
             }
             for e in events
         ]

@@ -273,7 +273,7 @@ class OutboxAdministration(OutboxLifecycle):
             select(
                 d.c.id,
                 d.c.event_id,
-                e.c.name,
+                e.c.name.label("name"),  # "type" in the Debezium shape
                 d.c.destination,
                 d.c.attempts,
                 d.c.last_error,

@@ -72,6 +72,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.events.event_fields import schema_version_of, trace_context_of
 from alchemium.events.tables import BigId, JsonDocument, existing_table
 
 __all__ = [
@@ -81,6 +82,7 @@ __all__ = [
     "DEAD",
     "DELIVERED",
     "PENDING",
+    "SHAPES",
     "DeliveryRow",
     "Executor",
     "OutboxTables",
@@ -95,6 +97,19 @@ PENDING, CLAIMED, DELIVERED, DEAD = "pending", "claimed", "delivered", "dead"
 # Given up by a destination's policy (alchemium.events.policies): never retried, and not
 # requeued by a requeue of every dead row unless asked for.
 ABANDONED = "abandoned"
+
+# The events table's column names per shape (keys stay alchemium's). "debezium" is the
+# table Debezium's outbox event router reads: id, aggregatetype, aggregateid, type,
+# payload (+ tracingspancontext and schemaversion); change data capture can then
+# replace the relay without touching the code that writes events (docs/outbox-cdc.md).
+SHAPES: dict[str, dict[str, str]] = {
+    "alchemium": {
+        "name": "name",
+        "aggregate_type": "aggregate_type",
+        "aggregate_id": "aggregate_id",
+    },
+    "debezium": {"name": "type", "aggregate_type": "aggregatetype", "aggregate_id": "aggregateid"},
+}
 
 Executor = AsyncSession | AsyncConnection
 
@@ -189,8 +204,10 @@ def event_of(row: Mapping[Any, Any], prefix: str = "") -> DomainEvent:
     fields = ("id", "name", "aggregate_type", "aggregate_id", "payload", "metadata")
     data = {f: row[prefix + f] for f in fields}
     data["occurred_at"] = aware(row[prefix + "occurred_at"])
-    # NULL (a row written before the column existed) is version 1.
-    data["schema_version"] = row.get(prefix + "schema_version")
+    # NULL (a row written before the column existed) is version 1; the Debezium shape
+    # stores it as text.
+    version = row.get(prefix + "schema_version")
+    data["schema_version"] = None if version is None else int(version)
     return DomainEvent.from_dict(data)
 
 
@@ -230,13 +247,17 @@ class OutboxTables:
         *,
         table_name: str = "alchemium_outbox",
         schema: str | None = None,
+        shape: str = "alchemium",
         completion: str = "keep",
     ) -> None:
+        if shape not in SHAPES:
+            raise OutboxError(f"Outbox(shape={shape!r}): expected one of {', '.join(SHAPES)}")
         if completion not in COMPLETIONS:
             raise OutboxError(
                 f"Outbox(completion={completion!r}): expected one of {', '.join(COMPLETIONS)}"
             )
         self.metadata = metadata
+        self.shape = shape
         self.completion = completion
         self.archive: Table | None = None
         events = existing_table(metadata, table_name, schema)
@@ -245,19 +266,29 @@ class OutboxTables:
             self.events, self.deliveries = events, deliveries
             self._declare_archive(table_name, schema)
             return
+        # Column *keys* are alchemium's names in both shapes, so every statement reads
+        # the same; the Debezium shape only changes the names in the database.
+        names = SHAPES[shape]
         self.events = Table(
             table_name,
             metadata,
             Column("sequence", BigId, primary_key=True, autoincrement=True),
             Column("id", Uuid(), nullable=False, unique=True),
-            Column("name", String(200), nullable=False),
-            Column("aggregate_type", String(100), nullable=False),
-            Column("aggregate_id", String(200), nullable=False),
+            Column(names["name"], String(200), nullable=False, key="name"),
+            Column(names["aggregate_type"], String(100), nullable=False, key="aggregate_type"),
+            Column(names["aggregate_id"], String(200), nullable=False, key="aggregate_id"),
             Column("payload", JsonDocument, nullable=False),
             Column("metadata", JsonDocument, nullable=False),
             Column("occurred_at", DateTime(timezone=True), nullable=False),
-            # NULL: written before schema versions existed, i.e. version 1.
-            Column("schema_version", Integer, nullable=True),
+            *(
+                [
+                    Column("tracingspancontext", Text, nullable=True, key="tracing"),
+                    Column("schemaversion", String(50), nullable=False, key="schema_version"),
+                ]
+                if shape == "debezium"
+                # NULL: written before schema versions existed, i.e. version 1.
+                else [Column("schema_version", Integer, nullable=True)]
+            ),
             schema=schema,
         )
         self.deliveries = Table(
@@ -340,6 +371,21 @@ class OutboxTables:
             Index(f"ix_{name}_delivered", archive.c.delivered_at)
         self.archive = archive
 
+    def shape_values(self, event: DomainEvent) -> dict[str, Any]:
+        """The values of the shape's own event columns (none for alchemium's shape).
+
+        Debezium shape: ``tracingspancontext`` holds the W3C trace context as Java
+        properties (``traceparent=...``, what Debezium's outbox event router reads),
+        ``schemaversion`` the payload's schema version.
+        """
+        if self.shape != "debezium":
+            return {}
+        trace = trace_context_of(event)
+        return {
+            "tracing": "\n".join(f"{k}={v}" for k, v in trace.items()) or None,
+            "schema_version": schema_version_of(event),
+        }
+
     def tables_exist(self, bind: Engine | Connection) -> bool:
         """Whether both outbox tables exist (asked on a connection of its own).
 
@@ -355,7 +401,8 @@ class OutboxTables:
     async def events_by_id(self, conn: Executor, ids: set[Any]) -> dict[Any, DomainEvent]:
         """The stored events with these ids (one SELECT), as DomainEvents by id."""
         e = self.events
-        rows = await conn.execute(select(e).where(e.c.id.in_(ids)))
+        # Labelled by key: alchemium's names in both shapes (see ``Outbox(shape=...)``).
+        rows = await conn.execute(select(*(c.label(c.key) for c in e.c)).where(e.c.id.in_(ids)))
         return {row.id: event_of(row._mapping) for row in rows}
 
     def insert_deliveries(self, lease: float) -> Any:
@@ -434,7 +481,7 @@ class OutboxTables:
                 claimed.c.destination,
                 claimed.c.attempts,
                 claimed.c.replayed_at,
-                *(c.label(f"event_{c.name}") for c in e.c),
+                *(c.label(f"event_{c.key}") for c in e.c),
             )
             .join(e, e.c.id == claimed.c.event_id)
             .order_by(claimed.c.id)

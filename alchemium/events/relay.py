@@ -48,18 +48,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from alchemium import telemetry as _telemetry
+from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
 from alchemium.events.dispatch import retry_delay
 from alchemium.events.observe import claim_span, log_fields, publish_span
 from alchemium.events.outbox import DeliveryRow, Outbox, autocommit, default_outbox
-from alchemium.events.outbox_schema import ABANDONED
+from alchemium.events.outbox_schema import ABANDONED, DEAD
 from alchemium.events.policies import (
     DeliveryPolicies,
     DeliveryPolicy,
@@ -68,7 +69,14 @@ from alchemium.events.policies import (
     prepare_delivery,
     run_fallbacks,
 )
-from alchemium.events.publishers.base import Publisher, destinations_of
+from alchemium.events.publishers.base import (
+    BatchPublisher,
+    PermanentPublishError,
+    Publisher,
+    RetryLater,
+    destinations_of,
+    start_publisher,
+)
 from alchemium.events.relay_monitor import RelayMonitor
 from alchemium.events.subscribers import MAIN_MODULE_HINT, is_main_module_name
 from alchemium.events.upcasting import UpcasterRegistry, default_upcasters
@@ -139,6 +147,13 @@ async def _within(seconds: float | None, publishing: Awaitable[None]) -> None:
         await asyncio.wait_for(_await(rest), seconds)
 
 
+def _batch_publisher(publisher: Publisher | None) -> BatchPublisher | None:
+    """``publisher`` if it has ``publish_many`` (see :class:`BatchPublisher`), else None."""
+    if publisher is None or not callable(getattr(publisher, "publish_many", None)):
+        return None
+    return cast(BatchPublisher, publisher)
+
+
 async def _await(awaitable: Awaitable[None]) -> None:
     await awaitable
 
@@ -164,14 +179,25 @@ class RelayStats:
     abandoned: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Batch:
-    """Rows one claim took under ``token``, for the publishers' ``routes`` of that moment."""
+    """A claimed batch: its rows, their token, the publishers' routes of that moment, the
+    claim span's context (when tracing) and the heartbeat renewing their lease from the
+    claim until their outcomes are recorded (a prefetched batch waits under its lease)."""
 
     routes: dict[str, Publisher]
     token: uuid.UUID
     rows: list[DeliveryRow]
-    claim: SpanContext | None = None  # the claim span's context, when tracing
+    claim: SpanContext | None = None
+    heartbeat: asyncio.Task[None] | None = None
+
+    async def release(self) -> None:
+        """Stop renewing the lease (the outcomes are about to be recorded, or abandoned)."""
+        heartbeat, self.heartbeat = self.heartbeat, None
+        if heartbeat is not None:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +306,7 @@ class OutboxRelay:
         self.upcasters = upcasters if upcasters is not None else default_upcasters
         self.policies = policies if policies is not None else default_policies
         self.monitor = RelayMonitor()  # metrics and liveness (alchemium.events.monitoring)
+        self._started = False
 
     # -- public API --------------------------------------------------------------------------
 
@@ -295,6 +322,20 @@ class OutboxRelay:
         except asyncio.TimeoutError:
             return False
         return True
+
+    async def start(self) -> None:
+        """Await each publisher's optional ``start()`` (connect, check), once per relay.
+
+        :meth:`run`, :meth:`drain` and :meth:`run_once` call it before their first claim,
+        so a bad URL, missing credentials or a missing stream fail at start with the
+        publisher's one-line error (``PublisherConfigurationError`` /
+        ``PublisherUnavailableError``), not at the first event.
+        """
+        if self._started:
+            return
+        for publisher in self.publishers:
+            await start_publisher(publisher)
+        self._started = True
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the batch in flight (safe from signal handlers)."""
@@ -312,6 +353,7 @@ class OutboxRelay:
         its own short transaction. Database errors propagate; :meth:`run` logs them
         and tries again.
         """
+        await self.start()
         _, delivered = await self._round()
         return delivered
 
@@ -326,6 +368,7 @@ class OutboxRelay:
         ``retention`` is set. No LISTEN; database errors propagate.
         """
         self.upcasters.validate()
+        await self.start()
         destinations = self._destinations()
         async with self.session_factory() as session:
             bound = await self.outbox.undelivered(session, destinations)
@@ -348,6 +391,7 @@ class OutboxRelay:
         Database errors (a restart, a dropped connection) are logged and retried with
         a backoff; the relay never gives up by itself.
         """
+        await self.start()
         self._stopping.clear()
         self.upcasters.validate()
         listener: asyncio.Task[None] | None = None
@@ -415,9 +459,10 @@ class OutboxRelay:
 
         The next batch is claimed while this one is published: the claim's round trip
         overlaps the publishing instead of following it. A prefetched batch is claimed
-        like any other (leased, fenced by its own token), so a relay that dies holding
-        it only delays it by a lease. Stops at a batch that is not full, at ``most``
-        rows claimed, or when :meth:`stop` is called.
+        like any other (leased, fenced by its own token, its lease renewed from the claim
+        on, so a slow publish of the batch before it cannot let it expire and be claimed
+        again), and a relay that dies holding it only delays it by a lease. Stops at a
+        batch that is not full, at ``most`` rows claimed, or when :meth:`stop` is called.
         """
         with self._watched():
             claimed = 0
@@ -440,7 +485,7 @@ class OutboxRelay:
                         # Its rows, if it claimed any, come back to a relay when its lease ends.
                         following.cancel()
                         with contextlib.suppress(BaseException):
-                            await following
+                            await (await following).release()
                     raise
                 if following is None:
                     return claimed
@@ -502,19 +547,64 @@ class OutboxRelay:
                 rows=len(rows),
                 started=started,
             )
-        return _Batch(routes, token, rows, claim)
+        return _Batch(routes, token, rows, claim, asyncio.create_task(self._heartbeat(token)))
 
     async def _deliver(self, batch: _Batch) -> int:
-        """Publish the claimed rows (the lease renewed meanwhile), record the outcomes."""
-        routes, token, rows, claim = batch.routes, batch.token, batch.rows, batch.claim
-        heartbeat = asyncio.create_task(self._heartbeat(token))
+        """Publish the claimed batch (its lease renewed meanwhile), record the outcomes."""
         try:
-            outcomes = [await self._publish(routes, row, claim) for row in rows]
+            outcomes = await self._publish_all(batch)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-        return await self._record(token, outcomes)
+            await batch.release()
+        return await self._record(batch.token, outcomes)
+
+    async def _publish_all(self, batch: _Batch) -> list[_Outcome]:
+        """Publish the batch's rows: one ``publish_many`` per batch publisher, ``publish``
+        per row for the others (in claim order); one outcome per row, in claim order.
+
+        With a tracer every row is published on its own, so each message carries the
+        context of its own publish span (:func:`alchemium.telemetry.trace_headers`).
+        """
+        routes, rows, claim = batch.routes, batch.rows, batch.claim
+        batches: dict[int, tuple[BatchPublisher, list[tuple[DeliveryRow, DomainEvent]]]] = {}
+        outcomes: dict[int, _Outcome] = {}
+        for row in rows:
+            batcher = None if claim is not None else _batch_publisher(routes.get(row.destination))
+            if batcher is None:
+                outcomes[row.id] = await self._publish(routes, row, claim)
+                continue
+            try:
+                event = prepare_delivery(row, self.upcasters)
+            except Exception as err:  # noqa: BLE001 - recorded on the row (an UpcastError)
+                outcomes[row.id] = _Outcome(row, err)
+            else:
+                batches.setdefault(id(batcher), (batcher, []))[1].append((row, event))
+        for batcher, items in batches.values():
+            for outcome in await self._publish_batch(batcher, items):
+                outcomes[outcome.row.id] = outcome
+        return [outcomes[row.id] for row in rows]
+
+    async def _publish_batch(
+        self, publisher: BatchPublisher, items: list[tuple[DeliveryRow, DomainEvent]]
+    ) -> list[_Outcome]:
+        """One ``publish_many`` for ``items`` (rows and their upcast events)."""
+        rows = [row for row, _ in items]
+        results: list[BaseException | None] = []
+
+        async def publish_many() -> None:
+            answered = await publisher.publish_many([(e, row.destination) for row, e in items])
+            if len(answered) != len(rows):
+                raise OutboxError(
+                    f"{publisher!r}.publish_many returned {len(answered)} outcome(s) for "
+                    f"{len(rows)} event(s)"
+                )
+            results.extend(answered)
+
+        started = time.perf_counter()
+        outcomes = await self._settle(rows, publish_many(), results)
+        elapsed = time.perf_counter() - started  # each message waited for the whole batch
+        for outcome in outcomes:
+            self.monitor.published(outcome.row.destination, elapsed, ok=outcome.error is None)
+        return outcomes
 
     async def _publish(
         self, routes: dict[str, Publisher], row: DeliveryRow, claim: SpanContext | None
@@ -540,6 +630,25 @@ class OutboxRelay:
             row.destination, time.perf_counter() - started, ok=outcome.error is None
         )
         return outcome
+
+    async def _settle(
+        self,
+        rows: list[DeliveryRow],
+        publishing: Awaitable[None],
+        results: list[BaseException | None] | None = None,
+    ) -> list[_Outcome]:
+        """Await a batch's ``publishing`` within ``publish_timeout``: each row's outcome.
+
+        Raising fails every row with that exception; otherwise each row has its entry
+        of ``results`` (filled by a batch publisher) or, without ``results``, succeeded.
+        """
+        try:
+            await _within(self.publish_timeout, publishing)
+        except Exception as err:  # noqa: BLE001 - any publish failure is recorded on the row
+            return [_Outcome(row, err) for row in rows]
+        if results is None:
+            return [_Outcome(row, None) for row in rows]
+        return [_Outcome(row, result) for row, result in zip(rows, results, strict=True)]
 
     async def _heartbeat(self, token: uuid.UUID) -> None:
         while True:
@@ -601,9 +710,16 @@ class OutboxRelay:
                 gave_up = (policy or _NO_POLICY).gives_up(
                     attempts=row.attempts, max_attempts=self.max_attempts, age=age
                 )
+                if gave_up is None and isinstance(err, PermanentPublishError):
+                    gave_up = DEAD  # the broker said it can never take this event
                 error = f"{type(err).__name__}: {err}"
                 if gave_up is None:
-                    delay = retry_delay(row.attempts, base=self.backoff_base, cap=self.backoff_cap)
+                    # A broker's "retry later" sets the delay; otherwise the backoff does.
+                    delay = (
+                        err.seconds
+                        if isinstance(err, RetryLater)
+                        else retry_delay(row.attempts, base=self.backoff_base, cap=self.backoff_cap)
+                    )
                     written = await self.outbox.mark_failed(
                         session, token, error=error, retry_in=delay, row_id=row.id
                     )

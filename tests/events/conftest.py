@@ -44,7 +44,8 @@ async def outbox_events(engine: AsyncEngine, outbox: Outbox) -> list[dict[str, A
     """The rows of the outbox event table in sequence order."""
     await flush_delivery_marks()
     async with engine.connect() as conn:
-        rows = await conn.execute(select(outbox.events).order_by(outbox.events.c.sequence))
+        keyed = select(*(c.label(c.key) for c in outbox.events.c))  # the same in both shapes
+        rows = await conn.execute(keyed.order_by(outbox.events.c.sequence))
         return [dict(r._mapping) for r in rows]
 
 
@@ -65,6 +66,13 @@ async def count(engine: AsyncEngine, table: Any) -> int:
 
 
 # Fixtures of the relay / publisher / CLI tests live with their helpers.
+from tests.events.brokers import (  # noqa: E402, F401
+    kafka_server,
+    moto_server,
+    nats_server,
+    pubsub_emulator,
+    webhook_receiver,
+)
 from tests.events.relay_support import (  # noqa: E402, F401
     new_engine,
     rabbitmq_server,

@@ -116,6 +116,17 @@ async def by_status(engine: AsyncEngine, outbox: Outbox) -> dict[str, int]:
     return counts
 
 
+async def database_time(engine: AsyncEngine) -> dt.datetime:
+    """The database's now (the clock every relay time is reckoned on)."""
+    from alchemium.events.outbox import database_now
+    from alchemium.events.outbox_schema import aware
+
+    async with engine.connect() as conn:
+        now = aware((await conn.execute(select(database_now()))).scalar_one())
+    assert now is not None
+    return now
+
+
 async def eventually(check: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
     """Await ``check()`` (sync or async) until truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -1,4 +1,7 @@
-"""The outbox written by the unit of work: contents, order, atomicity, delivery rows, fencing."""
+"""The outbox written by the unit of work: contents, order, atomicity, delivery rows, fencing.
+
+Every test runs on both shapes of the events table (alchemium's, Debezium's).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +28,12 @@ from tests.events.relay_support import LONG_AGO
 from tests.models import OrderLineRepository, Status, User, UserRepository
 
 Sessions = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+def outbox(shaped_outbox: Outbox) -> Outbox:
+    """This module's tests run on both shapes of the events table."""
+    return shaped_outbox
 
 
 async def test_commit_writes_exactly_the_recorded_events_in_recording_order(

@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium.errors import OutboxError
 from alchemium.events import (
+    BatchPublisher,
+    CloudEventsEnvelope,
     DomainEvent,
     OutboxRelay,
     Publisher,
@@ -70,6 +72,22 @@ async def test_redis_publisher_delivers_to_a_stream_consumer(
     assert [fields["event_id"] for _id, fields in entries] == [str(e.id) for e in events]
     received = DomainEvent.from_dict(json.loads(entries[0][1]["event"]))
     assert received == events[0]
+
+
+@sqlite_only
+async def test_redis_publisher_pipelines_each_claimed_batch(
+    session_factory: Factory, outbox: Outbox, redis_server: RedisServer
+) -> None:
+    events = await insert_events(session_factory, outbox, 250, destinations=["redis"])
+    publisher = RedisStreamPublisher(redis_server.url, stream="batched")
+    assert isinstance(publisher, BatchPublisher)  # the relay calls publish_many
+    try:
+        relay = OutboxRelay(session_factory, publisher, batch_size=100, listen=False)
+        assert await relay.drain() == 250
+    finally:
+        await publisher.close()
+    entries = await redis_server.entries("batched")
+    assert [fields["event_id"] for _id, fields in entries] == [str(e.id) for e in events]
 
 
 @sqlite_only
@@ -132,6 +150,53 @@ async def test_rabbitmq_unroutable_or_unreachable_leaves_events_pending(
         await unroutable.close()
     rows = await delivery_rows(engine, outbox)
     assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 2)}
+
+
+@sqlite_only
+async def test_redis_and_rabbitmq_speak_cloudevents_when_asked(
+    session_factory: Factory,
+    outbox: Outbox,
+    redis_server: RedisServer,
+    rabbitmq_server: RabbitServer,
+) -> None:
+    import aio_pika
+    from cloudevents.core.bindings import amqp
+
+    envelope = CloudEventsEnvelope(source="/shop")
+    (event,) = await insert_events(session_factory, outbox, 1, destinations=["redis", "rabbitmq"])
+    connection = await aio_pika.connect(rabbitmq_server.url)
+    redis = RedisStreamPublisher(redis_server.url, stream="ce", envelope=envelope)
+    rabbit = RabbitMQPublisher(rabbitmq_server.url, exchange="ce.events", envelope=envelope)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            "ce.events", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue("", exclusive=True)
+        await queue.bind(exchange, routing_key="#")
+        assert await OutboxRelay(session_factory, [redis, rabbit], listen=False).run_once() == 2
+        message = await queue.get(timeout=5)
+        await message.ack()
+    finally:
+        await redis.close()
+        await rabbit.close()
+        await connection.close()
+    ((_id, fields),) = await redis_server.entries("ce")
+    document = json.loads(fields["event"])  # structured mode: one CloudEvents document
+    assert (document["specversion"], document["id"], document["source"]) == (
+        "1.0",
+        str(event.id),
+        "/shop",
+    )
+    parsed = amqp.from_amqp_event(  # binary mode: cloudEvents_* application properties
+        amqp.AMQPMessage(
+            properties={"content-type": message.content_type},
+            application_properties=dict(message.headers),
+            application_data=message.body,
+        )
+    )
+    assert (parsed.get_id(), parsed.get_subject()) == (str(event.id), event.aggregate_id)
+    assert parsed.get_data() == dict(event.payload)
 
 
 async def _drain_queue(url: str, queue_name: str) -> list[str]:

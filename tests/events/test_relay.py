@@ -88,6 +88,19 @@ async def test_drain_delivers_what_is_due_now_then_returns(
     assert await relay.drain() == 3  # as many as were undelivered when it started
 
 
+async def test_a_prefetched_batch_keeps_its_lease_while_the_one_before_it_publishes(
+    session_factory: Factory, outbox: Outbox
+) -> None:
+    # Each batch takes longer to publish than a lease: the batch claimed meanwhile
+    # (prefetched) must not expire and be claimed a second time by the next prefetch.
+    events = await insert_events(session_factory, outbox, 6)
+    publisher = Sink(delay=0.4)
+    relay = OutboxRelay(session_factory, publisher, batch_size=2, lease=0.6, listen=False)
+    assert await relay.drain() == 6
+    assert relay.stats.lost_leases == 0
+    assert publisher.ids() == [e.id for e in events]  # each once
+
+
 async def test_stats_report_the_lag_of_the_oldest_pending_event(
     session_factory: Factory, outbox: Outbox
 ) -> None:

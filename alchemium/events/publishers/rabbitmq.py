@@ -8,6 +8,7 @@ from typing import Any
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.events.publishers.cloudevents import CloudEventsEnvelope
 from alchemium.telemetry import trace_headers
 
 __all__ = ["RabbitMQPublisher"]
@@ -39,6 +40,11 @@ class RabbitMQPublisher:
     continue the trace. The
     exchange is declared (durable) on first use. After a connection failure the
     next publish reconnects; the failed row stays pending and is retried.
+
+    With ``envelope=CloudEventsEnvelope(...)`` the message follows the CloudEvents
+    AMQP binding instead: binary mode puts the attributes in ``cloudEvents_*``
+    headers and the payload in the body, structured mode sends the whole document as
+    ``application/cloudevents+json``; ``message_id`` and ``type`` stay.
     """
 
     messaging_system = "rabbitmq"  # the publish span's messaging.system
@@ -51,8 +57,10 @@ class RabbitMQPublisher:
         name: str = "rabbitmq",
         mandatory: bool = True,
         timeout: float = 10.0,
+        envelope: CloudEventsEnvelope | None = None,
     ) -> None:
         self.url = url
+        self.envelope = envelope
         self.exchange_name = exchange
         self.name = name
         self.mandatory = mandatory
@@ -80,20 +88,27 @@ class RabbitMQPublisher:
         """Publish and wait for the broker's confirm; raises if it is not confirmed."""
         aio_pika = self._aio_pika
         exchange = await self._exchange_ready()
+        if self.envelope is None:
+            body, content_type = event.to_json().encode(), "application/json"
+            headers = {
+                "aggregate_type": event.aggregate_type,
+                "aggregate_id": event.aggregate_id,
+                "schema_version": event.schema_version,
+                **trace_headers(event),
+            }
+        else:
+            encoded = self.envelope.encode(event, "amqp", destination)
+            body, content_type, headers = encoded.body, encoded.content_type, dict(encoded.headers)
+        if event.metadata.get("replay"):
+            headers["replay"] = True  # a delivery made by a replay (docs/lifecycle.md)
         message = aio_pika.Message(
-            body=event.to_json().encode(),
-            content_type="application/json",
+            body=body,
+            content_type=content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=str(event.id),
             type=event.name,
             timestamp=event.occurred_at,
-            headers={
-                "aggregate_type": event.aggregate_type,
-                "aggregate_id": event.aggregate_id,
-                "schema_version": event.schema_version,
-                **({"replay": True} if event.metadata.get("replay") else {}),
-                **trace_headers(event),
-            },
+            headers=dict(headers),
         )
         try:
             await exchange.publish(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.events.publishers.cloudevents import CloudEventsEnvelope
 from alchemium.telemetry import trace_headers
 
 __all__ = ["RedisStreamPublisher"]
@@ -33,7 +35,12 @@ class RedisStreamPublisher:
     own (``*``). ``XADD`` returns only after Redis accepted the entry; with Redis
     persistence off, an accepted entry can still be lost if Redis itself restarts.
     The client connects on first use and reconnects by itself after an outage; a
-    publish during an outage raises, so the row stays pending and is retried.
+    publish during an outage raises, so the row stays pending and is retried. The
+    relay hands it a claimed batch at once (:meth:`publish_many`, a pipeline).
+
+    With ``envelope=CloudEventsEnvelope(...)`` the ``event`` field holds the
+    CloudEvents structured document instead (Redis has no CloudEvents binding, so
+    the mode is always structured); the other fields stay.
     """
 
     messaging_system = "redis"  # the publish span's messaging.system
@@ -47,6 +54,7 @@ class RedisStreamPublisher:
         maxlen: int | None = None,
         timeout: float = 5.0,
         client: Any = None,
+        envelope: CloudEventsEnvelope | None = None,
     ) -> None:
         self.url = url
         self.stream = stream
@@ -55,6 +63,7 @@ class RedisStreamPublisher:
         self.timeout = timeout
         self._client = client
         self._owns_client = client is None
+        self.envelope = envelope
         if client is None:
             _redis_asyncio()  # fail now, not at the first event, if redis-py is missing
 
@@ -65,22 +74,52 @@ class RedisStreamPublisher:
             )
         return self._client
 
-    async def publish(self, event: DomainEvent, destination: str) -> None:
-        """``XADD`` the event to :attr:`stream`; raises if Redis does not accept it."""
+    def _fields(self, event: DomainEvent, destination: str) -> dict[str, str]:
         fields = {
             "event_id": str(event.id),
             "name": event.name,
             "aggregate_type": event.aggregate_type,
             "aggregate_id": event.aggregate_id,
-            "event": event.to_json(),
+            "event": event.to_json()
+            if self.envelope is None
+            else self.envelope.encode(event, "http", destination, mode="structured").body.decode(),
             "schema_version": str(event.schema_version),
             **trace_headers(event),
         }
         if event.metadata.get("replay"):
-            fields["replay"] = "1"
+            fields["replay"] = "1"  # a delivery made by a replay (docs/lifecycle.md)
+        return fields
+
+    async def publish(self, event: DomainEvent, destination: str) -> None:
+        """``XADD`` the event to :attr:`stream`; raises if Redis does not accept it."""
         await self._connect().xadd(
-            self.stream, fields, maxlen=self.maxlen, approximate=self.maxlen is not None
+            self.stream,
+            self._fields(event, destination),
+            maxlen=self.maxlen,
+            approximate=self.maxlen is not None,
         )
+
+    async def publish_many(
+        self, items: Sequence[tuple[DomainEvent, str]]
+    ) -> list[BaseException | None]:
+        """``XADD`` every event in one pipeline: one round trip for the relay's batch.
+
+        Not a transaction (no ``MULTI``): Redis runs the commands in order, and each
+        event's outcome is its own command's (an error Redis answers fails only that
+        event). A connection lost before the replies raises: every event of the batch
+        is retried, and those Redis had already appended arrive twice (at least once;
+        consumers deduplicate on ``event_id``).
+        """
+        async with self._connect().pipeline(transaction=False) as pipe:
+            for event, destination in items:
+                pipe.xadd(
+                    self.stream,
+                    self._fields(event, destination),
+                    maxlen=self.maxlen,
+                    approximate=self.maxlen is not None,
+                )
+            replies = await pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, BaseException) else None for r in replies]
 
     async def close(self) -> None:
         """Close the client connection pool (if this publisher created it)."""
