@@ -10,22 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from alchemium.domain_event import DomainEvent
+from alchemium.telemetry import TRACE_KEYS
 
 __all__ = ["TRACE_KEYS", "schema_version_of", "trace_context_of"]
 
-TRACE_KEYS = ("traceparent", "tracestate")  # W3C trace context, as recorded in metadata
-
 
 def schema_version_of(event: DomainEvent) -> str:
-    """The payload's schema version: ``event.schema_version`` if the event has one, else 1.
+    """The payload's schema version (``event.schema_version``) as a string.
 
-    Also read from ``metadata["schema_version"]`` (events written before the field
-    existed). Always a string: it goes into headers, templates and text columns.
+    A string: it goes into headers, templates and text columns.
     """
-    version = getattr(event, "schema_version", None)
-    if version is None:
-        version = event.metadata.get("schema_version")
-    return "1" if version is None else str(version)
+    return str(event.schema_version)
 
 
 def trace_context_of(event: DomainEvent) -> Mapping[str, str]:

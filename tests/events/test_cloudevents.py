@@ -21,7 +21,7 @@ from alchemium.events.publishers.nats import SUBJECT
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def _event(**metadata: object) -> DomainEvent:
+def _event(schema_version: int = 1, **metadata: object) -> DomainEvent:
     return DomainEvent.create(
         "order_placed",
         aggregate_type="order",
@@ -31,6 +31,7 @@ def _event(**metadata: object) -> DomainEvent:
         | metadata,
         id=uuid.UUID("12345678-1234-5678-1234-567812345678"),
         occurred_at=dt.datetime(2026, 3, 1, 12, 30, 5, 123456, tzinfo=dt.timezone.utc),
+        schema_version=schema_version,
     )
 
 
@@ -127,6 +128,13 @@ def test_trace_context_comes_from_one_pluggable_function() -> None:
     envelope = CloudEventsEnvelope(trace_context=lambda e: {"traceparent": "00-abc", "x": "1"})
     headers = envelope.encode(_event(), "nats").headers
     assert headers["ce-traceparent"] == "00-abc"
+
+
+def test_a_replayed_delivery_is_marked_by_an_extension_the_sdk_reads() -> None:
+    message = ENVELOPE.encode(_event(replay=True), "http")
+    parsed = http.from_http_event(http.HTTPMessage(message.headers, message.body))
+    assert parsed.get_extension("replay") == "true"
+    assert "replay" not in ENVELOPE.attributes(_event())
 
 
 @pytest.mark.parametrize(

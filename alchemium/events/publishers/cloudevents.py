@@ -42,8 +42,9 @@ from urllib.parse import quote
 
 from alchemium.domain_event import DomainEvent
 from alchemium.encoding import plain_json
-from alchemium.events.event_fields import schema_version_of, trace_context_of
+from alchemium.events.event_fields import schema_version_of
 from alchemium.events.publishers.base import PermanentPublishError, PublisherConfigurationError
+from alchemium.telemetry import trace_headers
 
 __all__ = [
     "BINDINGS",
@@ -216,7 +217,10 @@ class CloudEventsEnvelope:
         partition_key: template of the ``partitionkey`` extension (Kafka key, Pub/Sub
             ordering key, SQS group id): default the aggregate id.
         trace_context: a function giving an event's W3C trace headers
-            (``traceparent``, ``tracestate``); default: those keys of its metadata.
+            (``traceparent``, ``tracestate``); default
+            :func:`alchemium.telemetry.trace_headers`: the relay's publish span while
+            a tracer records it (a consumer's span then continues the publish), else
+            the context stored with the event when it was recorded.
     """
 
     source: str = "/alchemium"
@@ -230,7 +234,7 @@ class CloudEventsEnvelope:
         }
     )
     partition_key: str = "{aggregate_id}"
-    trace_context: Callable[[DomainEvent], Mapping[str, str]] = trace_context_of
+    trace_context: Callable[[DomainEvent], Mapping[str, str]] = trace_headers
     _templates: dict[str, Template] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -282,6 +286,8 @@ class CloudEventsEnvelope:
                     attributes[key[4:]] = value
         for name, value in self.trace_context(event).items():
             attributes[name.lower()] = value
+        if event.metadata.get("replay"):
+            attributes["replay"] = "true"  # a delivery made by a replay (docs/lifecycle.md)
         return attributes
 
     def structured(self, event: DomainEvent, destination: str = "") -> dict[str, Any]:
