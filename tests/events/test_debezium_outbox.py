@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from alchemium import UnitOfWork
 from alchemium.events import SubscriberRegistry
 from alchemium.events.outbox import Outbox
+from alchemium.events.upcasting import default_upcasters
 from tests.conftest import make_engine, outbox_of_shape, reset_schema
 from tests.events.relay_support import Sink
 from tests.models import UserRepository
@@ -25,6 +26,14 @@ from tests.rig import PostgresServer, postgres_server
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 ROUTER_COLUMNS = {"id", "aggregatetype", "aggregateid", "type", "payload"}
+
+
+@pytest.fixture(autouse=True)
+def user_created_at_version_2() -> Iterator[None]:
+    """The code of these tests declares ``user_created`` at schema version 2."""
+    with default_upcasters.scoped() as upcasters:
+        upcasters.declare("user_created", 2)
+        yield
 
 
 @pytest.fixture
@@ -37,7 +46,7 @@ async def _create_user(engine: AsyncEngine, registry: SubscriberRegistry) -> Non
     registry.add_destination("cdc", "user_*")
     sessions = async_sessionmaker(engine, expire_on_commit=False)
     async with UnitOfWork(
-        sessions, registry=registry, metadata={"traceparent": TRACEPARENT, "schema_version": 2}
+        sessions, registry=registry, metadata={"traceparent": TRACEPARENT}
     ) as uow:
         await UserRepository.create(uow.session, {"name": "ada", "email": "ada@example.com"})
 
