@@ -1,7 +1,7 @@
 """outbox: index delivered rows by delivered_at (the dashboard's deliveries-per-minute chart)
 
 Revision ID: 5d1e0c2b7a41
-Revises: c66961fd3f0a
+Revises: 5402dd093942
 Create Date: 2026-12-01 15:40:00.000000
 
 """
@@ -13,7 +13,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = "5d1e0c2b7a41"
-down_revision: str | Sequence[str] | None = "c66961fd3f0a"
+down_revision: str | Sequence[str] | None = "5402dd093942"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
