@@ -28,7 +28,7 @@ interrupted, 141 the reader of stdout went away (``| head -1``).
 Usage errors are one line on stderr, never a traceback. The relay stops cleanly
 on SIGTERM and SIGINT, finishing the batch in flight.
 
-Why this module is long (about 870 lines): every command's argument parsing, help
+Why this module is long (about 1,000 lines): every command's argument parsing, help
 text and exit codes are the command line's contract, kept in one place; the work
 itself is the outbox's and the relay's.
 """

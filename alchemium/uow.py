@@ -13,7 +13,7 @@ values, dropped with a rollback) and announces its lifecycle to
 :class:`UnitOfWorkHooks`: the events package plugs in there (writing the outbox in
 the committing transaction, dispatching after commit), and so do the test captures.
 
-Why this module is long (about 800 lines): it is the UnitOfWork, the hook interface
+Why this module is long (about 850 lines): it is the UnitOfWork, the hook interface
 through which it announces its lifecycle, and the checks of what is passed as a
 session or a session factory, one contract read together. What stands alone lives
 elsewhere: ``shielding`` (awaiting COMMIT and close through a cancellation),

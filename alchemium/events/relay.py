@@ -30,7 +30,7 @@ What it reports lives elsewhere too: spans and log fields in
 :mod:`alchemium.events.observe`, counters and liveness in ``self.monitor``
 (:mod:`alchemium.events.relay_monitor`, served by :mod:`alchemium.events.monitoring`).
 
-Why this module is long (about 830 lines): the loop, its heartbeat, the recording
+Why this module is long (about 960 lines): the loop, its heartbeat, the recording
 of outcomes (with the destinations' policies for giving up) and the LISTEN
 connection are one scheduler whose parts share state; SQL stays in the outbox
 modules, what a policy decides in :mod:`alchemium.events.policies`.
