@@ -141,9 +141,9 @@ async def test_status_without_outbox_tables_says_so(tmp_path: Path) -> None:
 
 async def test_unknown_publisher_exits_2(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path}/e.db"
-    code, _, err = await cli("relay", "--url", url, "--publisher", "kafka://x")
+    code, _, err = await cli("relay", "--url", url, "--publisher", "pigeon://x")
     assert code == 2
-    assert "unknown publisher 'kafka://x'" in err
+    assert "unknown publisher 'pigeon://x'" in err
 
 
 # -- usage errors: exit 2, one line, no traceback ----------------------------------------------
