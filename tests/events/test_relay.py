@@ -501,6 +501,8 @@ async def test_polling_delivers_with_listen_disabled(
     relay = OutboxRelay(session_factory, sink, listen=False, poll_interval=0.2)
     task = asyncio.create_task(relay.run())
     try:
+        # The relay has found nothing and sleeps: only its polling can find the event.
+        await eventually(lambda: relay.stats.rounds >= 1, timeout=5)
         async with UnitOfWork(session_factory, registry=registry) as uow:
             await UserRepository.create(uow.session, {"name": "bob"})
         await eventually(lambda: len(sink.received) == 1, timeout=5)
