@@ -29,13 +29,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from alchemium import telemetry as _telemetry
 from alchemium.events.outbox_admin import DestinationStatus, OutboxAdministration
-from alchemium.events.outbox_schema import CLAIMED, DEAD, DELIVERED, PENDING
+from alchemium.events.outbox_schema import ABANDONED, CLAIMED, DEAD, DELIVERED, PENDING
 from alchemium.events.relay_monitor import Histogram, RelayMonitor
 
 __all__ = ["CONTENT_TYPE", "OutboxGauges", "OutboxSnapshot", "prometheus_text"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STATUSES = (PENDING, CLAIMED, DELIVERED, DEAD)
+STATUSES = (PENDING, CLAIMED, DELIVERED, DEAD, ABANDONED)
 
 logger = logging.getLogger("alchemium.relay")
 
@@ -179,7 +179,9 @@ class OutboxGauges:
 def _rows(snapshot: OutboxSnapshot) -> Iterator[tuple[float, dict[str, str]]]:
     for st in snapshot.destinations:
         for status, n in zip(
-            STATUSES, (st.pending, st.claimed, st.delivered, st.dead), strict=True
+            STATUSES,
+            (st.pending, st.claimed, st.delivered, st.dead, st.abandoned),
+            strict=True,
         ):
             yield n, {"destination": st.destination, "status": status}
 

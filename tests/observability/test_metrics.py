@@ -174,3 +174,15 @@ async def test_outbox_gauges_reach_the_opentelemetry_metrics_sdk(
     assert points[("alchemium.outbox.rows", (("destination", "ok"), ("status", "dead")))] == 0
     assert points[("alchemium.outbox.lag", (("destination", "stranded"),))] >= 0
     assert points[("alchemium.outbox.relays_holding_leases", ())] == 0
+
+
+def test_abandoned_rows_have_their_own_status_in_the_rows_gauge() -> None:
+    from alchemium.events import DestinationStatus
+    from alchemium.events.metrics import OutboxSnapshot, prometheus_text
+
+    status = DestinationStatus(
+        "crm", 1, 0, dead=2, delivered=3, oldest_pending_age=5.0, overdue=None, abandoned=4
+    )
+    text = prometheus_text(None, OutboxSnapshot((status,), relays_holding_leases=0, read_at=0.0))
+    assert 'alchemium_outbox_rows{destination="crm",status="abandoned"} 4' in text
+    assert 'alchemium_outbox_rows{destination="crm",status="dead"} 2' in text
