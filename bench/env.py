@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, insert, make_url, text
+from sqlalchemy import event, insert, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from alchemium.events.relay import asyncpg_dsn
 from bench.schema import Base, Item, item_row
 
 __all__ = ["POOL_SIZE", "Env", "open_env", "postgres_url", "redis_url", "sqlite_path"]
@@ -133,19 +134,6 @@ async def _reset_schema(engine: AsyncEngine) -> None:
         else:
             await conn.run_sync(Base.metadata.drop_all)
         await conn.run_sync(Base.metadata.create_all)
-
-
-def asyncpg_dsn(url: str) -> str:
-    """``url`` (SQLAlchemy's asyncpg form) as a DSN asyncpg accepts.
-
-    The asyncpg dialect takes ``ssl=<mode>`` in the URL; a DSN spells it ``sslmode``
-    (asyncpg would send an unknown ``ssl`` key to the server as a setting and fail).
-    """
-    parsed = make_url(url)
-    query = dict(parsed.query)
-    if "ssl" in query:
-        query.setdefault("sslmode", query.pop("ssl"))
-    return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 async def _open_raw(backend: str, url: str) -> Any:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.env import Env, asyncpg_dsn
+from alchemium.events.relay import asyncpg_dsn
+from bench.env import Env
 from bench.impls import DESTINATION
 from bench.relays import BATCH, RELAY_AVAILABLE, CallPublisher, OutboxRelay
 from bench.schema import outbox

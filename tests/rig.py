@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alchemium.events.relay import asyncpg_dsn
+
 
 def postgres_bindir() -> Path:
     """Where the PostgreSQL server binaries are; RuntimeError saying what to install if nowhere."""
@@ -107,13 +109,8 @@ class PostgresServer:
 
 
 def libpq_dsn(url: str) -> str:
-    """``url`` (SQLAlchemy's asyncpg form) as a DSN for ``asyncpg.connect`` or ``psql``.
-
-    SQLAlchemy hands ``ssl=<mode>`` to ``asyncpg.connect(ssl=...)``; a DSN spells it
-    ``sslmode`` (asyncpg would send an unknown ``ssl`` key to the server as a setting).
-    """
-    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
-    return dsn.replace("?ssl=", "?sslmode=").replace("&ssl=", "&sslmode=")
+    """``url`` (SQLAlchemy's asyncpg form) as a DSN for ``asyncpg.connect`` or ``psql``."""
+    return asyncpg_dsn(url)
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import exc
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from alchemium import telemetry as _telemetry
@@ -177,6 +177,19 @@ class RelayStats:
     errors: int = 0
     oldest_pending_age: float | None = None
     abandoned: int = 0
+
+
+def asyncpg_dsn(url: URL | str) -> str:
+    """A SQLAlchemy ``postgresql+asyncpg://`` URL as a DSN for ``asyncpg.connect``.
+
+    The asyncpg dialect takes ``ssl=<mode>`` in the URL; a DSN spells it ``sslmode``
+    (asyncpg.connect sends unknown DSN keys to the server as settings, which fails).
+    """
+    parsed = make_url(url)
+    query = dict(parsed.query)
+    if "ssl" in query:
+        query.setdefault("sslmode", query.pop("ssl"))
+    return parsed.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 @dataclass(slots=True)
@@ -898,13 +911,7 @@ class OutboxRelay:
             bind = session.get_bind()
         if bind.dialect.name != "postgresql":
             return None
-        url: URL = bind.engine.url
-        # The asyncpg dialect takes ``ssl=<mode>`` in the URL; a DSN spells it ``sslmode``
-        # (asyncpg.connect sends unknown DSN keys to the server as settings, which fails).
-        query = dict(url.query)
-        if "ssl" in query:
-            query.setdefault("sslmode", query.pop("ssl"))
-        return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+        return asyncpg_dsn(bind.engine.url)
 
     async def _listen_forever(self, dsn: str) -> None:
         """Keep a LISTEN connection up; every (re)connection triggers a round."""
