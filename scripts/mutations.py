@@ -956,6 +956,64 @@ CATALOG: tuple[Mutation, ...] = (
             "test_a_failing_subscriber_is_logged_with_its_event_and_claim[sqlite]",
         ),
     ),
+    Mutation(
+        name="drop_periods_with_undelivered_rows",
+        guarantee="a period with an undelivered row is never dropped",
+        where="alchemium/events/outbox_partitions.py",
+        find="""
+            if part.deliveries is not None:
+                undelivered = await self._undelivered_in(conn, part.deliveries)
+            """,
+        replace="""
+            if part.deliveries is not None:
+                undelivered = 0  # mutation: periods are dropped whatever they hold
+            """,
+        tests=(
+            "tests/events/test_outbox_partitions.py::"
+            "test_old_periods_are_dropped_whole_and_undelivered_ones_kept",
+        ),
+    ),
+    Mutation(
+        name="drop_without_recount",
+        guarantee="a row made pending between the count and the detach keeps its period",
+        where="alchemium/events/outbox_partitions.py",
+        find="""
+                await self._detach(conn, self.deliveries.name, part.deliveries, part)
+                undelivered = await self._undelivered_in(conn, part.deliveries)
+            """,
+        replace="""
+                await self._detach(conn, self.deliveries.name, part.deliveries, part)
+                undelivered = 0  # mutation: the detached partition is not counted again
+            """,
+        tests=(
+            "tests/events/test_outbox_partitions.py::"
+            "test_a_replay_between_the_count_and_the_detach_keeps_the_period",
+        ),
+    ),
+    Mutation(
+        name="partition_of_waits_for_writers",
+        guarantee="making partitions never waits for a writer",
+        where="alchemium/events/outbox_partitions.py",
+        find=(
+            'yield text(f"CREATE TABLE IF NOT EXISTS {child} (LIKE {table} INCLUDING DEFAULTS)")'
+        ),
+        replace=('yield text(f"CREATE TABLE IF NOT EXISTS {child} PARTITION OF {table} {bounds}")'),
+        tests=(
+            "tests/events/test_outbox_partitions.py::"
+            "test_making_partitions_never_waits_for_a_writer",
+        ),
+    ),
+    Mutation(
+        name="interrupted_detach_left_pending",
+        guarantee="a drop interrupted mid-detach is finished by the next one",
+        where="alchemium/events/outbox_partitions.py",
+        find='mode = "FINALIZE" if finalize else "CONCURRENTLY"',
+        replace='mode = "CONCURRENTLY"  # mutation: a pending detach is started again',
+        tests=(
+            "tests/events/test_outbox_partitions.py::"
+            "test_a_cancelled_drop_is_finished_by_the_next_one",
+        ),
+    ),
 )
 
 

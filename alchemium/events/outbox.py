@@ -6,8 +6,10 @@ and their delivery rows in the committing transaction; ``claim``, ``renew``,
 leases on the database's clock). The tables, the row states and the statements they
 share are in :mod:`alchemium.events.outbox_schema`; what operators ask and do
 (status, lag, dead letters, requeue, purge, backfill) is inherited from
-:class:`~alchemium.events.outbox_admin.OutboxAdministration`. All SQL of the outbox
-lives in these three modules; the relay and the after-commit dispatch only decide
+:class:`~alchemium.events.outbox_admin.OutboxAdministration`, and a partitioned
+outbox's partitions are managed by
+:class:`~alchemium.events.outbox_partitions.OutboxPartitions`. All SQL of the outbox
+lives in these modules; the relay and the after-commit dispatch only decide
 what to do with the results.
 """
 
@@ -118,6 +120,10 @@ class Outbox(OutboxAdministration):
         completion: what a delivered row becomes: ``"keep"`` (status ``delivered``,
             until the retention purge), ``"delete"`` (deleted at once; its event goes
             with the purge), ``"archive"`` (moved to ``<table_name>_delivery_archive``).
+        partition_by: PostgreSQL only: ``"day"``, ``"week"`` or ``"month"`` partitions
+            both tables by the events' ``occurred_at``, so retention drops whole periods
+            instead of deleting rows (:mod:`alchemium.events.outbox_partitions`,
+            docs/relay.md "A partitioned outbox"). None (default): plain tables.
     """
 
     def __init__(
@@ -131,9 +137,15 @@ class Outbox(OutboxAdministration):
         mark_window: float = 0.05,
         shape: str = "alchemium",
         completion: str = "keep",
+        partition_by: str | None = None,
     ) -> None:
         super().__init__(
-            metadata, table_name=table_name, schema=schema, shape=shape, completion=completion
+            metadata,
+            table_name=table_name,
+            schema=schema,
+            shape=shape,
+            completion=completion,
+            partition_by=partition_by,
         )
         if dispatch_lease <= 0 or mark_window < 0:
             raise OutboxError(
@@ -194,19 +206,27 @@ class Outbox(OutboxAdministration):
                 "attempts": 1 if claim_now else 0,
                 "claim_token": claim_token if claim_now else None,
                 "claim_now": claim_now,
+                **self.delivery_key(e),
             }
             for e, destination, claim_now in deliveries
         ]
-        postgresql = session.get_bind().dialect.name == "postgresql"
+        dialect = session.get_bind().dialect.name
+        postgresql = dialect == "postgresql"
+        if self.partition_by is not None and not postgresql:
+            raise OutboxError(
+                f"Outbox(partition_by={self.partition_by!r}) is PostgreSQL only; this unit of "
+                f"work runs on {dialect}"
+            )
         small = len(written) <= _ONE_STATEMENT_EVENTS and len(rows) <= _ONE_STATEMENT_EVENTS
-        if postgresql and rows and small:
-            # One round trip: the events INSERT rides in a data-modifying CTE of the
-            # deliveries INSERT (the foreign key is checked at the end of the statement).
-            session.execute(self._insert_all(written, rows, lease))
-        else:
-            session.execute(insert(self.events), written)
-            if rows:
-                session.execute(self.insert_deliveries(lease), rows)
+        with self.partition_errors(events):
+            if postgresql and rows and small:
+                # One round trip: the events INSERT rides in a data-modifying CTE of the
+                # deliveries INSERT (the foreign key is checked at the end of the statement).
+                session.execute(self._insert_all(written, rows, lease))
+            else:
+                session.execute(insert(self.events), written)
+                if rows:
+                    session.execute(self.insert_deliveries(lease), rows)
         if notify and rows and postgresql:
             session.execute(select(func.pg_notify(self.channel, "")))
         return len(rows)

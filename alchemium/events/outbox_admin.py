@@ -11,7 +11,7 @@ operator runs on the outbox: the CLI's (status, lag, requeue, purge, backfill) a
 at the end of the class, the operations dashboard's (the overview with its
 PostgreSQL estimates, throughput, leases, one event, dead letters, blocked
 aggregates, and requeue/discard that refuse rows changed meanwhile). Keeping them in
-one class keeps the outbox's SQL in the three modules named in outbox.py.
+one class keeps the outbox's SQL in the modules named in outbox.py.
 """
 
 from __future__ import annotations
@@ -280,7 +280,7 @@ class OutboxAdministration(OutboxLifecycle):
                 d.c.aggregate_type,
                 d.c.aggregate_id,
             )
-            .select_from(d.join(e, e.c.id == d.c.event_id))
+            .select_from(d.join(e, self.event_of_delivery(d, e)))
             .where(d.c.status == DEAD)
             .order_by(d.c.id)
             .limit(limit)
@@ -369,7 +369,7 @@ class OutboxAdministration(OutboxLifecycle):
             select(e.c.id)
             .where(
                 e.c.occurred_at < database_now(-older_than),
-                ~exists().where(d.c.event_id == e.c.id, d.c.status != DELIVERED),
+                ~exists().where(self.event_of_delivery(d, e), d.c.status != DELIVERED),
             )
             .order_by(e.c.occurred_at)
             .limit(batch_size)
@@ -683,7 +683,7 @@ class OutboxAdministration(OutboxLifecycle):
                 e.c.metadata,
                 e.c.occurred_at,
             )
-            .select_from(d.join(e, e.c.id == d.c.event_id))
+            .select_from(d.join(e, self.event_of_delivery(d, e)))
             .where(*self._dead_where(selection))
             .order_by(d.c.id)
             .offset(offset)
@@ -787,7 +787,9 @@ class OutboxAdministration(OutboxLifecycle):
                 e.c.name,
             )
             .select_from(
-                groups.join(head, head.c.id == groups.c.head_id).join(e, e.c.id == head.c.event_id)
+                groups.join(head, head.c.id == groups.c.head_id).join(
+                    e, self.event_of_delivery(head, e)
+                )
             )
             .where(or_(head.c.status == DEAD, and_(head.c.status == PENDING, head.c.attempts > 0)))
             .order_by(groups.c.destination, groups.c.aggregate_type, groups.c.aggregate_id)

@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
+from alchemium.events.outbox_partitions import OutboxPartitions
 from alchemium.events.outbox_schema import (
     ABANDONED,
     CLAIMED,
@@ -46,7 +47,6 @@ from alchemium.events.outbox_schema import (
     DELIVERED,
     PENDING,
     Executor,
-    OutboxTables,
     database_now,
     dialect_of,
 )
@@ -102,7 +102,7 @@ class _Batch:
     last_sequence: int
 
 
-class OutboxLifecycle(OutboxTables):
+class OutboxLifecycle(OutboxPartitions):
     """Replay, filtered requeue, giving up and fallbacks; see the module docstring."""
 
     # -- replay ------------------------------------------------------------------------------
@@ -316,6 +316,7 @@ class OutboxLifecycle(OutboxTables):
             literal(0, Integer),
             now,
             now,
+            *([e.c.occurred_at] if self.partition_by is not None else []),
         ).where(chosen)
         insert = (
             _INSERTS[dialect_of(conn)](d)
@@ -329,6 +330,7 @@ class OutboxLifecycle(OutboxTables):
                     "attempts",
                     "next_attempt_at",
                     "replayed_at",
+                    *(["event_occurred_at"] if self.partition_by is not None else []),
                 ],
                 source,
             )

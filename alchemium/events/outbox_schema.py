@@ -81,6 +81,7 @@ __all__ = [
     "COMPLETIONS",
     "DEAD",
     "DELIVERED",
+    "PARTITION_PERIODS",
     "PENDING",
     "SHAPES",
     "DeliveryRow",
@@ -228,6 +229,9 @@ class DeliveryRow:
 
 COMPLETIONS = ("keep", "delete", "archive")
 
+# What a partitioned outbox's partitions span (PostgreSQL's date_trunc units).
+PARTITION_PERIODS = ("day", "week", "month")
+
 
 class OutboxTables:
     """The outbox tables in ``metadata`` (declared, or reused if already there).
@@ -239,6 +243,19 @@ class OutboxTables:
     (status ``delivered``, until the retention purge), ``"delete"`` it at once, or
     ``"archive"`` it: move it to ``<table_name>_delivery_archive`` (declared here too),
     where no relay or commit reads or locks it (the dashboard reads it).
+
+    ``partition_by`` (PostgreSQL only): ``"day"``, ``"week"`` or ``"month"`` makes both
+    tables ``PARTITION BY RANGE`` on the event's ``occurred_at`` (the delivery table
+    carries it as ``event_occurred_at``), so old events and their deliveries go by
+    detaching and dropping a partition instead of deleting rows
+    (:mod:`alchemium.events.outbox_partitions`). A partitioned table's keys must hold
+    the partition key: the events' primary key is ``(sequence, occurred_at)`` and
+    ``id`` is unique with ``occurred_at``; the deliveries' key is ``(id,
+    event_occurred_at)``. A partitioned outbox has no foreign key from deliveries to
+    events: with one, attaching a new partition waits for every transaction writing
+    to the outbox (it locks the other table ``SHARE ROW EXCLUSIVE``). Both tables are
+    written together by :meth:`~alchemium.events.outbox.Outbox.write` and emptied
+    together by the purge and by dropping partitions.
     """
 
     def __init__(
@@ -249,7 +266,18 @@ class OutboxTables:
         schema: str | None = None,
         shape: str = "alchemium",
         completion: str = "keep",
+        partition_by: str | None = None,
     ) -> None:
+        if partition_by is not None and partition_by not in PARTITION_PERIODS:
+            raise OutboxError(
+                f"Outbox(partition_by={partition_by!r}): expected one of "
+                f"{', '.join(PARTITION_PERIODS)}, or None"
+            )
+        if partition_by is not None and shape != "alchemium":
+            raise OutboxError(
+                f"Outbox(shape={shape!r}, partition_by={partition_by!r}): a partitioned "
+                "outbox has alchemium's shape only (Debezium's outbox router reads one table)"
+            )
         if shape not in SHAPES:
             raise OutboxError(f"Outbox(shape={shape!r}): expected one of {', '.join(SHAPES)}")
         if completion not in COMPLETIONS:
@@ -259,27 +287,35 @@ class OutboxTables:
         self.metadata = metadata
         self.shape = shape
         self.completion = completion
+        self.partition_by = partition_by
         self.archive: Table | None = None
         events = existing_table(metadata, table_name, schema)
         deliveries = existing_table(metadata, f"{table_name}_delivery", schema)
         if events is not None and deliveries is not None:
+            if ("event_occurred_at" in deliveries.c) != (partition_by is not None):
+                raise OutboxError(
+                    f"Outbox(partition_by={partition_by!r}): the tables {table_name!r} already "
+                    f"declared on this MetaData are "
+                    f"{'partitioned' if partition_by is None else 'not partitioned'}"
+                )
             self.events, self.deliveries = events, deliveries
             self._declare_archive(table_name, schema)
             return
         # Column *keys* are alchemium's names in both shapes, so every statement reads
         # the same; the Debezium shape only changes the names in the database.
         names = SHAPES[shape]
+        partitioned = partition_by is not None
         self.events = Table(
             table_name,
             metadata,
             Column("sequence", BigId, primary_key=True, autoincrement=True),
-            Column("id", Uuid(), nullable=False, unique=True),
+            Column("id", Uuid(), nullable=False, unique=not partitioned),
             Column(names["name"], String(200), nullable=False, key="name"),
             Column(names["aggregate_type"], String(100), nullable=False, key="aggregate_type"),
             Column(names["aggregate_id"], String(200), nullable=False, key="aggregate_id"),
             Column("payload", JsonDocument, nullable=False),
             Column("metadata", JsonDocument, nullable=False),
-            Column("occurred_at", DateTime(timezone=True), nullable=False),
+            Column("occurred_at", DateTime(timezone=True), nullable=False, primary_key=partitioned),
             *(
                 [
                     Column("tracingspancontext", Text, nullable=True, key="tracing"),
@@ -289,16 +325,30 @@ class OutboxTables:
                 # NULL: written before schema versions existed, i.e. version 1.
                 else [Column("schema_version", Integer, nullable=True)]
             ),
+            *(
+                [UniqueConstraint("id", "occurred_at", name=f"uq_{table_name}_id")]
+                if partitioned
+                else []
+            ),
             schema=schema,
+            **self._partitioning("occurred_at"),
+        )
+        # Partitioned: the event's occurred_at, the deliveries' partition key, so an event
+        # and its deliveries are in partitions of the same period and go together.
+        event_key: list[Any] = (
+            [Column("event_occurred_at", DateTime(timezone=True), primary_key=True)]
+            if partitioned
+            else []
         )
         self.deliveries = Table(
             f"{table_name}_delivery",
             metadata,
             Column("id", BigId, primary_key=True, autoincrement=True),
+            *event_key,
             Column(
                 "event_id",
                 Uuid(),
-                ForeignKey(self.events.c.id, ondelete="CASCADE"),
+                *([] if partitioned else [ForeignKey(self.events.c.id, ondelete="CASCADE")]),
                 nullable=False,
             ),
             Column("destination", String(200), nullable=False),
@@ -318,8 +368,14 @@ class OutboxTables:
             # True while the destination's fallback handler has yet to run for this dead
             # or abandoned row (alchemium.events.policies).
             Column("fallback_pending", Boolean, nullable=True),
-            UniqueConstraint("event_id", "destination", name=f"uq_{table_name}_delivery_event"),
+            UniqueConstraint(
+                "event_id",
+                "destination",
+                *(["event_occurred_at"] if partitioned else []),
+                name=f"uq_{table_name}_delivery_event",
+            ),
             schema=schema,
+            **self._partitioning("event_occurred_at"),
         )
         undelivered = text("status IN ('pending', 'claimed')")
         Index(
@@ -353,6 +409,12 @@ class OutboxTables:
         Index(f"ix_{table_name}_occurred", self.events.c.occurred_at)
         self._declare_archive(table_name, schema)
 
+    def _partitioning(self, column: str) -> dict[str, Any]:
+        """The Table options that partition it by ``column`` (none if not partitioned)."""
+        if self.partition_by is None:
+            return {}
+        return {"postgresql_partition_by": f"RANGE ({column})"}
+
     def _declare_archive(self, table_name: str, schema: str | None) -> None:
         """With ``completion="archive"``: the table delivered rows move to (its columns)."""
         if self.completion != "archive":
@@ -370,6 +432,21 @@ class OutboxTables:
             # The dashboard's deliveries per minute read the archive by time.
             Index(f"ix_{name}_delivered", archive.c.delivered_at)
         self.archive = archive
+
+    def event_of_delivery(self, deliveries: Any, events: Any) -> Any:
+        """The condition joining delivery rows to their event (aliases welcome).
+
+        Partitioned, it also matches the partition key, so PostgreSQL looks the event up
+        in one partition instead of probing every partition's index.
+        """
+        condition = events.c.id == deliveries.c.event_id
+        if self.partition_by is None:
+            return condition
+        return and_(condition, events.c.occurred_at == deliveries.c.event_occurred_at)
+
+    def delivery_key(self, event: DomainEvent) -> dict[str, Any]:
+        """The columns a delivery row of ``event`` gets from it besides its id (partitioned)."""
+        return {} if self.partition_by is None else {"event_occurred_at": event.occurred_at}
 
     def shape_values(self, event: DomainEvent) -> dict[str, Any]:
         """The values of the shape's own event columns (none for alchemium's shape).
@@ -472,7 +549,14 @@ class OutboxTables:
                 claimed_by=bindparam("claimed_by", type_=d.c.claimed_by.type),
                 attempts=d.c.attempts + 1,
             )
-            .returning(d.c.id, d.c.event_id, d.c.destination, d.c.attempts, d.c.replayed_at)
+            .returning(
+                d.c.id,
+                d.c.event_id,
+                *([d.c.event_occurred_at] if self.partition_by is not None else []),
+                d.c.destination,
+                d.c.attempts,
+                d.c.replayed_at,
+            )
             .cte("claimed")
         )
         return (
@@ -483,7 +567,7 @@ class OutboxTables:
                 claimed.c.replayed_at,
                 *(c.label(f"event_{c.key}") for c in e.c),
             )
-            .join(e, e.c.id == claimed.c.event_id)
+            .join(e, self.event_of_delivery(claimed, e))
             .order_by(claimed.c.id)
         )
 
@@ -495,7 +579,7 @@ class OutboxTables:
         may make the planner hash the whole events table.
         """
         d, e = self.deliveries, self.events
-        return select(e.c.occurred_at).where(e.c.id == d.c.event_id).scalar_subquery()
+        return select(e.c.occurred_at).where(self.event_of_delivery(d, e)).scalar_subquery()
 
     def due_since(self, now: Any) -> Any:
         """When an undelivered row became due (NULL if it is not due at ``now``)."""

@@ -96,6 +96,9 @@ _LISTEN_CHECK = 5.0  # seconds between health checks of the LISTEN connection
 _NO_POLICY = DeliveryPolicy()  # a destination without a policy: dead after max_attempts
 
 
+_PARTITIONS_EVERY = 3600.0  # seconds between a relay's checks for missing partitions
+
+
 class _Resumed:
     """A coroutine whose first step already ran and yielded ``first``: await the rest of it."""
 
@@ -243,7 +246,10 @@ class OutboxRelay:
         relay_id: recorded in ``claimed_by``; default ``host:pid:random``.
         publish_timeout: seconds one ``publish`` may take before it counts as failed.
         retention: if set, delivered rows older than this many seconds are purged in
-            bounded batches while the relay is idle.
+            bounded batches while the relay is idle. With a partitioned outbox
+            (``Outbox(partition_by=...)``) whole periods that ended this long ago are
+            dropped instead, once they hold nothing undelivered; the relay also makes
+            the partitions of the coming periods, at start and hourly.
         lag_interval: seconds between lag checks (``stats.oldest_pending_age``) and
             stranded-destination checks.
         stranded_after: seconds a row of a destination this relay does not serve may
@@ -316,6 +322,7 @@ class OutboxRelay:
         self._listening = asyncio.Event()
         self._lag_checked = -float("inf")
         self._purged = -float("inf")
+        self._partitions_made = -float("inf")
         self.upcasters = upcasters if upcasters is not None else default_upcasters
         self.policies = policies if policies is not None else default_policies
         self.monitor = RelayMonitor()  # metrics and liveness (alchemium.events.monitoring)
@@ -385,6 +392,7 @@ class OutboxRelay:
         destinations = self._destinations()
         async with self.session_factory() as session:
             bound = await self.outbox.undelivered(session, destinations)
+        await self._make_partitions()
         await self._check_lag()
         await self._run_fallbacks()
         before, claimed_total = self.stats.delivered, 0
@@ -851,6 +859,8 @@ class OutboxRelay:
 
     async def _housekeeping(self, *, idle: bool) -> None:
         now = time.monotonic()
+        if now - self._partitions_made >= _PARTITIONS_EVERY:
+            await self._make_partitions()
         if now - self._lag_checked >= self.lag_interval:
             self._lag_checked = now
             await self._check_lag()
@@ -890,8 +900,42 @@ class OutboxRelay:
                 hint,
             )
 
+    async def _make_partitions(self) -> None:
+        """A partitioned outbox: make the partitions of the coming periods if missing."""
+        if self.outbox.partition_by is None:
+            return
+        self._partitions_made = time.monotonic()
+        async with self.session_factory() as session:
+            made = await self.outbox.ensure_partitions(session)
+            await session.commit()
+        if made:
+            logger.info(
+                "relay %s made outbox partitions %s",
+                self.relay_id,
+                ", ".join(f"{p.start:%Y-%m-%d}" for p in made),
+            )
+
     async def _purge(self, older_than: float) -> int:
-        """Purge one batch of delivered rows older than ``older_than``; returns how many."""
+        """Purge one batch of delivered rows older than ``older_than``; returns how many.
+
+        A partitioned outbox drops every old period at once instead (and returns 0:
+        nothing is left for another batch).
+        """
+        if self.outbox.partition_by is not None:
+            async with self.session_factory() as session:
+                report = await self.outbox.drop_partitions(session, older_than=older_than)
+            for part in report.dropped:
+                logger.info(
+                    "relay %s dropped the outbox period %s", self.relay_id, f"{part.start:%Y-%m-%d}"
+                )
+            for part, undelivered in report.kept:
+                logger.info(
+                    "relay %s keeps the outbox period %s: %d undelivered row(s)",
+                    self.relay_id,
+                    f"{part.start:%Y-%m-%d}",
+                    undelivered,
+                )
+            return 0
         async with self.session_factory() as session:
             purged = await self.outbox.purge(session, older_than=older_than)
             await session.commit()
