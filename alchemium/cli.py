@@ -14,6 +14,7 @@
                              [--event-type T ...] [--aggregate TYPE[:ID]] [--import MODULE]
                              [--batch-size N] [--pause 0.5s] [--max-waiting ROWS]
     alchemium outbox purge   --url URL --older-than 7d
+    alchemium outbox partitions --url URL --partition-by day [--ahead 3] [--drop-older-than 30d]
     alchemium dashboard      --url URL [--port 8000] [--actions]  # binds 127.0.0.1
 
 ``--url`` defaults to ``$ALCHEMIUM_DATABASE_URL``; ``python -m alchemium`` is the
@@ -51,13 +52,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sqlalchemy import MetaData, exc
+from sqlalchemy import MetaData, exc, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from alchemium import __version__
 from alchemium.errors import EventConfigurationError, OutboxError
 from alchemium.events.outbox import Outbox, OutboxStatus, default_outbox
+from alchemium.events.outbox_partitions import PARTITIONS_AHEAD
+from alchemium.events.outbox_schema import PARTITION_PERIODS
 from alchemium.events.publishers import (
     InProcessPublisher,
     Publisher,
@@ -125,6 +128,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {value!r}")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alchemium", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"alchemium {__version__}")
@@ -147,6 +160,13 @@ def _parser() -> argparse.ArgumentParser:
             choices=("alchemium", "debezium"),
             default="alchemium",
             help="column names of the events table, as given to enable_outbox (alchemium)",
+        )
+        p.add_argument(
+            "--partition-by",
+            choices=PARTITION_PERIODS,
+            default=None,
+            help="PostgreSQL: the period of a partitioned outbox, as given to enable_outbox "
+            "(default: not partitioned)",
         )
         p.add_argument(
             "--import",
@@ -302,6 +322,26 @@ def _parser() -> argparse.ArgumentParser:
         default=1000,
         metavar="ROWS",
         help="rows deleted per statement (1000)",
+    )
+    partitions = actions.add_parser(
+        "partitions",
+        help="a partitioned outbox (PostgreSQL): make the coming periods, drop old ones, list",
+    )
+    common(partitions)
+    partitions.add_argument(
+        "--ahead",
+        type=_non_negative_int,
+        default=PARTITIONS_AHEAD,
+        metavar="PERIODS",
+        help=f"make the partitions of this many periods after now ({PARTITIONS_AHEAD})",
+    )
+    partitions.add_argument(
+        "--drop-older-than",
+        type=parse_duration,
+        default=None,
+        metavar="AGE",
+        help="drop the periods that ended this long ago and hold nothing undelivered; "
+        f"{_DURATION} (drop nothing)",
     )
     _dashboard_parser(commands, common)
     return parser
@@ -626,7 +666,13 @@ def _outbox(args: argparse.Namespace) -> Outbox:
     box = default_outbox()
     if box is not None and box.events.name == args.table and box.events.schema == args.schema:
         return box
-    return Outbox(MetaData(), table_name=args.table, schema=args.schema, shape=args.shape)
+    return Outbox(
+        MetaData(),
+        table_name=args.table,
+        schema=args.schema,
+        shape=args.shape,
+        partition_by=args.partition_by,
+    )
 
 
 async def _check_database(engine: AsyncEngine, outbox: Outbox) -> None:
@@ -647,6 +693,22 @@ async def _check_database(engine: AsyncEngine, outbox: Outbox) -> None:
             "(create them with create_outbox_tables or your migrations)",
             EXIT_DATABASE,
         ) from err
+    if engine.dialect.name == "postgresql":
+        async with engine.connect() as conn:
+            partitioned = await conn.scalar(
+                text("SELECT count(*) FROM pg_partitioned_table WHERE partrelid = to_regclass(:t)"),
+                {"t": outbox.events.fullname},
+            )
+        if bool(partitioned) != (outbox.partition_by is not None):
+            raise CommandError(
+                f"the outbox table {outbox.events.fullname!r} is "
+                + (
+                    "partitioned: pass --partition-by day|week|month as given to enable_outbox"
+                    if partitioned
+                    else "not partitioned: leave out --partition-by"
+                ),
+                EXIT_USAGE,
+            )
 
 
 def _publishers(args: argparse.Namespace) -> list[Publisher]:
@@ -735,6 +797,32 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
+async def _partitions(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox) -> None:
+    if outbox.partition_by is None:
+        raise CommandError(
+            "outbox partitions: the outbox is not partitioned (--partition-by)", EXIT_USAGE
+        )
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    async with sessions() as session:
+        made = await outbox.ensure_partitions(session, ahead=args.ahead)
+        await session.commit()
+    for part in made:
+        print(f"made {part.events} and {part.deliveries} ({part.start:%Y-%m-%d %H:%M}Z ..)")
+    if args.drop_older_than is not None:
+        async with sessions() as session:
+            report = await outbox.drop_partitions(session, older_than=args.drop_older_than)
+        for part in report.dropped:
+            print(f"dropped the period {part.start:%Y-%m-%d}")
+        for part, undelivered in report.kept:
+            print(f"kept the period {part.start:%Y-%m-%d}: {undelivered} undelivered row(s)")
+    async with sessions() as session:
+        periods = await outbox.partitions(session)
+    print(f"{len(periods)} period(s) of a {outbox.partition_by}:")
+    for part in periods:
+        pending = " (detach pending)" if part.detach_pending else ""
+        print(f"  {part.start:%Y-%m-%d %H:%M}Z .. {part.end:%Y-%m-%d %H:%M}Z{pending}")
+
+
 async def _status(args: argparse.Namespace, engine: AsyncEngine, outbox: Outbox) -> None:
     async with engine.connect() as conn:
         per = await outbox.destination_status(conn)
@@ -784,6 +872,8 @@ async def _outbox_command(args: argparse.Namespace, engine: AsyncEngine, outbox:
         await _requeue(args, engine, outbox)
     elif args.action == "replay":
         await _replay(args, engine, outbox)
+    elif args.action == "partitions":
+        await _partitions(args, engine, outbox)
     else:
         total = 0
         while True:

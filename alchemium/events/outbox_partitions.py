@@ -61,7 +61,14 @@ from alchemium.domain_event import DomainEvent
 from alchemium.errors import OutboxError
 from alchemium.events.outbox_schema import DELIVERED, Executor, OutboxTables, database_now
 
-__all__ = ["OutboxPartition", "OutboxPartitions", "PartitionDrop"]
+__all__ = [
+    "PARTITIONS_AHEAD",
+    "OutboxPartition",
+    "OutboxPartitions",
+    "PartitionDrop",
+    "period_start",
+    "shift_period",
+]
 
 # Periods made ahead of the database's now by default: a relay makes them hourly, so
 # three periods leave days of margin for a relay that is down.

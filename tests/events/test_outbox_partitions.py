@@ -28,7 +28,7 @@ from alchemium.events import (
 )
 from alchemium.events.outbox import Outbox
 from alchemium.events.outbox_partitions import OutboxPartition, period_start, shift_period
-from tests.events.relay_support import database_time, eventually, write_pending
+from tests.events.relay_support import database_time, eventually, run_cli, write_pending
 
 Factory = async_sessionmaker[AsyncSession]
 
@@ -391,3 +391,41 @@ def test_periods_start_where_date_trunc_starts_them() -> None:
     december = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
     assert shift_period(december, "month", 1) == dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc)
     assert shift_period(december, "month", -12) == dt.datetime(2025, 12, 1, tzinfo=dt.timezone.utc)
+
+
+async def test_the_command_line_makes_lists_and_drops_periods(
+    engine: AsyncEngine,
+    sessions: Factory,
+    box: Outbox,
+    registry: SubscriberRegistry,
+    seen: list[Any],
+    db_url: str,
+) -> None:
+    today = await old_periods(engine, sessions, box, registry)
+    common = ("--url", db_url, "--table", "parted")
+    done = await asyncio.to_thread(run_cli, "outbox", "status", *common)
+    assert done.returncode == 2, done.stderr  # the tables say they are partitioned
+    assert "is partitioned: pass --partition-by day|week|month" in done.stderr
+
+    done = await asyncio.to_thread(
+        run_cli,
+        "outbox",
+        "partitions",
+        *common,
+        "--partition-by",
+        "day",
+        "--ahead",
+        "5",
+        "--drop-older-than",
+        "1d",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == [
+        f"made parted_p{today + k * DAY:%Y%m%d} and parted_delivery_p{today + k * DAY:%Y%m%d} "
+        f"({today + k * DAY:%Y-%m-%d} 00:00Z ..)"
+        for k in (4, 5)
+    ]
+    assert lines[2:5] == [f"dropped the period {today - k * DAY:%Y-%m-%d}" for k in (4, 3, 2)]
+    assert lines[5] == "7 period(s) of a day:"
+    assert lines[6] == f"  {today - DAY:%Y-%m-%d} 00:00Z .. {today:%Y-%m-%d} 00:00Z"
