@@ -71,6 +71,7 @@ from alchemium.writes import (
     check_data,
     insert_rows,
     load_for_write,
+    session_sync,
     stamp_tenant,
     upsert_statement,
     utcnow,
@@ -627,9 +628,8 @@ class CrudRepository(Generic[ModelT]):
                 dialect = asession.get_bind().dialect.name
                 where = [pk_in(pk_cols, pk_first(info, old_rows), dialect)]
             stmt = update(info.model).where(*where).values(dict(data))
-            result = await asession.execute(
-                stmt, execution_options={"synchronize_session": "fetch"}
-            )
+            sync = "fetch" if old_rows is not None else session_sync(asession, info)
+            result = await asession.execute(stmt, execution_options={"synchronize_session": sync})
         if old_rows is not None:
             recording.record_bulk_updates(asession, info, old_rows, data)
         return int(getattr(result, "rowcount", 0))
@@ -743,6 +743,6 @@ class CrudRepository(Generic[ModelT]):
                 recording.record_bulk_deletes(asession, info, rows, soft=soft)
                 return len(rows)
             result = await asession.execute(
-                stmt, execution_options={"synchronize_session": "fetch"}
+                stmt, execution_options={"synchronize_session": session_sync(asession, info)}
             )
         return int(getattr(result, "rowcount", 0))

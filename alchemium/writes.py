@@ -41,6 +41,7 @@ __all__ = [
     "check_data",
     "insert_rows",
     "load_for_write",
+    "session_sync",
     "stamp_tenant",
     "upsert_statement",
     "utcnow",
@@ -52,6 +53,23 @@ T = TypeVar("T")
 def utcnow() -> dt.datetime:
     """Now, in UTC: the value a soft delete stamps."""
     return dt.datetime.now(dt.timezone.utc)
+
+
+def session_sync(asession: AsyncSession, info: ModelInfo) -> str | bool:
+    """The ``synchronize_session`` a bulk UPDATE/DELETE of ``info``'s model needs.
+
+    ``"fetch"`` (the statement returns the matched keys, and the session's objects of
+    the model are updated or removed) when the session holds any object of the
+    model's class hierarchy; ``False`` when it holds none: there is nothing to keep
+    in step, and returning and matching 10,000 keys would cost more than the
+    statement itself (``update_where``/``delete_where`` measured at 0.67x/0.22x
+    Core's single statement with ``"fetch"`` always).
+    """
+    base = info.mapper.base_mapper.class_
+    for key in asession.sync_session.identity_map.keys():  # noqa: SIM118 - no __iter__ in its stubs
+        if issubclass(key[0], base) or issubclass(base, key[0]):
+            return "fetch"
+    return False
 
 
 def check_data(info: ModelInfo, data: Mapping[str, Any]) -> None:

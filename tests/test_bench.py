@@ -342,3 +342,19 @@ def test_summary_line_counts_every_verdict() -> None:
 
     assert lines[-1].startswith("targets: 0 MET, 0 MISSED, ")
     assert all(line.startswith("n/a") for line in lines[:-1])
+
+
+def test_partition_comparison_removes_and_drains_every_row() -> None:
+    """P1 (python -m bench.partitions) at a tiny size: it runs and checks its own counts."""
+    import asyncio
+
+    from bench.env import postgres_url
+    from bench.partitions import measure
+
+    lines: list[str] = []
+    with postgres_url() as url:
+        result = asyncio.run(measure(url, 2000, 1, lines.append))
+    assert result["rows"] == 2000
+    assert result["removal_ratio"]["n"] == 1
+    assert result["drain"]["partitioned"]["median"] > 0
+    assert len(lines) == 4  # removal and drain, each outbox, one round

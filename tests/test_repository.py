@@ -7,7 +7,7 @@ import decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -23,6 +23,8 @@ from alchemium import (
     RepositoryUsageError,
     UnitOfWork,
 )
+from alchemium.events import disable_outbox
+from tests.conftest import statements
 from tests.models import (
     AttachmentRepository,
     AuthorRepository,
@@ -478,6 +480,35 @@ async def test_update_where_refreshes_loaded_objects(session_factory: Factory) -
         user = await UserRepository.get_one_or_raise(uow.session, {"name": "user1"})
         await UserRepository.update_where(uow.session, {"name": "user1"}, {"age": 77})
         assert user.age == 77
+
+
+async def test_delete_where_takes_loaded_objects_out_of_the_session(
+    session_factory: Factory,
+) -> None:
+    await seed_users(session_factory, 2)
+    async with UnitOfWork(session_factory) as uow:
+        user = await UserRepository.get_one_or_raise(uow.session, {"name": "user1"})
+        await UserRepository.delete_where(uow.session, {"name": "user1"})
+        assert inspect(user).was_deleted
+        assert user not in uow.session
+
+
+async def test_bulk_writes_return_no_keys_when_the_session_holds_none_to_update(
+    engine: AsyncEngine, session_factory: Factory
+) -> None:
+    """With no loaded object to keep in step, a bulk write is one plain statement (as Core's).
+
+    No outbox, so nothing wants the rows' change events (which need RETURNING).
+    """
+    disable_outbox()
+    await seed_users(session_factory, 3)
+    with statements(engine) as sent:
+        async with UnitOfWork(session_factory) as uow:
+            assert await UserRepository.update_where(uow.session, {"age__gte": 0}, {"age": 9}) == 3
+            assert await UserRepository.delete_where(uow.session, {"age": 9}) == 3
+    writes = [s for s in sent if s.lstrip().startswith(("UPDATE", "DELETE"))]
+    assert len(writes) == 2
+    assert not any("RETURNING" in s for s in writes)
 
 
 # -- delete -------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -528,8 +529,11 @@ class OutboxTables:
         ``limit``, ``token``, ``lease`` (seconds), ``claimed_by``; "now" is the database's.
         """
         d, e = self.deliveries, self.events
+        # Partitioned: the rows are picked and updated by (id, partition key), so each
+        # update finds its row in one partition instead of probing every partition.
+        key = [d.c.id] if self.partition_by is None else [d.c.id, d.c.event_occurred_at]
         picked = (
-            select(d.c.id)
+            select(*key)
             .where(self.due(destinations, ordered))
             # Due order, in the order of the "due" index: claiming costs the same with
             # millions of delivered rows kept for retention as with none.
@@ -541,7 +545,11 @@ class OutboxTables:
         )
         claimed = (
             update(d)
-            .where(d.c.id.in_(select(picked.c.id)))
+            .where(
+                d.c.id.in_(select(picked.c.id))
+                if self.partition_by is None
+                else tuple_(*key).in_(select(*(picked.c[c.key] for c in key)))
+            )
             .values(
                 status=CLAIMED,
                 claim_token=bindparam("token", type_=d.c.claim_token.type),
