@@ -45,6 +45,18 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def _freeze_owned(value: Any) -> Any:
+    """``_freeze`` for JSON nobody else holds (just decoded): dicts are wrapped, not copied."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                value[key] = _freeze_owned(item)  # same keys: safe while iterating
+        return MappingProxyType(value)
+    if isinstance(value, list):
+        return tuple(_freeze_owned(v) if isinstance(v, (dict, list)) else v for v in value)
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class DomainEvent:
     """Something that happened to an aggregate, immutable and JSON-safe.
@@ -143,6 +155,36 @@ class DomainEvent:
     def to_json(self) -> str:
         """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_stored(
+        cls,
+        *,
+        id: uuid.UUID,
+        name: str,
+        aggregate_type: str,
+        aggregate_id: str,
+        payload: dict[str, Any],
+        occurred_at: dt.datetime,
+        metadata: dict[str, Any],
+        schema_version: int,
+    ) -> DomainEvent:
+        """An event from the outbox's typed columns, ``payload`` and ``metadata`` as just
+        decoded from JSON: they are taken over (made read-only in place), not copied.
+
+        What a relay builds for every claimed row, so it skips :meth:`from_dict`'s
+        conversions of values whose types the columns already guarantee.
+        """
+        return cls(
+            id=id,
+            name=name,
+            aggregate_type=aggregate_type,
+            aggregate_id=aggregate_id,
+            payload=_freeze_owned(payload),
+            occurred_at=occurred_at,
+            metadata=_freeze_owned(metadata),
+            schema_version=schema_version,
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DomainEvent:

@@ -202,15 +202,26 @@ def age_of(now: dt.datetime | None, then: dt.datetime | None) -> float | None:
 
 
 def event_of(row: Mapping[Any, Any], prefix: str = "") -> DomainEvent:
-    """The DomainEvent of an outbox event row (its columns named ``prefix + column``)."""
-    fields = ("id", "name", "aggregate_type", "aggregate_id", "payload", "metadata")
-    data = {f: row[prefix + f] for f in fields}
-    data["occurred_at"] = aware(row[prefix + "occurred_at"])
+    """The DomainEvent of an outbox event row (its columns named ``prefix + column``).
+
+    The row's JSON values are taken over by the event (``DomainEvent.from_stored``):
+    pass a row just read, not values anything else keeps using.
+    """
+    occurred_at = aware(row[prefix + "occurred_at"])
+    assert occurred_at is not None  # NOT NULL
     # NULL (a row written before the column existed) is version 1; the Debezium shape
     # stores it as text.
     version = row.get(prefix + "schema_version")
-    data["schema_version"] = None if version is None else int(version)
-    return DomainEvent.from_dict(data)
+    return DomainEvent.from_stored(
+        id=row[prefix + "id"],
+        name=row[prefix + "name"],
+        aggregate_type=row[prefix + "aggregate_type"],
+        aggregate_id=row[prefix + "aggregate_id"],
+        payload=row[prefix + "payload"] or {},
+        occurred_at=occurred_at,
+        metadata=row[prefix + "metadata"] or {},
+        schema_version=1 if version is None else int(version),
+    )
 
 
 @dataclass(frozen=True, slots=True)

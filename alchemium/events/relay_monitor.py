@@ -112,6 +112,9 @@ class RelayMonitor:
         self.clock_offset: float | None = None  # database clock minus this host's, seconds
         self._instruments: tuple[Any, Any, Any, Any] | None = None
         self._meter: Any = None
+        # The instruments as looked up when the rounds in progress began: a publish
+        # records into them without asking OpenTelemetry for its provider per event.
+        self._round_instruments: tuple[Any, Any, Any, Any] | None = None
 
     # -- liveness ----------------------------------------------------------------------------
 
@@ -131,6 +134,7 @@ class RelayMonitor:
     def round_started(self) -> None:
         """Rounds (claim, publish, record; the next batch claimed during the publishes) begin."""
         self.busy_since = self.last_progress = time.monotonic()
+        self._round_instruments = self._otel()
 
     def progressed(self) -> None:
         """A step of the round in progress finished (a claim; publishes and records tell too)."""
@@ -170,7 +174,7 @@ class RelayMonitor:
         if histogram is None:
             histogram = self.publish_duration[(destination, outcome)] = Histogram(PUBLISH_BUCKETS)
         histogram.observe(seconds)
-        instruments = self._otel()
+        instruments = self._round_instruments
         if instruments is not None:
             instruments[2].record(seconds, {"destination": destination, "outcome": outcome})
 
