@@ -15,6 +15,9 @@ Two questions, each answered with paired rounds:
 - **Drain**: one relay draining 20,000 pending events of today, from each outbox
   (rotating order), as O2 does; the paired ratio partitioned / plain says what the
   partition key costs the relay (the claim joins events by ``(id, occurred_at)``).
+- **Drain during removal**: the same relay draining 20,000 pending events while the
+  removal of the retained rows runs; its rate over its rate alone (same round) says
+  whether retention stalls a running relay.
 
 Prints a table; writes nothing. The numbers in docs/relay.md "A partitioned
 outbox" come from it.
@@ -52,6 +55,10 @@ async def _seed(env: Env, box: Outbox, rows: int, status: str, age: str) -> None
     """``rows`` events of ``age`` ago, each with one delivery row in ``status``."""
     e, d = box.events.name, box.deliveries.name
     key = box.partition_by is not None
+    if key:  # the periods a drop took away come back (a month, as 30-day retention keeps)
+        async with env.sessions() as session:
+            await box.ensure_partitions(session, behind=30)
+            await session.commit()
     async with env.engine.begin() as conn:
         for low in range(0, rows, _CHUNK):
             high = min(rows, low + _CHUNK)
@@ -67,9 +74,9 @@ async def _seed(env: Env, box: Outbox, rows: int, status: str, age: str) -> None
                     f"INSERT INTO {d} (event_id, destination, aggregate_type, aggregate_id, "
                     "status, attempts, next_attempt_at, delivered_at"
                     + (", event_occurred_at" if key else "")
-                    + ") SELECT id, :dest, aggregate_type, aggregate_id, :status, 1, "
+                    + ") SELECT id, :dest, aggregate_type, aggregate_id, CAST(:status AS text), 1, "
                     "now() - interval '1 second', "
-                    "CASE WHEN :status = 'delivered' THEN occurred_at END"
+                    "CASE WHEN CAST(:status AS text) = 'delivered' THEN occurred_at END"
                     + (", occurred_at" if key else "")
                     + " FROM e ORDER BY sequence"
                 ),
@@ -120,26 +127,32 @@ async def measure(url: str, rows: int, rounds: int, say: Callable[[str], None]) 
     boxes = _outboxes()
     for box in boxes.values():
         await create_outbox_tables(engine, box)
-    async with env.sessions() as session:
-        await boxes["partitioned"].ensure_partitions(session, behind=4)
-        await session.commit()
     removal: dict[str, list[float]] = {n: [] for n in boxes}
     rates: dict[str, list[float]] = {n: [] for n in boxes}
+    during: dict[str, list[float]] = {n: [] for n in boxes}
     for r in range(rounds):
         for name in rotated(list(boxes), r):
             box = boxes[name]
+            await _empty(env, box)
             await _seed(env, box, rows, "delivered", "3 days")
-            seconds = await _remove(env, box)
-            assert await _count(env, box) == 0
+            await _seed(env, box, PENDING, "pending", "0 seconds")
+            removing = asyncio.create_task(_remove(env, box))
+            rate = await drain(env, box, DRAINERS["alchemium"], 1, PENDING)
+            seconds = await removing
+            assert await _count(env, box) == PENDING  # the old events gone, the new kept
             removal[name].append(seconds)
-            say(f"P1 round {r + 1}: {name} removed {rows:,} delivered events in {seconds:.2f} s")
+            during[name].append(rate)
+            say(
+                f"P1 round {r + 1}: {name} removed {rows:,} delivered events in {seconds:.2f} s; "
+                f"a relay meanwhile drained {PENDING:,} events at {rate:,.0f}/s"
+            )
         for name in rotated(list(boxes), r):
             box = boxes[name]
             await _empty(env, box)
             await _seed(env, box, PENDING, "pending", "0 seconds")
             rate = await drain(env, box, DRAINERS["alchemium"], 1, PENDING)
             rates[name].append(rate)
-            say(f"P1 round {r + 1}: {name} drained {PENDING:,} events at {rate:,.0f}/s")
+            say(f"P1 round {r + 1}: {name} drained {PENDING:,} events at {rate:,.0f}/s alone")
             await _empty(env, box)
     await engine.dispose()
     return {
@@ -148,6 +161,8 @@ async def measure(url: str, rows: int, rounds: int, say: Callable[[str], None]) 
         "removal_ratio": paired(removal["plain"], removal["partitioned"]),
         "drain": {n: spread(v) for n, v in rates.items()},
         "drain_ratio": paired(rates["partitioned"], rates["plain"]),
+        "during": {n: spread(v) for n, v in during.items()},
+        "during_ratio": {n: paired(during[n], rates[n]) for n in boxes},
     }
 
 
@@ -174,6 +189,12 @@ def main() -> None:
         f"({ratio['min']:.0f}-{ratio['max']:.0f}); drain partitioned / plain "
         f"{drain_ratio['median']:.2f} ({drain_ratio['min']:.2f}-{drain_ratio['max']:.2f})"
     )
+    for name in ("plain", "partitioned"):
+        during = result["during_ratio"][name]
+        print(
+            f"  {name}: a relay draining during the removal keeps {during['median']:.2f} "
+            f"({during['min']:.2f}-{during['max']:.2f}) of its rate alone"
+        )
 
 
 if __name__ == "__main__":

@@ -357,4 +357,4 @@ def test_partition_comparison_removes_and_drains_every_row() -> None:
     assert result["rows"] == 2000
     assert result["removal_ratio"]["n"] == 1
     assert result["drain"]["partitioned"]["median"] > 0
-    assert len(lines) == 4  # removal and drain, each outbox, one round
+    assert len(lines) == 4  # removal with a drain, and a drain alone; each outbox, one round

@@ -640,3 +640,30 @@ async def test_purge_never_touches_undelivered_rows(
     from tests.events.conftest import count
 
     assert await count(engine, outbox.events) == 4  # the events of those rows are kept
+
+
+async def test_a_relayed_event_is_read_only_all_the_way_down(
+    session_factory: Factory, outbox: Outbox
+) -> None:
+    """The relay builds events from the rows it claims; nested JSON comes back frozen."""
+    event = DomainEvent.create(
+        "user_created",
+        aggregate_type="user",
+        aggregate_id="1",
+        payload={"a": {"b": [1, {"c": 2}]}},
+        metadata={"actor": "ann"},
+    )
+    async with session_factory() as session:
+        await write_pending(session, outbox, [event], ["sink"])
+        await session.commit()
+    sink = Sink()
+    assert await OutboxRelay(session_factory, sink, listen=False).drain() == 1
+    [got] = sink.received
+    assert got == event
+    assert got.payload["a"]["b"] == (1, {"c": 2})
+    with pytest.raises(TypeError):
+        got.payload["a"]["b"][1]["c"] = 3  # type: ignore[index]
+    with pytest.raises(TypeError):
+        got.payload["a"]["x"] = 1  # type: ignore[index]
+    with pytest.raises(TypeError):
+        got.metadata["actor"] = "bob"  # type: ignore[index]
