@@ -27,7 +27,12 @@ from alchemium.events import (
     flush_delivery_marks,
 )
 from alchemium.events.outbox import Outbox
-from alchemium.events.outbox_partitions import OutboxPartition, period_start, shift_period
+from alchemium.events.outbox_partitions import (
+    OutboxPartition,
+    PartitionDrop,
+    period_start,
+    shift_period,
+)
 from tests.events.relay_support import database_time, eventually, run_cli, write_pending
 
 Factory = async_sessionmaker[AsyncSession]
@@ -84,6 +89,12 @@ async def table_exists(engine: AsyncEngine, name: str) -> bool:
     async with engine.connect() as conn:
         found = await conn.execute(text("SELECT to_regclass(:n)"), {"n": name})
         return found.scalar_one() is not None
+
+
+async def drop_old(sessions: Factory, box: Outbox) -> PartitionDrop:
+    """Drop the periods that ended more than a day ago (and hold nothing undelivered)."""
+    async with sessions() as session:
+        return await box.drop_partitions(session, older_than=DAY.total_seconds())
 
 
 async def partitions(sessions: Factory, box: Outbox) -> list[OutboxPartition]:
@@ -186,8 +197,7 @@ async def test_old_periods_are_dropped_whole_and_undelivered_ones_kept(
         await session.commit()
     await record(sessions, box, registry)  # today's
 
-    async with sessions() as session:
-        report = await box.drop_partitions(session, older_than=DAY.total_seconds())
+    report = await drop_old(sessions, box)
     dropped = [p.start for p in report.dropped]
     assert dropped == [today - 4 * DAY, three]  # an empty period goes too
     assert [(p.start, n) for p, n in report.kept] == [(two, 1)]
@@ -199,8 +209,7 @@ async def test_old_periods_are_dropped_whole_and_undelivered_ones_kept(
 
     relay = OutboxRelay(sessions, InProcessPublisher(registry), outbox=box, listen=False)
     assert await relay.drain() == 1
-    async with sessions() as session:
-        report = await box.drop_partitions(session, older_than=DAY.total_seconds())
+    report = await drop_old(sessions, box)
     assert [p.start for p in report.dropped] == [two]
     assert next(p.start for p in await partitions(sessions, box)) == today - DAY
 
@@ -229,8 +238,7 @@ async def test_a_replay_between_the_count_and_the_detach_keeps_the_period(
         await detach(*args)
 
     monkeypatch.setattr(box, "_detach", replay_first)
-    async with sessions() as session:
-        report = await box.drop_partitions(session, older_than=DAY.total_seconds())
+    report = await drop_old(sessions, box)
     assert replayed[0].redelivered == 2
     # 3 days back was detached, counted again, and put back; 2 days back was counted
     # before the detach like any period with undelivered rows; 4 days back is empty.
@@ -257,11 +265,7 @@ async def test_a_drop_waits_for_running_transactions_but_no_relay_waits_for_it(
     async with sessions() as reader:  # a long transaction that read the outbox
         await reader.execute(select(box.deliveries.c.id).limit(1))
 
-        async def drop() -> Any:
-            async with sessions() as session:
-                return await box.drop_partitions(session, older_than=DAY.total_seconds())
-
-        dropping = asyncio.create_task(drop())
+        dropping = asyncio.create_task(drop_old(sessions, box))
         await asyncio.sleep(0.5)
         assert not dropping.done()  # DETACH ... CONCURRENTLY waits for the reader
 
@@ -292,11 +296,7 @@ async def test_a_cancelled_drop_is_finished_by_the_next_one(
     async with sessions() as reader:
         await reader.execute(select(box.deliveries.c.id).limit(1))
 
-        async def drop() -> Any:
-            async with sessions() as session:
-                return await box.drop_partitions(session, older_than=DAY.total_seconds())
-
-        dropping = asyncio.create_task(drop())
+        dropping = asyncio.create_task(drop_old(sessions, box))
         await eventually(lambda: _detach_pending(engine), timeout=10)
         dropping.cancel()  # the operator's Ctrl-C, a deploy: the DETACH is interrupted
         with pytest.raises(asyncio.CancelledError):
@@ -304,8 +304,7 @@ async def test_a_cancelled_drop_is_finished_by_the_next_one(
         await reader.commit()
     parts = await partitions(sessions, box)
     assert parts[0].detach_pending
-    async with sessions() as session:
-        report = await box.drop_partitions(session, older_than=DAY.total_seconds())
+    report = await drop_old(sessions, box)
     assert [p.start for p in report.dropped] == [today - 4 * DAY, today - 3 * DAY, today - 2 * DAY]
     assert not any(p.detach_pending for p in await partitions(sessions, box))
 
