@@ -315,7 +315,16 @@ class OutboxPartitions(OutboxTables):
         self._partitioned("drop_partitions()")
         if older_than < 0:
             raise OutboxError(f"drop_partitions(older_than={older_than!r}): expected seconds >= 0")
-        conn = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        needs = (
+            "drop_partitions() needs a fresh session with a pooled connection of its own "
+            "(DETACH ... CONCURRENTLY cannot run inside a transaction)"
+        )
+        if session.in_transaction():
+            raise OutboxError(f"{needs}; this session has begun a transaction already")
+        try:
+            conn = await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        except sa_exc.InvalidRequestError as exc:  # bound to a Connection in a transaction
+            raise OutboxError(f"{needs}: {exc}") from exc
         cutoff = (await conn.execute(select(database_now(-older_than)))).scalar_one()
         dropped: list[OutboxPartition] = []
         kept: list[tuple[OutboxPartition, int]] = []

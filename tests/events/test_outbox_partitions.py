@@ -342,6 +342,22 @@ async def test_a_default_partition_is_named_and_refused(
             await box.drop_partitions(session, older_than=0)
 
 
+async def test_a_drop_in_a_session_that_began_a_transaction_is_refused(
+    engine: AsyncEngine, sessions: Factory, box: Outbox
+) -> None:
+    async with sessions() as session:
+        await session.execute(text("SELECT 1"))
+        with pytest.raises(OutboxError, match=r"fresh session.*has begun a transaction"):
+            await box.drop_partitions(session, older_than=0)
+    async with engine.connect() as conn:
+        await conn.begin()
+        bound = AsyncSession(bind=conn)
+        with pytest.raises(OutboxError, match="fresh session") as caught:
+            await box.drop_partitions(bound, older_than=0)
+        assert caught.value.__cause__ is not None
+        await bound.close()
+
+
 async def test_a_relay_makes_partitions_and_drops_old_periods_with_its_retention(
     engine: AsyncEngine,
     sessions: Factory,
