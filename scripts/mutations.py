@@ -960,13 +960,23 @@ CATALOG: tuple[Mutation, ...] = (
         name="drop_periods_with_undelivered_rows",
         guarantee="a period with an undelivered row is never dropped",
         where="alchemium/events/outbox_partitions.py",
+        # Both counts: either alone keeps a period with an undelivered row (the count
+        # before the detach spares writes to that period a moment without a partition).
         find="""
-            if part.deliveries is not None:
+                undelivered = await self._undelivered_in(conn, part.deliveries)
+                if undelivered:
+                    kept.append((part, undelivered))
+                    continue
+                await self._detach(conn, self.deliveries.name, part.deliveries, part)
                 undelivered = await self._undelivered_in(conn, part.deliveries)
             """,
         replace="""
-            if part.deliveries is not None:
                 undelivered = 0  # mutation: periods are dropped whatever they hold
+                if undelivered:
+                    kept.append((part, undelivered))
+                    continue
+                await self._detach(conn, self.deliveries.name, part.deliveries, part)
+                undelivered = 0
             """,
         tests=(
             "tests/events/test_outbox_partitions.py::"
