@@ -1024,6 +1024,24 @@ CATALOG: tuple[Mutation, ...] = (
             "test_a_cancelled_drop_is_finished_by_the_next_one",
         ),
     ),
+    Mutation(
+        name="retention_drop_blocks_the_relay",
+        guarantee="a relay keeps delivering while its retention drop waits",
+        where="alchemium/events/relay.py",
+        find="""
+            if self._dropping is None or self._dropping.done():
+                self._dropping = asyncio.create_task(self._drop_in_background(older_than))
+            return 0
+            """,
+        replace="""
+            await self._drop_periods(older_than)  # mutation: the relay waits for its drop
+            return 0
+            """,
+        tests=(
+            "tests/events/test_outbox_partitions.py::"
+            "test_a_relay_keeps_delivering_while_its_retention_drop_waits",
+        ),
+    ),
 )
 
 

@@ -323,6 +323,10 @@ class OutboxRelay:
         self._lag_checked = -float("inf")
         self._purged = -float("inf")
         self._partitions_made = -float("inf")
+        # A partitioned outbox's retention drop, running beside the rounds: its DETACH
+        # ... CONCURRENTLY waits for every transaction already open on the outbox, and
+        # the relay must keep delivering meanwhile.
+        self._dropping: asyncio.Task[None] | None = None
         self.upcasters = upcasters if upcasters is not None else default_upcasters
         self.policies = policies if policies is not None else default_policies
         self.monitor = RelayMonitor()  # metrics and liveness (alchemium.events.monitoring)
@@ -402,8 +406,11 @@ class OutboxRelay:
             if not claimed:
                 break
         if self.retention is not None:
-            while await self._purge(self.retention):
-                pass
+            if self.outbox.partition_by is not None:
+                await self._drop_periods(self.retention)  # one pass: its drop is awaited
+            else:
+                while await self._purge(self.retention):
+                    pass
         return self.stats.delivered - before
 
     async def run(self) -> None:
@@ -453,6 +460,12 @@ class OutboxRelay:
                 await self._sleep(self.poll_interval, wakeable=True)
         finally:
             self.monitor.stopped()
+            if self._dropping is not None:
+                # A detach it interrupts stays pending; the next drop finishes it.
+                self._dropping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._dropping
+                self._dropping = None
             if listener is not None:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -918,23 +931,12 @@ class OutboxRelay:
     async def _purge(self, older_than: float) -> int:
         """Purge one batch of delivered rows older than ``older_than``; returns how many.
 
-        A partitioned outbox drops every old period at once instead (and returns 0:
-        nothing is left for another batch).
+        A partitioned outbox instead drops every old period at once, in a task beside
+        the rounds (one at a time), and returns 0: nothing is left for another batch.
         """
         if self.outbox.partition_by is not None:
-            async with self.session_factory() as session:
-                report = await self.outbox.drop_partitions(session, older_than=older_than)
-            for part in report.dropped:
-                logger.info(
-                    "relay %s dropped the outbox period %s", self.relay_id, f"{part.start:%Y-%m-%d}"
-                )
-            for part, undelivered in report.kept:
-                logger.info(
-                    "relay %s keeps the outbox period %s: %d undelivered row(s)",
-                    self.relay_id,
-                    f"{part.start:%Y-%m-%d}",
-                    undelivered,
-                )
+            if self._dropping is None or self._dropping.done():
+                self._dropping = asyncio.create_task(self._drop_in_background(older_than))
             return 0
         async with self.session_factory() as session:
             purged = await self.outbox.purge(session, older_than=older_than)
@@ -942,6 +944,34 @@ class OutboxRelay:
         if purged:
             logger.info("relay %s purged %d delivered row(s)", self.relay_id, purged)
         return purged
+
+    async def _drop_in_background(self, older_than: float) -> None:
+        """:meth:`_drop_periods` beside the rounds; a failure is logged, and tried again later."""
+        try:
+            await self._drop_periods(older_than)
+        except Exception:
+            self.stats.errors += 1
+            logger.warning(
+                "relay %s could not drop old outbox periods; it tries again in a minute",
+                self.relay_id,
+                exc_info=True,
+            )
+
+    async def _drop_periods(self, older_than: float) -> None:
+        """Drop the periods of a partitioned outbox that ended ``older_than`` seconds ago."""
+        async with self.session_factory() as session:
+            report = await self.outbox.drop_partitions(session, older_than=older_than)
+        for part in report.dropped:
+            logger.info(
+                "relay %s dropped the outbox period %s", self.relay_id, f"{part.start:%Y-%m-%d}"
+            )
+        for part, undelivered in report.kept:
+            logger.info(
+                "relay %s keeps the outbox period %s: %d undelivered row(s)",
+                self.relay_id,
+                f"{part.start:%Y-%m-%d}",
+                undelivered,
+            )
 
     async def _sleep(self, seconds: float, *, wakeable: bool) -> None:
         waiter = self._wake if wakeable else self._stopping

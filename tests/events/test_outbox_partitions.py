@@ -33,7 +33,7 @@ from alchemium.events.outbox_partitions import (
     period_start,
     shift_period,
 )
-from tests.events.relay_support import database_time, eventually, run_cli, write_pending
+from tests.events.relay_support import Sink, database_time, eventually, run_cli, write_pending
 
 Factory = async_sessionmaker[AsyncSession]
 
@@ -379,6 +379,41 @@ async def test_a_relay_makes_partitions_and_drops_old_periods_with_its_retention
     await relay.drain()
     starts = [p.start for p in await partitions(sessions, box)]
     assert starts == [today + k * DAY for k in range(-1, 4)]
+
+
+async def test_a_relay_keeps_delivering_while_its_retention_drop_waits(
+    engine: AsyncEngine,
+    sessions: Factory,
+    box: Outbox,
+    registry: SubscriberRegistry,
+    seen: list[Any],
+) -> None:
+    """The drop waits for a transaction left open elsewhere; the relay running it does not."""
+    today = await old_periods(engine, sessions, box, registry)
+    sink = Sink()
+    relay = OutboxRelay(
+        sessions, sink, outbox=box, listen=False, poll_interval=0.05, retention=DAY.total_seconds()
+    )
+    async with sessions() as reader:  # a transaction left open on the outbox
+        await reader.execute(select(box.deliveries.c.id).limit(1))
+        running = asyncio.create_task(relay.run())
+        await eventually(lambda: _detach_pending(engine), timeout=10)  # the drop is waiting
+        event = DomainEvent.create("probe", aggregate_type="probe", aggregate_id="9", payload={})
+        async with sessions() as writer:
+            await write_pending(writer, box, [event], ["sink"])
+            await writer.commit()
+        await eventually(lambda: sink.ids() == [event.id], timeout=10)
+        assert await _detach_pending(engine)  # delivered while the drop still waits
+        await reader.commit()
+    await eventually(
+        lambda: _starts(sessions, box, lambda starts: starts[0] == today - DAY), timeout=30
+    )
+    relay.stop()
+    await asyncio.wait_for(running, 30)
+
+
+async def _starts(sessions: Factory, box: Outbox, check: Any) -> bool:
+    return bool(check([p.start for p in await partitions(sessions, box)]))
 
 
 async def test_partitioning_is_refused_where_it_cannot_work(tmp_path: Any) -> None:
