@@ -147,7 +147,11 @@ def _queued(outbox: object) -> bool:
         batches = _batches.get(asyncio.get_running_loop(), {})
     except RuntimeError:  # no running loop: nothing can be queued
         return False
-    return any(batch.outbox is outbox and batch.tokens for batch in batches.values())
+    # A running task may hold tokens it took out of the queue and is writing now.
+    return any(
+        batch.outbox is outbox and (batch.tokens or batch.task is not None)
+        for batch in batches.values()
+    )
 
 
 async def flush_marks_before_reading(outbox: object, in_transaction: bool, dialect: str) -> None:

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -159,3 +161,37 @@ async def test_a_commit_with_an_event_sends_one_outbox_statement_and_no_mark(
         ]
     await flush_delivery_marks()
     assert await by_status(engine, outbox) == {"delivered": 1}
+
+
+async def test_a_status_read_waits_for_a_mark_being_written_at_that_moment(
+    engine: AsyncEngine,
+    session_factory: Factory,
+    outbox: Outbox,
+    registry: SubscriberRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The background task has taken the tokens out of the queue and its UPDATE is on
+    its way: a status read in this process still shows the delivery delivered."""
+    registry.subscribe("probe", lambda _e: None, name="probe_handler")
+    writing, release = asyncio.Event(), asyncio.Event()
+    mark = outbox.mark_delivered_tokens
+
+    async def slow_mark(conn: Any, tokens: Any) -> int:
+        writing.set()
+        await release.wait()
+        return await mark(conn, tokens)
+
+    monkeypatch.setattr(outbox, "mark_delivered_tokens", slow_mark)
+    async with UnitOfWork(session_factory, registry=registry) as uow:
+        uow.record("probe", aggregate_type="probe", aggregate_id=1)
+    await asyncio.wait_for(writing.wait(), 10)  # the window closed; the write started
+
+    async def status() -> Any:
+        async with session_factory() as session:
+            return await outbox.status(session)
+
+    reading = asyncio.create_task(status())
+    await asyncio.sleep(0.2)
+    assert not reading.done()  # it waits for the write in flight
+    release.set()
+    assert (await asyncio.wait_for(reading, 10)).delivered == 1
