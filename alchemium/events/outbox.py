@@ -44,6 +44,7 @@ from alchemium.events.outbox_admin import (
     OutboxAdministration,
     OutboxStatus,
     OverdueDestination,
+    run_completion,
 )
 from alchemium.events.outbox_schema import (
     CLAIMED,
@@ -81,7 +82,9 @@ async def autocommit(session: AsyncSession) -> Executor:
     isolation level when it goes back to the pool). Otherwise the session itself: a
     session bound to an outside Connection must stay in its transaction, and SQLite's
     driver sends no BEGIN of its own anyway. Call it first in a fresh session
-    transaction, and still ``await session.commit()`` afterwards.
+    transaction. Commit the session afterwards when it is what was returned; when the
+    connection was, its statements are committed already, and ``session.commit()``
+    only costs CPU (a relay skips it every round).
     """
     bind = session.get_bind()
     if isinstance(bind, Engine) and bind.dialect.name == "postgresql":
@@ -158,6 +161,9 @@ class Outbox(OutboxAdministration):
         # Built claim statements by (destinations, ordered): a relay claims with the same
         # statement every round; only its parameters change.
         self._claims: dict[tuple[tuple[str, ...], bool], Any] = {}
+        # Built completion statements (the relay's and the after-commit marks), likewise:
+        # building and caching an UPDATE costs more than the round trip that sends it.
+        self._completions: dict[tuple[str, str, bool], list[Any]] = {}
 
     # -- writing (inside the committing transaction) ----------------------------------------
 
@@ -347,28 +353,44 @@ class Outbox(OutboxAdministration):
 
         ``delivered_at`` is the database's now.
         """
-        d = self.deliveries
-        where = [d.c.claim_token == token, d.c.status == CLAIMED]
+        if ids is not None and not ids:
+            return 0
+        dialect = dialect_of(conn)
+        key = ("delivered", dialect, ids is not None)
+        statements = self._completions.get(key)
+        if statements is None:
+            d = self.deliveries
+            where = [d.c.claim_token == bindparam("token"), d.c.status == CLAIMED]
+            if ids is not None:
+                where.append(self._any_of(d.c.id, "ids", BigInteger(), dialect))
+            statements = self._completions[key] = self.completion_statements(dialect, *where)
+        params: dict[str, Any] = {"token": token}
         if ids is not None:
-            if not ids:
-                return 0
-            if dialect_of(conn) == "postgresql":  # one array parameter, not one per id
-                where.append(d.c.id == any_(bindparam("ids", list(ids), ARRAY(BigInteger))))
-            else:
-                where.append(d.c.id.in_(ids))
-        return await self.complete(conn, *where)
+            params["ids"] = list(ids)
+        return await run_completion(conn, statements, params)
 
     async def mark_delivered_tokens(self, conn: Executor, tokens: Sequence[uuid.UUID]) -> int:
         """Mark every row still claimed under one of ``tokens`` delivered; returns how many."""
         if not tokens:
             return 0
-        d = self.deliveries
-        if dialect_of(conn) == "postgresql":  # one array parameter, not one per token
-            tokens_param = bindparam("tokens", list(tokens), ARRAY(Uuid()))
-            by_token = d.c.claim_token == any_(tokens_param)
-        else:
-            by_token = d.c.claim_token.in_(tokens)
-        return await self.complete(conn, d.c.status == CLAIMED, by_token)
+        dialect = dialect_of(conn)
+        key = ("delivered_tokens", dialect, True)
+        statements = self._completions.get(key)
+        if statements is None:
+            d = self.deliveries
+            by_token = self._any_of(d.c.claim_token, "tokens", Uuid(), dialect)
+            statements = self._completions[key] = self.completion_statements(
+                dialect, d.c.status == CLAIMED, by_token
+            )
+        return await run_completion(conn, statements, {"tokens": list(tokens)})
+
+    @staticmethod
+    def _any_of(column: Any, name: str, item_type: Any, dialect: str) -> Any:
+        """``column`` is one of the list bound as ``name``: one array parameter on
+        PostgreSQL (not one per value), an expanding ``IN`` elsewhere."""
+        if dialect == "postgresql":
+            return column == any_(bindparam(name, type_=ARRAY(item_type)))
+        return column.in_(bindparam(name, expanding=True))
 
     async def mark_delivered_by_destination(
         self, conn: Executor, token: uuid.UUID, pairs: Sequence[tuple[uuid.UUID, str]]

@@ -52,6 +52,7 @@ from alchemium.events.outbox_schema import (
     aware,
     database_now,
     dialect_of,
+    status_constant,
 )
 from alchemium.events.subscribers import SubscriberRegistry
 
@@ -66,6 +67,7 @@ __all__ = [
     "OverdueDestination",
     "RelayLease",
     "Throughput",
+    "run_completion",
 ]
 
 
@@ -133,6 +135,24 @@ class OverdueDestination:
     destination: str
     rows: int
     overdue: float
+
+
+# Pending and claimed, as constants: the relay's periodic checks (lag, overdue, what is
+# left) then reach the partial "due" index in a cached generic plan too.
+UNDELIVERED = (status_constant(PENDING), status_constant(CLAIMED))
+
+
+async def run_completion(
+    conn: Executor, statements: Sequence[Any], params: dict[str, Any] | None = None
+) -> int:
+    """Run :meth:`OutboxAdministration.completion_statements` in order; how many rows the
+    first one completed (the archive's INSERT, when there are two)."""
+    completed = 0
+    for i, statement in enumerate(statements):
+        result = await conn.execute(statement, params)
+        if i == 0:
+            completed = int(getattr(result, "rowcount", 0))
+    return completed
 
 
 class OutboxAdministration(OutboxLifecycle):
@@ -218,7 +238,7 @@ class OutboxAdministration(OutboxLifecycle):
         oldest, now = (
             await conn.execute(
                 select(func.min(self.occurred_at_of_row()), database_now()).where(
-                    d.c.status.in_((PENDING, CLAIMED)), *where
+                    d.c.status.in_(UNDELIVERED), *where
                 )
             )
         ).one()
@@ -240,10 +260,10 @@ class OutboxAdministration(OutboxLifecycle):
         rows = await conn.execute(
             select(d.c.destination, func.count(), func.min(self.due_since(now)), now)
             .where(
-                d.c.status.in_((PENDING, CLAIMED)),
+                d.c.status.in_(UNDELIVERED),
                 or_(
-                    and_(d.c.status == PENDING, d.c.next_attempt_at < cutoff),
-                    and_(d.c.status == CLAIMED, d.c.claimed_until < cutoff),
+                    and_(d.c.status == UNDELIVERED[0], d.c.next_attempt_at < cutoff),
+                    and_(d.c.status == UNDELIVERED[1], d.c.claimed_until < cutoff),
                 ),
                 *where,
             )
@@ -262,7 +282,7 @@ class OutboxAdministration(OutboxLifecycle):
         await self.settle_marks(conn)
         d = self.deliveries
         stmt = select(func.count()).where(
-            d.c.destination.in_(destinations), d.c.status.in_((PENDING, CLAIMED))
+            d.c.destination.in_(destinations), d.c.status.in_(UNDELIVERED)
         )
         return int((await conn.execute(stmt)).scalar_one())
 
@@ -312,19 +332,29 @@ class OutboxAdministration(OutboxLifecycle):
         moved to the archive table, delivered (one statement on PostgreSQL; an INSERT
         and a DELETE in the caller's transaction on SQLite). Returns how many rows.
         """
+        statements = self.completion_statements(dialect_of(conn), *where, keep_claim=keep_claim)
+        return await run_completion(conn, statements)
+
+    def completion_statements(
+        self, dialect: str, *where: Any, keep_claim: bool = False
+    ) -> list[Any]:
+        """The statements :meth:`complete` runs, in order, for ``dialect``.
+
+        Built apart from running them so that a caller on a hot path (a relay's marks)
+        can build them once with bind parameters in ``where`` and run them every round.
+        """
         d = self.deliveries
         if self.completion == "keep":
             values: dict[str, Any] = {"status": DELIVERED, "delivered_at": database_now()}
             if not keep_claim:
                 values |= {"claim_token": None, "claimed_until": None}
-            stmt = update(d).where(*where).values(**values)
-            return int(getattr(await conn.execute(stmt), "rowcount", 0))
+            return [update(d).where(*where).values(**values)]
         if self.completion == "delete":
-            return int(getattr(await conn.execute(delete(d).where(*where)), "rowcount", 0))
+            return [delete(d).where(*where)]
         archive = self.archive
         assert archive is not None
         names = [c.name for c in d.c]
-        if dialect_of(conn) == "postgresql":
+        if dialect == "postgresql":
             moved = delete(d).where(*where).returning(*d.c).cte("moved")
             source: Any = moved
         else:
@@ -333,10 +363,10 @@ class OutboxAdministration(OutboxLifecycle):
         rows = select(*(done.get(n, source.c[n]) for n in names))
         if source is d:
             rows = rows.where(*where)
-        inserted = await conn.execute(insert(archive).from_select(names, rows))
+        statements: list[Any] = [insert(archive).from_select(names, rows)]
         if source is d:
-            await conn.execute(delete(d).where(*where))
-        return int(getattr(inserted, "rowcount", 0))
+            statements.append(delete(d).where(*where))
+        return statements
 
     async def blocked_aggregates(self, conn: Executor) -> list[tuple[str, str, str]]:
         """(destination, aggregate type, aggregate id) held up by a dead or abandoned

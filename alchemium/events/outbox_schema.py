@@ -56,6 +56,7 @@ from sqlalchemy import (
     insert,
     inspect,
     literal,
+    literal_column,
     null,
     or_,
     select,
@@ -93,6 +94,7 @@ __all__ = [
     "database_now",
     "dialect_of",
     "event_of",
+    "status_constant",
 ]
 
 PENDING, CLAIMED, DELIVERED, DEAD = "pending", "claimed", "delivered", "dead"
@@ -114,6 +116,13 @@ SHAPES: dict[str, dict[str, str]] = {
 }
 
 Executor = AsyncSession | AsyncConnection
+
+
+def status_constant(value: str) -> ColumnElement[str]:
+    """A delivery status written into the SQL as a constant, not bound (our own word,
+    never input): PostgreSQL can then prove a partial index on the status applies even
+    in the generic plan it caches for a statement run many times (a relay's)."""
+    return literal_column(f"'{value}'", String())
 
 
 class database_now(FunctionElement[dt.datetime]):  # noqa: N801 - reads like func.now()
@@ -505,17 +514,26 @@ class OutboxTables:
     # -- choosing rows ----------------------------------------------------------------------
 
     def due(self, destinations: Sequence[str], ordered: bool) -> Any:
-        """Rows of ``destinations`` a relay may claim now (by the database's clock)."""
+        """Rows of ``destinations`` a relay may claim now (by the database's clock).
+
+        The statuses are constants (:func:`status_constant`): a relay runs its claim
+        every round, and PostgreSQL may cache a generic plan for it.
+        """
         d = self.deliveries
         now = database_now()
+        pending, claimed = status_constant(PENDING), status_constant(CLAIMED)
+        # One destination is "destination = $1" to PostgreSQL, and the "due" index
+        # hands its rows over in due order. (As one array parameter, "= ANY($1)", the
+        # planner sorts every due row first: measured 2x slower rounds.)
+        served = d.c.destination.in_(destinations)
         condition = and_(
-            d.c.destination.in_(destinations),
+            served,
             # Implied by the OR below; spelled out so the planner can prove it and walk
             # the partial "due" index instead of the primary key past delivered rows.
-            d.c.status.in_((PENDING, CLAIMED)),
+            d.c.status.in_((pending, claimed)),
             or_(
-                and_(d.c.status == PENDING, d.c.next_attempt_at <= now),
-                and_(d.c.status == CLAIMED, d.c.claimed_until < now),
+                and_(d.c.status == pending, d.c.next_attempt_at <= now),
+                and_(d.c.status == claimed, d.c.claimed_until < now),
             ),
         )
         if ordered:
@@ -603,8 +621,9 @@ class OutboxTables:
     def due_since(self, now: Any) -> Any:
         """When an undelivered row became due (NULL if it is not due at ``now``)."""
         d = self.deliveries
+        pending, claimed = status_constant(PENDING), status_constant(CLAIMED)
         return case(
-            (and_(d.c.status == PENDING, d.c.next_attempt_at <= now), d.c.next_attempt_at),
-            (and_(d.c.status == CLAIMED, d.c.claimed_until < now), d.c.claimed_until),
+            (and_(d.c.status == pending, d.c.next_attempt_at <= now), d.c.next_attempt_at),
+            (and_(d.c.status == claimed, d.c.claimed_until < now), d.c.claimed_until),
             else_=null(),
         )

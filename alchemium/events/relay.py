@@ -489,14 +489,18 @@ class OutboxRelay:
             return len(batch.rows), await self._deliver(batch)
 
     async def _rounds(self, most: int | None = None) -> int:
-        """Rounds while full batches come back; returns how many rows were claimed.
+        """Rounds while there is more to claim; returns how many rows were claimed.
 
-        The next batch is claimed while this one is published: the claim's round trip
-        overlaps the publishing instead of following it. A prefetched batch is claimed
-        like any other (leased, fenced by its own token, its lease renewed from the claim
-        on, so a slow publish of the batch before it cannot let it expire and be claimed
-        again), and a relay that dies holding it only delays it by a lease. Stops at a
-        batch that is not full, at ``most`` rows claimed, or when :meth:`stop` is called.
+        The next batch is claimed while this one is delivered, so the claim's round
+        trip overlaps the publishing and recording instead of following them: after a
+        full batch at once, and after any batch when a notification arrived while it was
+        published (events committed meanwhile; not in ``ordered`` mode, where a claim
+        made before this batch is recorded would skip the later events of its
+        aggregates). A prefetched batch is claimed like any other (leased, fenced by its
+        own token, its lease renewed from the claim on, so a slow publish of the batch
+        before it cannot let it expire and be claimed again), and a relay that dies
+        holding it only delays it by a lease. Stops when there is nothing more, at
+        ``most`` rows claimed, or when :meth:`stop` is called.
         """
         with self._watched():
             claimed = 0
@@ -505,14 +509,17 @@ class OutboxRelay:
                 if not upcoming.rows:
                     return claimed
                 claimed += len(upcoming.rows)
-                more = (
-                    len(upcoming.rows) >= self.batch_size
-                    and not self._stopping.is_set()
-                    and (most is None or claimed < most)
-                )
-                following = asyncio.create_task(self._claim()) if more else None
+                more = not self._stopping.is_set() and (most is None or claimed < most)
+                full = len(upcoming.rows) >= self.batch_size
+                following = asyncio.create_task(self._claim()) if more and full else None
                 try:
-                    await self._deliver(upcoming)
+                    try:
+                        outcomes = await self._publish_all(upcoming)
+                    finally:
+                        await upcoming.release()
+                    if following is None and more and self._woken():
+                        following = asyncio.create_task(self._claim())
+                    await self._record(upcoming.token, outcomes)
                     await self._housekeeping(idle=False)
                 except BaseException:
                     if following is not None:
@@ -524,6 +531,14 @@ class OutboxRelay:
                 if following is None:
                     return claimed
                 upcoming = await following
+
+    def _woken(self) -> bool:
+        """Whether a notification arrived since the last claim (and now is taken into
+        account): events were committed that the next claim can see."""
+        if self.ordered or not self._wake.is_set():
+            return False
+        self._wake.clear()
+        return True
 
     @contextlib.contextmanager
     def _watched(self) -> Iterator[None]:
@@ -549,8 +564,9 @@ class OutboxRelay:
         tracing = _telemetry.enabled and _telemetry.tracer() is not None
         started = time.time_ns() if tracing else 0
         async with self.session_factory() as session:
+            conn = await autocommit(session)
             rows = await self.outbox.claim(
-                await autocommit(session),
+                conn,
                 list(routes),
                 limit=self.batch_size,
                 lease=self.lease,
@@ -558,7 +574,8 @@ class OutboxRelay:
                 claimed_by=self.relay_id,
                 ordered=self.ordered,
             )
-            await session.commit()
+            if conn is session:  # in a transaction (see autocommit)
+                await session.commit()
             dialect = session.get_bind().dialect.name
         self.stats.rounds += 1
         self.monitor.progressed()
@@ -776,7 +793,8 @@ class OutboxRelay:
                     if written:
                         dead_rows.append(row)
                 self._log_failure(row, err, token, give_up=gave_up, written=bool(written))
-            await session.commit()
+            if conn is session:  # failures were written in a transaction
+                await session.commit()
         if fallbacks:
             await self._run_fallbacks()
         self.stats.abandoned += abandoned

@@ -54,8 +54,14 @@ async def big_outbox(engine: AsyncEngine, outbox: Outbox, backend: str) -> Outbo
     return outbox
 
 
-async def plans(engine: AsyncEngine, run: Callable[[AsyncConnection], Awaitable[Any]]) -> list[str]:
-    """The EXPLAIN of every statement ``run`` sends, with its parameters (then rolled back)."""
+async def plans(
+    engine: AsyncEngine, run: Callable[[AsyncConnection], Awaitable[Any]], *, generic: bool = False
+) -> list[str]:
+    """The EXPLAIN of every statement ``run`` sends, with its parameters (then rolled back).
+
+    ``generic``: the plan PostgreSQL caches for a prepared statement run many times (a
+    relay's), made without looking at the parameters' values.
+    """
     sent: list[tuple[str, tuple[Any, ...]]] = []
 
     def capture(_c: object, _cur: object, statement: str, params: Any, *_a: object) -> None:
@@ -72,10 +78,31 @@ async def plans(engine: AsyncEngine, run: Callable[[AsyncConnection], Awaitable[
     async with engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         assert driver is not None
-        for statement, params in sent:
-            rows = await driver.fetch("EXPLAIN " + statement, *params)
+        if generic:
+            await driver.execute("SET plan_cache_mode = force_generic_plan")
+        for i, (statement, params) in enumerate(sent):
+            if generic:
+                await driver.execute(f"PREPARE explained_{i} AS {statement}")
+                values = ", ".join(sql_literal(p) for p in params)
+                query, params = f"EXPLAIN EXECUTE explained_{i}({values})", ()
+            else:
+                query = "EXPLAIN " + statement
+            rows = await driver.fetch(query, *params)
             explained.append("\n".join(r[0] for r in rows))
+        if generic:
+            await driver.execute("DEALLOCATE ALL; RESET plan_cache_mode")
     return explained
+
+
+def sql_literal(value: Any) -> str:
+    """``value`` written as an SQL literal (EXECUTE takes no protocol parameters)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, (list, tuple)):
+        return "ARRAY[" + ", ".join(sql_literal(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def assert_no_scan(plan: str, outbox: Outbox) -> None:
@@ -98,6 +125,30 @@ async def test_the_claim_and_the_relays_checks_read_undelivered_rows_only(
     assert f"ix_{big_outbox.events.name}_delivery_due" in claim
     assert len(checks) == 3
     for plan in (claim, *checks):
+        assert_no_scan(plan, big_outbox)
+
+
+async def test_the_plans_postgres_caches_for_the_relays_statements_read_undelivered_rows_only(
+    engine: AsyncEngine, big_outbox: Outbox
+) -> None:
+    """A relay sends the same prepared statements again and again (its claim every
+    round), and after five runs PostgreSQL may keep a generic plan for one, made without
+    the parameters' values. Those plans must still walk the partial "due" index, so its
+    predicate (the statuses) must be provable from the SQL text alone."""
+
+    async def relay_statements(conn: AsyncConnection) -> None:
+        await big_outbox.claim(
+            conn, ["sink"], limit=100, lease=30, token=uuid.uuid4(), claimed_by="relay"
+        )
+        await big_outbox.lag(conn, ["sink"])
+        await big_outbox.overdue(conn, older_than=60)
+        await big_outbox.undelivered(conn, ["sink"])
+
+    explained = await plans(engine, relay_statements, generic=True)
+    assert len(explained) == 4
+    for plan in explained:
+        assert "$" in plan, plan  # generic: made without the parameters' values
+        assert f"ix_{big_outbox.events.name}_delivery_due" in plan, plan
         assert_no_scan(plan, big_outbox)
 
 

@@ -11,11 +11,13 @@ import random
 import signal
 import time
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from alchemium import UnitOfWork
@@ -534,6 +536,134 @@ async def test_notify_wakes_a_listening_relay_at_once(
         await asyncio.wait_for(task, 5)
     print(f"\nNOTIFY -> delivered in {latency * 1000:.0f} ms (poll interval 60 s)")
     assert latency < 1.0
+
+
+@dataclass
+class CommittingSink(Sink):
+    """A Sink that, while publishing the first event it is given, commits one more event
+    (one of the same aggregate if ``same_aggregate``) and wakes the relay, as the NOTIFY
+    of that commit would. ``before_commit`` runs first (a test takes a lock there)."""
+
+    session_factory: Factory | None = None
+    outbox: Outbox | None = None
+    same_aggregate: bool = False
+    before_commit: Callable[[DomainEvent], Awaitable[None]] | None = None
+    relay: OutboxRelay | None = None
+    committed: list[DomainEvent] = field(default_factory=list)
+
+    async def publish(self, event: DomainEvent, destination: str) -> None:
+        if not self.committed:
+            assert self.session_factory is not None
+            assert self.outbox is not None
+            assert self.relay is not None
+            if self.before_commit is not None:
+                await self.before_commit(event)
+            later = DomainEvent.create(
+                "user_created",
+                aggregate_type=event.aggregate_type,
+                aggregate_id=event.aggregate_id if self.same_aggregate else "another",
+                payload={"n": 1},
+            )
+            async with self.session_factory() as session:
+                await write_pending(session, self.outbox, [later], ["sink"])
+                await session.commit()
+            self.committed.append(later)
+            self.relay.wake()
+        await super().publish(event, destination)
+
+
+@postgres_only
+async def test_events_committed_while_a_batch_publishes_are_claimed_while_it_is_recorded(
+    engine: AsyncEngine, session_factory: Factory, outbox: Outbox
+) -> None:
+    """A notification during a publish: the relay claims the new events while it records
+    the batch before them, so the round trip of the outcomes does not delay them (L1).
+
+    The first event's delivery row is locked from outside once it is claimed: its
+    outcome cannot be written until the test lets go. The event committed meanwhile must
+    be claimed all the same; a relay that claims only after recording never gets to it.
+    """
+    [first] = await insert_events(session_factory, outbox, 1)
+    d = outbox.deliveries
+    holder = await engine.connect()
+
+    async def lock_first_row(event: DomainEvent) -> None:
+        await holder.execute(select(d.c.id).where(d.c.event_id == event.id).with_for_update())
+
+    sink = CommittingSink(
+        session_factory=session_factory, outbox=outbox, before_commit=lock_first_row
+    )
+    relay = sink.relay = OutboxRelay(session_factory, sink, listen=False, poll_interval=30)
+    task = asyncio.create_task(relay.run())
+
+    async def status_of(event: DomainEvent) -> str:
+        rows = await delivery_rows(engine, outbox)
+        return next(r["status"] for r in rows if r["event_id"] == event.id)
+
+    try:
+        await eventually(lambda: sink.committed, timeout=10)
+        [later] = sink.committed
+        await eventually(lambda: _is(status_of(later), "claimed"), timeout=10)
+        assert await status_of(first) == "claimed"  # its outcome still waits for the lock
+        await holder.rollback()
+        await eventually(lambda: len(sink.received) == 2, timeout=10)
+        assert sink.ids() == [first.id, later.id]
+        await eventually(lambda: _is(status_of(later), "delivered"), timeout=5)
+        assert await status_of(first) == "delivered"
+    finally:
+        await holder.close()
+        relay.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def _is(value: Awaitable[str], expected: str) -> bool:
+    return await value == expected
+
+
+@postgres_only
+async def test_an_ordered_relay_claims_early_only_what_it_may_deliver(
+    engine: AsyncEngine, session_factory: Factory, outbox: Outbox
+) -> None:
+    """Ordered: an event committed while the one before it in its aggregate publishes
+    can only be claimed once that one is recorded. The relay must claim it then, at once,
+    not at its next poll (30 s away): the notification is not spent on an early claim.
+
+    The first event's outcome is held back for a second by a lock, as a slow UPDATE
+    would be, so an early claim would certainly come before it and skip the later event.
+    """
+    [first] = await insert_events(session_factory, outbox, 1)
+    d = outbox.deliveries
+    holder = await engine.connect()
+
+    async def release_later() -> None:
+        await asyncio.sleep(1.0)
+        await holder.rollback()
+
+    releasing: list[asyncio.Task[None]] = []
+
+    async def lock_for_a_second(event: DomainEvent) -> None:
+        await holder.execute(select(d.c.id).where(d.c.event_id == event.id).with_for_update())
+        releasing.append(asyncio.create_task(release_later()))
+
+    sink = CommittingSink(
+        session_factory=session_factory,
+        outbox=outbox,
+        same_aggregate=True,
+        before_commit=lock_for_a_second,
+    )
+    relay = sink.relay = OutboxRelay(
+        session_factory, sink, ordered=True, listen=False, poll_interval=30
+    )
+    task = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: len(sink.received) == 2, timeout=8)
+    finally:
+        for release in releasing:
+            await release
+        await holder.close()
+        relay.stop()
+        await asyncio.wait_for(task, 10)
+    assert sink.ids() == [first.id, sink.committed[0].id]
 
 
 @postgres_only
