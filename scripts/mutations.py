@@ -402,7 +402,7 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="a stale relay cannot overwrite the reclaiming relay's outcome",
         where="alchemium/events/outbox.py",
         find="""
-            where = [d.c.claim_token == token, d.c.status == CLAIMED]
+            where = [d.c.claim_token == bindparam("token"), d.c.status == CLAIMED]
             if ids is not None:
             """,
         replace="""
@@ -421,7 +421,7 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="a stale relay cannot overwrite the reclaiming relay's outcome",
         where="alchemium/events/**/*.py",
         find="""
-            where = [d.c.claim_token == token, d.c.status == CLAIMED]
+            where = [d.c.claim_token == bindparam("token"), d.c.status == CLAIMED]
             if ids is not None:
             """,
         replace="""
@@ -481,11 +481,11 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="an event committed late is still delivered",
         where="alchemium/events/**/*.py",
         find="""
-                and_(d.c.status == CLAIMED, d.c.claimed_until < now),
+                and_(d.c.status == claimed, d.c.claimed_until < now),
             ),
             """,
         replace="""
-                and_(d.c.status == CLAIMED, d.c.claimed_until < now),
+                and_(d.c.status == claimed, d.c.claimed_until < now),
             ),
             d.c.id  # mutation: only rows after the last delivered one, by position
             > select(text("coalesce(max(id), 0)"))
@@ -1040,6 +1040,55 @@ CATALOG: tuple[Mutation, ...] = (
         tests=(
             "tests/events/test_outbox_partitions.py::"
             "test_a_relay_keeps_delivering_while_its_retention_drop_waits",
+        ),
+    ),
+    Mutation(
+        name="no_early_claim",
+        guarantee="a notification during a publish: the new events are claimed meanwhile",
+        where="alchemium/events/relay.py",
+        find="""
+                    if following is None and more and self._woken():
+                        following = asyncio.create_task(self._claim())
+            """,
+        replace="""
+                    pass  # mutation: the next claim waits for this batch's record
+            """,
+        tests=(
+            "tests/events/test_relay.py::"
+            "test_events_committed_while_a_batch_publishes_are_claimed_while_it_is_recorded[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="ordered_claims_early",
+        guarantee="an ordered relay keeps the notification for the round after the record",
+        where="alchemium/events/relay.py",
+        find="        if self.ordered or not self._wake.is_set():",
+        replace="        if not self._wake.is_set():  # mutation: ordered relays claim early too",
+        tests=(
+            "tests/events/test_relay.py::"
+            "test_an_ordered_relay_claims_early_only_what_it_may_deliver[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="statuses_bound",
+        guarantee="cached generic plans of the relay's statements use the due index",
+        where="alchemium/events/outbox_schema.py",
+        find="""    return literal_column(f"'{value}'", String())""",
+        replace="""    return literal(value, String())  # mutation: statuses bound as parameters""",
+        tests=(
+            "tests/events/test_outbox_scale.py::"
+            "test_the_plans_postgres_caches_for_the_relays_statements_read_undelivered_rows_only[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="several_destinations_sorted",
+        guarantee="a relay of several destinations reads a batch per destination",
+        where="alchemium/events/outbox_schema.py",
+        find="        if len(destinations) == 1:",
+        replace="        if True:  # mutation: every due row of all destinations sorted",
+        tests=(
+            "tests/events/test_outbox_scale.py::"
+            "test_a_relay_of_several_destinations_reads_a_batch_per_destination[postgresql]",
         ),
     ),
 )
