@@ -122,18 +122,23 @@ def assert_no_scan(plan: str, outbox: Outbox) -> None:
         assert f"Seq Scan on {table}" not in plan, plan
 
 
+def relay_statements(box: Outbox) -> Callable[[AsyncConnection], Awaitable[None]]:
+    """What a relay sends, round after round: the claim, the lag, the overdue check and
+    the count of what is left."""
+
+    async def run(conn: AsyncConnection) -> None:
+        await box.claim(conn, ["sink"], limit=100, lease=30, token=uuid.uuid4(), claimed_by="relay")
+        await box.lag(conn, ["sink"])
+        await box.overdue(conn, older_than=60)
+        await box.undelivered(conn, ["sink"])
+
+    return run
+
+
 async def test_the_claim_and_the_relays_checks_read_undelivered_rows_only(
     engine: AsyncEngine, big_outbox: Outbox
 ) -> None:
-    async def relay_statements(conn: AsyncConnection) -> None:
-        await big_outbox.claim(
-            conn, ["sink"], limit=100, lease=30, token=uuid.uuid4(), claimed_by="relay"
-        )
-        await big_outbox.lag(conn, ["sink"])
-        await big_outbox.overdue(conn, older_than=60)
-        await big_outbox.undelivered(conn, ["sink"])
-
-    claim, *checks = await plans(engine, relay_statements)
+    claim, *checks = await plans(engine, relay_statements(big_outbox))
     assert f"ix_{big_outbox.events.name}_delivery_due" in claim
     assert len(checks) == 3
     for plan in (claim, *checks):
@@ -171,15 +176,7 @@ async def test_the_plans_postgres_caches_for_the_relays_statements_read_undelive
     the parameters' values. Those plans must still walk the partial "due" index, so its
     predicate (the statuses) must be provable from the SQL text alone."""
 
-    async def relay_statements(conn: AsyncConnection) -> None:
-        await big_outbox.claim(
-            conn, ["sink"], limit=100, lease=30, token=uuid.uuid4(), claimed_by="relay"
-        )
-        await big_outbox.lag(conn, ["sink"])
-        await big_outbox.overdue(conn, older_than=60)
-        await big_outbox.undelivered(conn, ["sink"])
-
-    explained = await plans(engine, relay_statements, generic=True)
+    explained = await plans(engine, relay_statements(big_outbox), generic=True)
     assert len(explained) == 4
     for plan in explained:
         assert "$" in plan, plan  # generic: made without the parameters' values
