@@ -1048,6 +1048,7 @@ CATALOG: tuple[Mutation, ...] = (
         where="alchemium/events/relay.py",
         find="""
                     if following is None and more and self._woken():
+                        # (_woken is False once stop() was called: it wakes the relay too.)
                         following = asyncio.create_task(self._claim())
             """,
         replace="""
@@ -1062,11 +1063,24 @@ CATALOG: tuple[Mutation, ...] = (
         name="ordered_claims_early",
         guarantee="an ordered relay keeps the notification for the round after the record",
         where="alchemium/events/relay.py",
-        find="        if self.ordered or not self._wake.is_set():",
-        replace="        if not self._wake.is_set():  # mutation: ordered relays claim early too",
+        find="        if self.ordered or self._stopping.is_set() or not self._wake.is_set():",
+        replace=(
+            "        if self._stopping.is_set() or not self._wake.is_set():"
+            "  # mutation: ordered relays claim early too"
+        ),
         tests=(
             "tests/events/test_relay.py::"
             "test_an_ordered_relay_claims_early_only_what_it_may_deliver[postgresql]",
+        ),
+    ),
+    Mutation(
+        name="stop_claims_more",
+        guarantee="a notification during a publish: the new events are claimed meanwhile",
+        where="alchemium/events/relay.py",
+        find="        if self.ordered or self._stopping.is_set() or not self._wake.is_set():",
+        replace="        if self.ordered or not self._wake.is_set():  # mutation: stop() wakes",
+        tests=(
+            "tests/events/test_relay.py::test_stop_during_a_publish_claims_nothing_more[sqlite]",
         ),
     ),
     Mutation(

@@ -518,6 +518,7 @@ class OutboxRelay:
                     finally:
                         await upcoming.release()
                     if following is None and more and self._woken():
+                        # (_woken is False once stop() was called: it wakes the relay too.)
                         following = asyncio.create_task(self._claim())
                     await self._record(upcoming.token, outcomes)
                     await self._housekeeping(idle=False)
@@ -535,7 +536,7 @@ class OutboxRelay:
     def _woken(self) -> bool:
         """Whether a notification arrived since the last claim (and now is taken into
         account): events were committed that the next claim can see."""
-        if self.ordered or not self._wake.is_set():
+        if self.ordered or self._stopping.is_set() or not self._wake.is_set():
             return False
         self._wake.clear()
         return True

@@ -31,6 +31,7 @@ from alchemium.events.outbox import Outbox, database_now
 from tests.events.relay_support import (
     LONG_AGO,
     Sink,
+    StalledSink,
     by_status,
     delivery_rows,
     eventually,
@@ -327,6 +328,24 @@ async def test_stop_finishes_the_batch_in_flight(
     counts = await by_status(engine, outbox)
     assert "claimed" not in counts
     assert counts["delivered"] == len(sink.received) >= 10
+
+
+async def test_stop_during_a_publish_claims_nothing_more(
+    engine: AsyncEngine, session_factory: Factory, outbox: Outbox
+) -> None:
+    """stop() also wakes the relay: that wake-up must not count as events committed
+    meanwhile, or the relay would claim and deliver another batch before returning."""
+    first = await insert_events(session_factory, outbox, 5)
+    sink = StalledSink()
+    relay = OutboxRelay(session_factory, sink, batch_size=10, listen=False, poll_interval=30)
+    task = asyncio.create_task(relay.run())
+    await asyncio.wait_for(sink.started.wait(), 5)
+    await insert_events(session_factory, outbox, 5)  # committed while the batch publishes
+    relay.stop()
+    sink.release.set()
+    await asyncio.wait_for(task, 10)
+    assert sink.ids() == [e.id for e in first]
+    assert await by_status(engine, outbox) == {"delivered": 5, "pending": 5}
 
 
 async def test_ordered_mode_holds_an_aggregate_behind_its_dead_event(
