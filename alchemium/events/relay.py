@@ -512,15 +512,15 @@ class OutboxRelay:
                 more = not self._stopping.is_set() and (most is None or claimed < most)
                 full = len(upcoming.rows) >= self.batch_size
                 following = asyncio.create_task(self._claim()) if more and full else None
-                try:
-                    try:
-                        outcomes = await self._publish_all(upcoming)
-                    finally:
-                        await upcoming.release()
+
+                def claim_if_woken(more: bool = more) -> None:
+                    nonlocal following
                     if following is None and more and self._woken():
                         # (_woken is False once stop() was called: it wakes the relay too.)
                         following = asyncio.create_task(self._claim())
-                    await self._record(upcoming.token, outcomes)
+
+                try:
+                    await self._deliver(upcoming, published=claim_if_woken)
                     await self._housekeeping(idle=False)
                 except BaseException:
                     if following is not None:
@@ -601,12 +601,17 @@ class OutboxRelay:
             )
         return _Batch(routes, token, rows, claim, asyncio.create_task(self._heartbeat(token)))
 
-    async def _deliver(self, batch: _Batch) -> int:
-        """Publish the claimed batch (its lease renewed meanwhile), record the outcomes."""
+    async def _deliver(self, batch: _Batch, published: Callable[[], None] | None = None) -> int:
+        """Publish the claimed batch (its lease renewed meanwhile), record the outcomes.
+
+        ``published`` is called between the two (:meth:`_rounds` may claim there).
+        """
         try:
             outcomes = await self._publish_all(batch)
         finally:
             await batch.release()
+        if published is not None:
+            published()
         return await self._record(batch.token, outcomes)
 
     async def _publish_all(self, batch: _Batch) -> list[_Outcome]:
