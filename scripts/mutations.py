@@ -481,11 +481,11 @@ CATALOG: tuple[Mutation, ...] = (
         guarantee="an event committed late is still delivered",
         where="alchemium/events/**/*.py",
         find="""
-                and_(d.c.status == claimed, d.c.claimed_until < now),
+                and_(d.c.status == CLAIMED_SQL, d.c.claimed_until < now),
             ),
             """,
         replace="""
-                and_(d.c.status == claimed, d.c.claimed_until < now),
+                and_(d.c.status == CLAIMED_SQL, d.c.claimed_until < now),
             ),
             d.c.id  # mutation: only rows after the last delivered one, by position
             > select(text("coalesce(max(id), 0)"))

@@ -16,7 +16,7 @@ what to do with the results.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -158,12 +158,9 @@ class Outbox(OutboxAdministration):
         self.channel = channel
         self.dispatch_lease = dispatch_lease
         self.mark_window = mark_window
-        # Built claim statements by (destinations, ordered): a relay claims with the same
-        # statement every round; only its parameters change.
-        self._claims: dict[tuple[tuple[str, ...], bool], Any] = {}
-        # Built completion statements (the relay's and the after-commit marks), likewise:
-        # building and caching an UPDATE costs more than the round trip that sends it.
-        self._completions: dict[tuple[str, str, bool], list[Any]] = {}
+        # Statements built once, by what they are for (see _built): a relay claims and
+        # marks with the same statements every round; only their parameters change.
+        self._statements: dict[tuple[Any, ...], Any] = {}
 
     # -- writing (inside the committing transaction) ----------------------------------------
 
@@ -282,10 +279,10 @@ class Outbox(OutboxAdministration):
             return []
         d = self.deliveries
         if dialect_of(conn) == "postgresql":
-            stmt = self._claims.get((tuple(destinations), ordered))
-            if stmt is None:
-                stmt = self.claim_statement(destinations, ordered)
-                self._claims[(tuple(destinations), ordered)] = stmt
+            stmt = self._built(
+                ("claim", tuple(destinations), ordered),
+                lambda: self.claim_statement(destinations, ordered),
+            )
             params = {
                 "limit": limit,
                 "token": token,
@@ -356,14 +353,15 @@ class Outbox(OutboxAdministration):
         if ids is not None and not ids:
             return 0
         dialect = dialect_of(conn)
-        key = ("delivered", dialect, ids is not None)
-        statements = self._completions.get(key)
-        if statements is None:
+
+        def build() -> list[Any]:
             d = self.deliveries
             where = [d.c.claim_token == bindparam("token"), d.c.status == CLAIMED]
             if ids is not None:
                 where.append(self._any_of(d.c.id, "ids", BigInteger(), dialect))
-            statements = self._completions[key] = self.completion_statements(dialect, *where)
+            return self.completion_statements(dialect, *where)
+
+        statements = self._built(("delivered", dialect, ids is not None), build)
         params: dict[str, Any] = {"token": token}
         if ids is not None:
             params["ids"] = list(ids)
@@ -374,15 +372,26 @@ class Outbox(OutboxAdministration):
         if not tokens:
             return 0
         dialect = dialect_of(conn)
-        key = ("delivered_tokens", dialect, True)
-        statements = self._completions.get(key)
-        if statements is None:
+
+        def build() -> list[Any]:
             d = self.deliveries
             by_token = self._any_of(d.c.claim_token, "tokens", Uuid(), dialect)
-            statements = self._completions[key] = self.completion_statements(
-                dialect, d.c.status == CLAIMED, by_token
-            )
+            return self.completion_statements(dialect, d.c.status == CLAIMED, by_token)
+
+        statements = self._built(("delivered_tokens", dialect), build)
         return await run_completion(conn, statements, {"tokens": list(tokens)})
+
+    def _built(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        """The statement(s) ``build`` makes, built on the first call for ``key`` only.
+
+        Building a statement (and its cache key) costs more client CPU than the round
+        trip that sends it; the hot paths' statements take their values as bind
+        parameters, so one built statement serves every call.
+        """
+        built = self._statements.get(key)
+        if built is None:
+            built = self._statements[key] = build()
+        return built
 
     @staticmethod
     def _any_of(column: Any, name: str, item_type: Any, dialect: str) -> Any:

@@ -44,15 +44,17 @@ from alchemium.events.outbox_lifecycle import OutboxLifecycle
 from alchemium.events.outbox_schema import (
     ABANDONED,
     CLAIMED,
+    CLAIMED_SQL,
     DEAD,
     DELIVERED,
     PENDING,
+    PENDING_SQL,
+    UNDELIVERED_SQL,
     Executor,
     age_of,
     aware,
     database_now,
     dialect_of,
-    status_constant,
 )
 from alchemium.events.subscribers import SubscriberRegistry
 
@@ -135,11 +137,6 @@ class OverdueDestination:
     destination: str
     rows: int
     overdue: float
-
-
-# Pending and claimed, as constants: the relay's periodic checks (lag, overdue, what is
-# left) then reach the partial "due" index in a cached generic plan too.
-UNDELIVERED = (status_constant(PENDING), status_constant(CLAIMED))
 
 
 async def run_completion(
@@ -238,7 +235,7 @@ class OutboxAdministration(OutboxLifecycle):
         oldest, now = (
             await conn.execute(
                 select(func.min(self.occurred_at_of_row()), database_now()).where(
-                    d.c.status.in_(UNDELIVERED), *where
+                    d.c.status.in_(UNDELIVERED_SQL), *where
                 )
             )
         ).one()
@@ -260,10 +257,10 @@ class OutboxAdministration(OutboxLifecycle):
         rows = await conn.execute(
             select(d.c.destination, func.count(), func.min(self.due_since(now)), now)
             .where(
-                d.c.status.in_(UNDELIVERED),
+                d.c.status.in_(UNDELIVERED_SQL),
                 or_(
-                    and_(d.c.status == UNDELIVERED[0], d.c.next_attempt_at < cutoff),
-                    and_(d.c.status == UNDELIVERED[1], d.c.claimed_until < cutoff),
+                    and_(d.c.status == PENDING_SQL, d.c.next_attempt_at < cutoff),
+                    and_(d.c.status == CLAIMED_SQL, d.c.claimed_until < cutoff),
                 ),
                 *where,
             )
@@ -282,7 +279,7 @@ class OutboxAdministration(OutboxLifecycle):
         await self.settle_marks(conn)
         d = self.deliveries
         stmt = select(func.count()).where(
-            d.c.destination.in_(destinations), d.c.status.in_(UNDELIVERED)
+            d.c.destination.in_(destinations), d.c.status.in_(UNDELIVERED_SQL)
         )
         return int((await conn.execute(stmt)).scalar_one())
 

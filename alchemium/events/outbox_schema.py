@@ -83,12 +83,15 @@ from alchemium.events.tables import BigId, JsonDocument, existing_table
 __all__ = [
     "ABANDONED",
     "CLAIMED",
+    "CLAIMED_SQL",
     "COMPLETIONS",
     "DEAD",
     "DELIVERED",
     "PARTITION_PERIODS",
     "PENDING",
+    "PENDING_SQL",
     "SHAPES",
+    "UNDELIVERED_SQL",
     "DeliveryRow",
     "Executor",
     "OutboxTables",
@@ -126,6 +129,12 @@ def status_constant(value: str) -> ColumnElement[str]:
     never input): PostgreSQL can then prove a partial index on the status applies even
     in the generic plan it caches for a statement run many times (a relay's)."""
     return literal_column(f"'{value}'", String())
+
+
+# The undelivered statuses as SQL constants: what the relay's statements (claim, lag,
+# overdue, what is left) compare with, so that they reach the partial "due" index.
+PENDING_SQL, CLAIMED_SQL = status_constant(PENDING), status_constant(CLAIMED)
+UNDELIVERED_SQL = (PENDING_SQL, CLAIMED_SQL)
 
 
 class database_now(FunctionElement[dt.datetime]):  # noqa: N801 - reads like func.now()
@@ -528,14 +537,13 @@ class OutboxTables:
         """
         d = self.deliveries
         now = database_now()
-        pending, claimed = status_constant(PENDING), status_constant(CLAIMED)
         condition = and_(
             # Implied by the OR below; spelled out so the planner can prove it and walk
             # the partial "due" index instead of the primary key past delivered rows.
-            d.c.status.in_((pending, claimed)),
+            d.c.status.in_(UNDELIVERED_SQL),
             or_(
-                and_(d.c.status == pending, d.c.next_attempt_at <= now),
-                and_(d.c.status == claimed, d.c.claimed_until < now),
+                and_(d.c.status == PENDING_SQL, d.c.next_attempt_at <= now),
+                and_(d.c.status == CLAIMED_SQL, d.c.claimed_until < now),
             ),
         )
         if ordered:
@@ -652,9 +660,8 @@ class OutboxTables:
     def due_since(self, now: Any) -> Any:
         """When an undelivered row became due (NULL if it is not due at ``now``)."""
         d = self.deliveries
-        pending, claimed = status_constant(PENDING), status_constant(CLAIMED)
         return case(
-            (and_(d.c.status == pending, d.c.next_attempt_at <= now), d.c.next_attempt_at),
-            (and_(d.c.status == claimed, d.c.claimed_until < now), d.c.claimed_until),
+            (and_(d.c.status == PENDING_SQL, d.c.next_attempt_at <= now), d.c.next_attempt_at),
+            (and_(d.c.status == CLAIMED_SQL, d.c.claimed_until < now), d.c.claimed_until),
             else_=null(),
         )
